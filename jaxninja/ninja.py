@@ -1,0 +1,298 @@
+"""Becoming a backprop ninja: the lecture's four exercises, by hand, in JAX.
+
+* Exercise 1: :func:`forward_atomized` splits the forward pass into the lecture's 20 named
+  intermediates and :func:`backward_atomized` backpropagates through every one of them by
+  hand; :func:`reference_grads` gets the same 26 gradients from ``jax.grad``.
+* Exercise 2: :func:`cross_entropy_backward`, ``dlogits`` in one expression.
+* Exercise 3: :func:`batch_norm_backward`, ``dhprebn`` in one expression.
+* Exercise 4: :func:`manual_grads`, the whole network's backward pass with no autodiff.
+
+The variable names are the lecture's (``d<name>`` is the gradient of the loss with
+respect to ``<name>``). Nothing in this module calls ``jax.grad`` except
+:func:`reference_grads`, the baseline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxninja.model import BN_EPS, Params
+
+Array = jax.Array
+
+INTERMEDIATES = (
+    "emb", "embcat", "hprebn", "bnmeani", "bndiff", "bndiff2", "bnvar", "bnvar_inv",
+    "bnraw", "hpreact", "h", "logits", "logit_maxes", "norm_logits", "counts",
+    "counts_sum", "counts_sum_inv", "probs", "logprobs", "loss",
+)  # fmt: skip
+# The 26 gradients Exercise 1 compares, in the order the lecture computes them.
+GRADIENTS = (
+    "logprobs", "probs", "counts_sum_inv", "counts_sum", "counts", "norm_logits",
+    "logit_maxes", "logits", "h", "W2", "b2", "hpreact", "bngain", "bnbias", "bnraw",
+    "bnvar_inv", "bnvar", "bndiff2", "bndiff", "bnmeani", "hprebn", "embcat", "W1", "b1",
+    "emb", "C",
+)  # fmt: skip
+
+
+def forward_atomized(
+    params: Params, X: Array, Y: Array, taps: dict[str, Array] | None = None
+) -> dict[str, Array]:
+    """The forward pass in the lecture's small steps: ``{name: value}`` for all 20.
+
+    ``taps`` (zeros by default) are added to the named intermediates so that
+    ``jax.grad`` with respect to a tap is the gradient with respect to that
+    intermediate: this is how :func:`reference_grads` exposes them to autodiff.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxninja.model import init_params
+    >>> p = init_params(jax.random.key(0), n_hidden=64)
+    >>> acts = forward_atomized(p, jnp.zeros((32, 3), jnp.int32), jnp.ones(32, jnp.int32))
+    >>> acts["bnraw"].shape, acts["loss"].shape
+    ((32, 64), ())
+    """
+    taps = taps or {}
+
+    def tap(name: str, value: Array) -> Array:
+        return value + taps[name] if name in taps else value
+
+    C, W1, b1, W2, b2 = (params[k] for k in ("C", "W1", "b1", "W2", "b2"))
+    bngain, bnbias = params["bngain"], params["bnbias"]
+    n = X.shape[0]
+    a: dict[str, Array] = {}
+    a["emb"] = emb = tap("emb", C[X])
+    a["embcat"] = embcat = tap("embcat", emb.reshape(n, -1))
+    a["hprebn"] = hprebn = tap("hprebn", embcat @ W1 + b1)
+    # batch norm, with Bessel's correction (divide by n-1) as in the lecture
+    a["bnmeani"] = bnmeani = tap("bnmeani", 1 / n * hprebn.sum(0, keepdims=True))
+    a["bndiff"] = bndiff = tap("bndiff", hprebn - bnmeani)
+    a["bndiff2"] = bndiff2 = tap("bndiff2", bndiff**2)
+    a["bnvar"] = bnvar = tap("bnvar", 1 / (n - 1) * bndiff2.sum(0, keepdims=True))
+    a["bnvar_inv"] = bnvar_inv = tap("bnvar_inv", (bnvar + BN_EPS) ** -0.5)
+    a["bnraw"] = bnraw = tap("bnraw", bndiff * bnvar_inv)
+    a["hpreact"] = hpreact = tap("hpreact", bngain * bnraw + bnbias)
+    a["h"] = h = tap("h", jnp.tanh(hpreact))
+    a["logits"] = logits = tap("logits", h @ W2 + b2)
+    # cross-entropy, spelled out; the max is subtracted for numerical stability
+    a["logit_maxes"] = logit_maxes = tap("logit_maxes", logits.max(1, keepdims=True))
+    a["norm_logits"] = norm_logits = tap("norm_logits", logits - logit_maxes)
+    a["counts"] = counts = tap("counts", jnp.exp(norm_logits))
+    a["counts_sum"] = counts_sum = tap("counts_sum", counts.sum(1, keepdims=True))
+    a["counts_sum_inv"] = counts_sum_inv = tap("counts_sum_inv", counts_sum**-1)
+    a["probs"] = probs = tap("probs", counts * counts_sum_inv)
+    a["logprobs"] = logprobs = tap("logprobs", jnp.log(probs))
+    a["loss"] = -logprobs[jnp.arange(n), Y].mean()
+    return a
+
+
+def reference_grads(params: Params, X: Array, Y: Array) -> dict[str, Array]:
+    """The 26 gradients of Exercise 1 from ``jax.grad``: the baseline to compare with.
+
+    Parameters are differentiated directly; every intermediate is differentiated
+    through a zero tap added to it in :func:`forward_atomized`.
+    """
+    acts = forward_atomized(params, X, Y)
+    tapped = [g for g in GRADIENTS if g not in params]
+    taps = {name: jnp.zeros_like(acts[name]) for name in tapped}
+    dparams, dtaps = jax.grad(
+        lambda p, t: forward_atomized(p, X, Y, t)["loss"], argnums=(0, 1)
+    )(params, taps)
+    grads = {**dparams, **dtaps}
+    return {name: grads[name] for name in GRADIENTS}
+
+
+def backward_atomized(
+    params: Params, acts: dict[str, Array], X: Array, Y: Array
+) -> dict[str, Array]:
+    """Exercise 1: backpropagate by hand through every intermediate, in the lecture's order.
+
+    Args:
+      params: the model parameters.
+      acts: :func:`forward_atomized` ``(params, X, Y)``.
+      X, Y: the batch, ``(n, block_size)`` and ``(n,)`` int ids.
+
+    Returns:
+      ``{name: dname}`` for the 26 names of :data:`GRADIENTS`, each the shape of its value.
+    """
+    C, W1, W2, bngain = params["C"], params["W1"], params["W2"], params["bngain"]
+    emb, embcat, hprebn = acts["emb"], acts["embcat"], acts["hprebn"]
+    bndiff, bndiff2, bnvar, bnvar_inv = (
+        acts["bndiff"], acts["bndiff2"], acts["bnvar"], acts["bnvar_inv"]
+    )  # fmt: skip
+    bnraw, h, logits = acts["bnraw"], acts["h"], acts["logits"]
+    counts, counts_sum, counts_sum_inv = acts["counts"], acts["counts_sum"], acts["counts_sum_inv"]
+    probs = acts["probs"]
+    n = X.shape[0]
+    ones = jnp.ones_like
+
+    # loss = -mean(logprobs[range(n), Y])
+    dlogprobs = jnp.zeros_like(acts["logprobs"]).at[jnp.arange(n), Y].set(-1.0 / n)
+    # logprobs = log(probs)
+    dprobs = (1.0 / probs) * dlogprobs
+    # probs = counts * counts_sum_inv: counts_sum_inv is broadcast over columns, so sum
+    dcounts_sum_inv = (counts * dprobs).sum(1, keepdims=True)
+    dcounts = counts_sum_inv * dprobs
+    # counts_sum_inv = counts_sum ** -1
+    dcounts_sum = -(counts_sum**-2) * dcounts_sum_inv
+    # counts_sum = counts.sum(1): every count gets the row's gradient (second branch)
+    dcounts = dcounts + ones(counts) * dcounts_sum
+    # counts = exp(norm_logits)
+    dnorm_logits = counts * dcounts
+    # norm_logits = logits - logit_maxes
+    dlogits = dnorm_logits
+    dlogit_maxes = (-dnorm_logits).sum(1, keepdims=True)
+    # logit_maxes = logits.max(1): the gradient flows to the argmax of each row
+    dlogits = dlogits + jax.nn.one_hot(logits.argmax(1), logits.shape[1], dtype=logits.dtype) * dlogit_maxes  # fmt: skip
+    # logits = h @ W2 + b2
+    dh = dlogits @ W2.T
+    dW2 = h.T @ dlogits
+    db2 = dlogits.sum(0)
+    # h = tanh(hpreact): tanh' = 1 - tanh^2
+    dhpreact = (1.0 - h**2) * dh
+    # hpreact = bngain * bnraw + bnbias
+    dbngain = (bnraw * dhpreact).sum(0, keepdims=True)
+    dbnraw = bngain * dhpreact
+    dbnbias = dhpreact.sum(0, keepdims=True)
+    # bnraw = bndiff * bnvar_inv
+    dbndiff = bnvar_inv * dbnraw
+    dbnvar_inv = (bndiff * dbnraw).sum(0, keepdims=True)
+    # bnvar_inv = (bnvar + eps) ** -0.5
+    dbnvar = (-0.5 * (bnvar + BN_EPS) ** -1.5) * dbnvar_inv
+    # bnvar = 1/(n-1) * bndiff2.sum(0)
+    dbndiff2 = (1.0 / (n - 1)) * ones(bndiff2) * dbnvar
+    # bndiff2 = bndiff ** 2 (second branch into bndiff)
+    dbndiff = dbndiff + (2 * bndiff) * dbndiff2
+    # bndiff = hprebn - bnmeani
+    dhprebn = dbndiff
+    dbnmeani = (-dbndiff).sum(0, keepdims=True)
+    # bnmeani = 1/n * hprebn.sum(0) (second branch into hprebn)
+    dhprebn = dhprebn + 1.0 / n * ones(hprebn) * dbnmeani
+    # hprebn = embcat @ W1 + b1
+    dembcat = dhprebn @ W1.T
+    dW1 = embcat.T @ dhprebn
+    db1 = dhprebn.sum(0)
+    # embcat = emb.view(n, -1)
+    demb = dembcat.reshape(emb.shape)
+    # emb = C[X]: a row of C used k times gets k gradients added (scatter-add)
+    dC = jnp.zeros_like(C).at[X].add(demb)
+
+    local = locals()
+    return {name: local["d" + name] for name in GRADIENTS}
+
+
+def cross_entropy_backward(logits: Array, Y: Array) -> Array:
+    """Exercise 2: ``dlogits`` of the mean cross-entropy in one expression,
+    ``(softmax(logits) - onehot(Y)) / n``.
+
+    >>> import jax.numpy as jnp
+    >>> cross_entropy_backward(jnp.zeros((2, 2)), jnp.array([0, 1])).tolist()
+    [[-0.25, 0.25], [0.25, -0.25]]
+    """
+    n, vocab_size = logits.shape
+    return (jax.nn.softmax(logits, axis=1) - jax.nn.one_hot(Y, vocab_size, dtype=logits.dtype)) / n
+
+
+def batch_norm_backward(dhpreact: Array, bngain: Array, bnvar_inv: Array, bnraw: Array) -> Array:
+    """Exercise 3: ``dhprebn`` through the Bessel-corrected batch norm in one expression.
+
+    ``dhprebn = bngain*bnvar_inv/n * (n*dhpreact - sum(dhpreact) - n/(n-1)*bnraw*sum(dhpreact*bnraw))``
+    with the sums over the batch (axis 0).
+    """
+    n = dhpreact.shape[0]
+    return (bngain * bnvar_inv / n) * (
+        n * dhpreact
+        - dhpreact.sum(0)
+        - n / (n - 1) * bnraw * (dhpreact * bnraw).sum(0)
+    )
+
+
+def manual_grads(params: Params, X: Array, Y: Array) -> tuple[Array, Params]:
+    """Exercise 4: loss and gradients of the whole network, with no autodiff at all.
+
+    The forward pass is computed compactly; the backward pass uses the fused rules of
+    Exercises 2 and 3 and a scatter-add for the embedding table.
+
+    Returns:
+      ``(loss, grads)`` with ``grads`` the same pytree structure as ``params``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxninja.model import init_params, loss
+    >>> p = init_params(jax.random.key(0))
+    >>> X, Y = jnp.zeros((8, 3), jnp.int32), jnp.arange(8)
+    >>> l, g = manual_grads(p, X, Y)
+    >>> bool(jnp.allclose(l, loss(p, X, Y))), sorted(g) == sorted(p)
+    (True, True)
+    """
+    C, W1, b1, W2, b2 = (params[k] for k in ("C", "W1", "b1", "W2", "b2"))
+    bngain, bnbias = params["bngain"], params["bnbias"]
+    n = X.shape[0]
+    # forward
+    emb = C[X]
+    embcat = emb.reshape(n, -1)
+    hprebn = embcat @ W1 + b1
+    bnmean = hprebn.mean(0, keepdims=True)
+    bndiff = hprebn - bnmean
+    bnvar_inv = jax.lax.rsqrt((bndiff**2).sum(0, keepdims=True) / (n - 1) + BN_EPS)
+    bnraw = bndiff * bnvar_inv
+    hpreact = bngain * bnraw + bnbias
+    h = jnp.tanh(hpreact)
+    logits = h @ W2 + b2
+    logprobs = jax.nn.log_softmax(logits, axis=1)
+    loss = -jnp.take_along_axis(logprobs, Y[:, None], axis=1).mean()
+    # backward
+    dlogits = cross_entropy_backward(logits, Y)
+    dh = dlogits @ W2.T
+    dW2 = h.T @ dlogits
+    db2 = dlogits.sum(0)
+    dhpreact = (1.0 - h**2) * dh
+    dbngain = (bnraw * dhpreact).sum(0, keepdims=True)
+    dbnbias = dhpreact.sum(0, keepdims=True)
+    dhprebn = batch_norm_backward(dhpreact, bngain, bnvar_inv, bnraw)
+    dembcat = dhprebn @ W1.T
+    dW1 = embcat.T @ dhprebn
+    db1 = dhprebn.sum(0)
+    dC = jnp.zeros_like(C).at[X].add(dembcat.reshape(emb.shape))
+    grads = {"C": dC, "W1": dW1, "b1": db1, "W2": dW2, "b2": db2,
+             "bngain": dbngain, "bnbias": dbnbias}  # fmt: skip
+    return loss, grads
+
+
+# ----------------------------------------------------------------- the lecture's cmp
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One row of the lecture's ``cmp`` table."""
+
+    name: str
+    exact: bool
+    approximate: bool
+    maxdiff: float
+
+    def __str__(self) -> str:
+        return (
+            f"{self.name:15s} | exact: {self.exact!s:5} | approximate: "
+            f"{self.approximate!s:5} | maxdiff: {self.maxdiff:.3g}"
+        )
+
+
+def compare(name: str, manual: Any, reference: Any) -> Comparison:
+    """The lecture's ``cmp(s, dt, t)``: bitwise equality, ``allclose`` and max |diff|.
+
+    >>> import jax.numpy as jnp
+    >>> print(compare("dx", jnp.array([1.0, 2.0]), jnp.array([1.0, 2.0 + 1e-6])))
+    dx              | exact: False | approximate: True  | maxdiff: 9.54e-07
+    """
+    manual, reference = np.asarray(manual), np.asarray(reference)
+    if manual.shape != reference.shape:
+        raise ValueError(f"{name}: shape {manual.shape} differs from reference {reference.shape}")
+    return Comparison(
+        name=name,
+        exact=bool(np.array_equal(manual, reference)),
+        approximate=bool(np.allclose(manual, reference)),
+        maxdiff=float(np.max(np.abs(manual - reference), initial=0.0)),
+    )

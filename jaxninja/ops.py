@@ -1,0 +1,437 @@
+"""Reusable ops with hand-written VJPs: the fused rules of Exercises 2 and 3.
+
+Each op is a :func:`jax.custom_vjp`, so ``jax.grad`` of any code that calls it runs the
+closed-form backward rule below instead of differentiating the forward pass. The backward
+rules are written in plain, differentiable ``jnp`` ops, so reverse-over-reverse
+(``jax.grad(jax.grad(f))``) works too. Forward mode (``jax.jvp``, ``jax.jacfwd``,
+``jax.hessian``) is a limit of ``custom_vjp`` itself and raises ``TypeError``; take
+second derivatives with ``jax.jacrev(jax.grad(f))`` instead.
+
+The plain-``jnp`` references (:func:`cross_entropy_reference`,
+:func:`batch_norm_reference`) are what autodiff would differentiate; tests and the
+``autodiff`` training backend use them as the baseline.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+Axis = int | Sequence[int]
+
+__all__ = [
+    "batch_norm",
+    "batch_norm_reference",
+    "batch_norm_with_stats",
+    "batch_stats",
+    "cross_entropy",
+    "cross_entropy_reference",
+]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _compute_dtype(dtype: Any) -> Any:
+    """float16/bfloat16 are computed in float32; float32/float64 in themselves."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _check_floating(name: str, x: Array) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+
+
+def _normalize_axes(axis: Axis, ndim: int, name: str = "axis") -> tuple[int, ...]:
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    out = []
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(f"{name}={axis} is out of range for an array of rank {ndim}")
+        out.append(a % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name}={axis} repeats an axis")
+    return tuple(sorted(out))
+
+
+# --------------------------------------------------------------------- cross-entropy
+
+
+def _check_cross_entropy(logits: Array, labels: Array, axis: int, where: Array | None) -> int:
+    _check_floating("logits", logits)
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"labels must be integer class ids, got dtype {labels.dtype}")
+    if logits.ndim == 0:
+        raise ValueError("logits must have at least one axis (the classes), got a scalar")
+    (axis,) = _normalize_axes(axis, logits.ndim)
+    expected = logits.shape[:axis] + logits.shape[axis + 1 :]
+    if labels.shape != expected:
+        raise ValueError(
+            f"labels shape {labels.shape} does not match logits shape {logits.shape} "
+            f"without the class axis {axis} (expected {expected})"
+        )
+    if where is not None and jnp.shape(where) != expected:
+        raise ValueError(f"where shape {jnp.shape(where)} must equal labels shape {expected}")
+    return axis
+
+
+def cross_entropy_reference(
+    logits: Array, labels: Array, *, axis: int = -1, where: Array | None = None
+) -> Array:
+    """Plain-``jnp`` cross-entropy, differentiated by autodiff: the baseline for tests.
+
+    Same contract as :func:`cross_entropy`.
+
+    >>> import jax.numpy as jnp
+    >>> cross_entropy_reference(jnp.zeros((2, 4)), jnp.array([0, 3])).round(4).tolist()
+    [1.3863, 1.3863]
+    """
+    axis = _check_cross_entropy(logits, labels, axis, where)
+    x = logits.astype(_compute_dtype(logits.dtype))
+    logprobs = jax.nn.log_softmax(x, axis=axis)
+    label_logprob = jnp.take_along_axis(logprobs, jnp.expand_dims(labels, axis), axis=axis)
+    losses = -jnp.squeeze(label_logprob, axis)
+    if where is not None:
+        losses = jnp.where(where, losses, 0.0)
+    return losses.astype(logits.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _cross_entropy(logits: Array, labels: Array, where: Array | None, axis: int) -> Array:
+    return _cross_entropy_fwd(logits, labels, where, axis)[0]
+
+
+def _cross_entropy_fwd(logits, labels, where, axis):
+    x = logits.astype(_compute_dtype(logits.dtype))
+    num_classes = x.shape[axis]
+    # logsumexp subtracts the row max: exp never overflows, whatever the logits' scale.
+    lse = jax.nn.logsumexp(x, axis=axis, keepdims=True)
+    labels_k = jnp.expand_dims(labels, axis)
+    # An out-of-range label must not be clamped to a real class: it gives NaN instead.
+    valid = (labels_k >= 0) & (labels_k < num_classes)
+    label_logit = jnp.take_along_axis(x, jnp.clip(labels_k, 0, num_classes - 1), axis=axis)
+    losses = jnp.where(valid, lse - label_logit, jnp.nan)
+    if where is not None:
+        losses = jnp.where(jnp.expand_dims(where, axis), losses, 0.0)
+    probs = jnp.exp(x - lse)
+    return jnp.squeeze(losses, axis).astype(logits.dtype), (probs, labels_k, valid, where)
+
+
+def _cross_entropy_bwd(axis, residuals, g):
+    probs, labels_k, valid, where = residuals
+    out_dtype = g.dtype  # the loss, hence the logits, dtype
+    classes = lax.broadcasted_iota(labels_k.dtype, probs.shape, axis)
+    onehot = (classes == labels_k).astype(probs.dtype)
+    g = jnp.expand_dims(g.astype(probs.dtype), axis)
+    if where is not None:
+        g = jnp.where(jnp.expand_dims(where, axis), g, 0.0)
+    # The fused rule of Exercise 2: d loss_i / d logits_ij = softmax_ij - [j == y_i].
+    dlogits = jnp.where(valid, g * (probs - onehot), jnp.nan)
+    return dlogits.astype(out_dtype), None, None
+
+
+_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+
+
+def cross_entropy(
+    logits: Array, labels: Array, *, axis: int = -1, where: Array | None = None
+) -> Array:
+    r"""Per-example softmax cross-entropy with integer labels, with a fused VJP.
+
+    .. math::
+        \ell_i = \log \sum_j e^{z_{ij}} - z_{i, y_i}, \qquad
+        \frac{\partial \ell_i}{\partial z_{ij}} = \mathrm{softmax}(z_i)_j - [j = y_i]
+
+    The forward pass is a max-subtracted ``logsumexp``; the backward pass is the single
+    expression ``g * (softmax - onehot)`` (the lecture's Exercise 2), not autodiff of the
+    forward. float16/bfloat16 logits are computed in float32; the loss and the gradient
+    come back in the logits' dtype. A label outside ``[0, num_classes)`` gives a NaN loss
+    and NaN gradient for its row (never a silently clamped answer). Callers reduce: use
+    ``cross_entropy(...).mean()`` for the lecture's loss.
+
+    Args:
+      logits: ``(..., num_classes)`` floating scores (the class axis is ``axis``).
+      labels: integer class ids, the shape of ``logits`` without ``axis``.
+      axis: the class axis.
+      where: optional boolean mask, the shape of ``labels``; rows where it is ``False``
+        get zero loss and zero gradient.
+
+    Returns:
+      losses, the shape of ``labels``, dtype of ``logits``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> logits = jnp.array([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+      >>> labels = jnp.array([0, 2])
+      >>> cross_entropy(logits, labels).round(4).tolist()
+      [0.2395, 1.0986]
+      >>> dlogits = jax.grad(lambda z: cross_entropy(z, labels).mean())(logits)
+      >>> (dlogits * 2).round(4).tolist()  # softmax - onehot
+      [[-0.2135, 0.1068, 0.1068], [0.3333, 0.3333, -0.6667]]
+
+    Forward-mode differentiation is not defined for ``custom_vjp``; for second
+    derivatives use reverse-over-reverse, e.g. ``jax.jacrev(jax.grad(f))``.
+    """
+    logits = jnp.asarray(logits)
+    labels = jnp.asarray(labels)
+    where = None if where is None else jnp.asarray(where, dtype=bool)
+    axis = _check_cross_entropy(logits, labels, axis, where)
+    return _cross_entropy(logits, labels, where, axis)
+
+
+# ------------------------------------------------------------------------ batch norm
+
+
+def _count(x: Array, axes: tuple[int, ...], axis_name: Any) -> Any:
+    """Number of rows the statistics are taken over: global when ``axis_name`` is set."""
+    n = 1
+    for a in axes:
+        n *= x.shape[a]
+    return n if axis_name is None else lax.psum(n, axis_name)
+
+
+def _sum(x: Array, axes: tuple[int, ...], axis_name: Any) -> Array:
+    s = jnp.sum(x, axis=axes, keepdims=True)
+    return s if axis_name is None else lax.psum(s, axis_name)
+
+
+def _check_batch_norm(
+    x: Array, gain: Array, bias: Array, axis: Axis, unbiased: bool, axis_name: Any
+) -> tuple[int, ...]:
+    _check_floating("x", x)
+    axes = _normalize_axes(axis, x.ndim)
+    for name, p in (("gain", gain), ("bias", bias)):
+        _check_floating(name, p)
+        try:
+            shape = jnp.broadcast_shapes(p.shape, x.shape)
+        except ValueError:
+            shape = None
+        if shape != x.shape:
+            raise ValueError(f"{name} shape {p.shape} does not broadcast to x shape {x.shape}")
+    n = 1
+    for a in axes:
+        n *= x.shape[a]
+    if unbiased and n < 2 and axis_name is None:
+        raise ValueError(
+            f"batch_norm with unbiased=True needs at least 2 rows to normalise over "
+            f"(Bessel's correction divides by n-1), got x shape {x.shape} with axis={axis}"
+        )
+    return axes
+
+
+def batch_stats(
+    x: Array, *, axis: Axis = 0, unbiased: bool = True, axis_name: Any = None
+) -> tuple[Array, Array]:
+    """Batch mean and variance over ``axis`` (kept as size-1 dims), in at least float32.
+
+    With ``axis_name`` the statistics are over the global batch of a ``shard_map`` /
+    ``pmap`` axis. ``unbiased=True`` divides the squared deviations by ``n - 1``.
+
+    >>> import jax.numpy as jnp
+    >>> mean, var = batch_stats(jnp.array([[1.0], [2.0], [3.0]]))
+    >>> mean.tolist(), var.tolist()
+    ([[2.0]], [[1.0]])
+    """
+    axes = _normalize_axes(axis, jnp.ndim(x))
+    x = jnp.asarray(x).astype(_compute_dtype(x.dtype))
+    n = _count(x, axes, axis_name)
+    mean = _sum(x, axes, axis_name) / n
+    var = _sum(jnp.square(x - mean), axes, axis_name) / (n - 1 if unbiased else n)
+    return mean, var
+
+
+def _reduce_to(x: Array, shape: tuple[int, ...]) -> Array:
+    """Sum ``x`` down to ``shape``: the transpose of broadcasting ``shape`` to x.shape."""
+    lead = x.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(
+        i + lead for i, d in enumerate(shape) if d == 1 and x.shape[i + lead] != 1
+    )
+    return jnp.sum(x, axis=axes).reshape(shape) if axes else x
+
+
+def _bn_forward(x, gain, bias, axes, eps, unbiased, axis_name):
+    mean, var = batch_stats(x, axis=axes, unbiased=unbiased, axis_name=axis_name)
+    xc = x.astype(mean.dtype)
+    var_inv = lax.rsqrt(var + eps)
+    xhat = (xc - mean) * var_inv
+    y = gain.astype(xhat.dtype) * xhat + bias.astype(xhat.dtype)
+    return y.astype(x.dtype), mean, var, xhat, var_inv
+
+
+def _bn_backward(axes, unbiased, axis_name, res, dy, dmean=None, dvar=None):
+    xhat, var_inv, gain, bias = res
+    x_dtype = dy.dtype  # y has the dtype of x
+    dy = dy.astype(xhat.dtype)
+    n = _count(xhat, axes, axis_name)
+    ddof = 1 if unbiased else 0
+    # dgain, dbias are the local contributions; data-parallel callers sum them over
+    # devices along with every other parameter gradient.
+    dgain = _reduce_to(dy * xhat, gain.shape).astype(gain.dtype)
+    dbias = _reduce_to(dy, bias.shape).astype(bias.dtype)
+    dxhat = dy * gain.astype(xhat.dtype)
+    # The fused rule of Exercise 3, generalised to ddof and to device-global sums:
+    # dx = var_inv/n * (n*dxhat - sum(dxhat) - n/(n-ddof) * xhat * sum(dxhat*xhat))
+    dx = var_inv / n * (
+        n * dxhat
+        - _sum(dxhat, axes, axis_name)
+        - (n / (n - ddof)) * xhat * _sum(dxhat * xhat, axes, axis_name)
+    )
+    if dmean is not None:  # cotangents of the returned statistics, if anyone used them
+        dx = dx + dmean / n + dvar * (2.0 / (n - ddof)) * xhat / var_inv
+    return dx.astype(x_dtype), dgain, dbias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _batch_norm(x, gain, bias, axes, eps, unbiased, axis_name):
+    return _bn_forward(x, gain, bias, axes, eps, unbiased, axis_name)[0]
+
+
+def _batch_norm_fwd(x, gain, bias, axes, eps, unbiased, axis_name):
+    y, _, _, xhat, var_inv = _bn_forward(x, gain, bias, axes, eps, unbiased, axis_name)
+    return y, (xhat, var_inv, gain, bias)
+
+
+def _batch_norm_bwd(axes, eps, unbiased, axis_name, res, dy):
+    return _bn_backward(axes, unbiased, axis_name, res, dy)
+
+
+_batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _batch_norm_with_stats(x, gain, bias, axes, eps, unbiased, axis_name):
+    y, mean, var, _, _ = _bn_forward(x, gain, bias, axes, eps, unbiased, axis_name)
+    return y, mean, var
+
+
+def _batch_norm_with_stats_fwd(x, gain, bias, axes, eps, unbiased, axis_name):
+    y, mean, var, xhat, var_inv = _bn_forward(x, gain, bias, axes, eps, unbiased, axis_name)
+    return (y, mean, var), (xhat, var_inv, gain, bias)
+
+
+def _batch_norm_with_stats_bwd(axes, eps, unbiased, axis_name, res, cotangents):
+    dy, dmean, dvar = cotangents
+    return _bn_backward(axes, unbiased, axis_name, res, dy, dmean, dvar)
+
+
+_batch_norm_with_stats.defvjp(_batch_norm_with_stats_fwd, _batch_norm_with_stats_bwd)
+
+
+def batch_norm(
+    x: Array,
+    gain: Array,
+    bias: Array,
+    *,
+    eps: float = 1e-5,
+    unbiased: bool = True,
+    axis: Axis = 0,
+    axis_name: Any = None,
+) -> Array:
+    r"""Batch normalisation with the batch's statistics and a fused, hand-written VJP.
+
+    .. math::
+        \hat x = (x - \mu)(\sigma^2 + \epsilon)^{-1/2}, \qquad y = \gamma \hat x + \beta
+
+    with :math:`\mu, \sigma^2` the mean and variance over ``axis`` (``n`` rows);
+    ``unbiased=True`` divides by ``n - 1`` (Bessel's correction, as in the lecture),
+    ``unbiased=False`` by ``n``. The VJP is the closed form of Exercise 3,
+
+    .. math::
+        dx = \frac{\gamma (\sigma^2+\epsilon)^{-1/2}}{n}\Big(n\,dy - \textstyle\sum dy
+             - \frac{n}{n-\mathrm{ddof}}\,\hat x \sum (dy\,\hat x)\Big),\quad
+        d\gamma = \textstyle\sum dy\,\hat x,\quad d\beta = \sum dy
+
+    (sums over ``axis``), not autodiff of the forward. With ``axis_name`` (inside
+    ``shard_map``/``pmap``) the statistics and the two sums of the backward rule are
+    taken over the global batch, so each device's ``dx`` is its slice of the
+    single-device ``dx``; ``dgain``/``dbias`` are the device's own contributions, to be
+    summed with the other parameter gradients. float16/bfloat16 inputs are normalised
+    with float32 statistics and come back in their own dtype.
+
+    Args:
+      x: ``(n, ...)`` activations (any rank; ``axis`` says which axes are the batch).
+      gain, bias: arrays that broadcast to ``x``, e.g. ``(1, features)`` or ``(features,)``.
+      eps: added to the variance.
+      unbiased: Bessel's correction (needs ``n >= 2``).
+      axis: int or tuple of ints, the axes to normalise over.
+      axis_name: a mapped axis name for cross-device statistics, or ``None``.
+
+    Returns:
+      ``y``, shape and dtype of ``x``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> x = jnp.array([[1.0, 2.0], [3.0, 6.0], [5.0, 10.0]])
+      >>> y = batch_norm(x, jnp.ones((1, 2)), jnp.zeros((1, 2)), eps=0.0)
+      >>> y.round(4).tolist()
+      [[-1.0, -1.0], [0.0, 0.0], [1.0, 1.0]]
+      >>> f = lambda x: (batch_norm(x, jnp.ones(2), jnp.zeros(2)) ** 3).sum()
+      >>> jax.grad(f)(x).shape
+      (3, 2)
+
+    Forward-mode differentiation is not defined for ``custom_vjp``; for second
+    derivatives use reverse-over-reverse, e.g. ``jax.jacrev(jax.grad(f))``.
+    """
+    x, gain, bias = jnp.asarray(x), jnp.asarray(gain), jnp.asarray(bias)
+    axes = _check_batch_norm(x, gain, bias, axis, unbiased, axis_name)
+    return _batch_norm(x, gain, bias, axes, float(eps), bool(unbiased), axis_name)
+
+
+def batch_norm_with_stats(
+    x: Array,
+    gain: Array,
+    bias: Array,
+    *,
+    eps: float = 1e-5,
+    unbiased: bool = True,
+    axis: Axis = 0,
+    axis_name: Any = None,
+) -> tuple[Array, Array, Array]:
+    """:func:`batch_norm` that also returns the batch ``(mean, var)`` it used.
+
+    One pass over ``x`` gives both the output and the statistics (for running averages).
+    The VJP covers all three outputs, so differentiating through the statistics is
+    correct too; when they are only used as auxiliary data their cotangents are zero.
+
+    Returns:
+      ``(y, mean, var)``; ``mean`` and ``var`` keep ``axis`` as size-1 dims and are in at
+      least float32.
+
+    >>> import jax.numpy as jnp
+    >>> y, mean, var = batch_norm_with_stats(jnp.array([[0.0], [2.0]]), 1.0, 0.0)
+    >>> mean.tolist(), var.tolist()
+    ([[1.0]], [[2.0]])
+    """
+    x, gain, bias = jnp.asarray(x), jnp.asarray(gain), jnp.asarray(bias)
+    axes = _check_batch_norm(x, gain, bias, axis, unbiased, axis_name)
+    return _batch_norm_with_stats(x, gain, bias, axes, float(eps), bool(unbiased), axis_name)
+
+
+def batch_norm_reference(
+    x: Array,
+    gain: Array,
+    bias: Array,
+    *,
+    eps: float = 1e-5,
+    unbiased: bool = True,
+    axis: Axis = 0,
+    axis_name: Any = None,
+) -> Array:
+    """Plain-``jnp`` batch norm, differentiated by autodiff: the baseline for tests.
+
+    Same contract as :func:`batch_norm`.
+
+    >>> import jax.numpy as jnp
+    >>> x = jnp.array([[1.0], [3.0]])
+    >>> batch_norm_reference(x, 1.0, 0.0, eps=0.0).round(4).tolist()
+    [[-0.7071], [0.7071]]
+    """
+    x, gain, bias = jnp.asarray(x), jnp.asarray(gain), jnp.asarray(bias)
+    axes = _check_batch_norm(x, gain, bias, axis, unbiased, axis_name)
+    return _bn_forward(x, gain, bias, axes, eps, unbiased, axis_name)[0]
