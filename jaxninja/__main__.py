@@ -1,0 +1,5 @@
+import sys
+
+from jaxninja.cli import main
+
+sys.exit(main())

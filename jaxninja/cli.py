@@ -1,0 +1,171 @@
+"""The ``jaxninja`` command: train, sample, eval, check.
+
+Every expected failure (bad arguments, bad data, a bad checkpoint) ends with exit status 2
+and one line ``error: ...`` on stderr naming the problem, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from jaxninja.train import BACKENDS, TrainConfig
+
+USAGE_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"error: {self.prog}: {message}\n")
+        sys.exit(USAGE_ERROR)
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {s}")
+    return v
+
+
+def _non_negative_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = _Parser(prog="jaxninja", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train the Exercise-4 MLP on a word list")
+    t.add_argument("--data", help="text file, one word per line (default: names.txt)")
+    t.add_argument("--out", help="run directory (default: runs/<timestamp>)")
+    t.add_argument("--steps", type=_positive_int, default=d.steps)
+    t.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    t.add_argument("--n-embd", type=_positive_int, default=d.n_embd)
+    t.add_argument("--n-hidden", type=_positive_int, default=d.n_hidden)
+    t.add_argument("--block-size", type=_positive_int, default=d.block_size)
+    t.add_argument("--lr", type=_positive_float, default=d.lr)
+    t.add_argument("--lr-decay-step", type=_non_negative_int, default=d.lr_decay_step)
+    t.add_argument("--seed", type=_non_negative_int, default=d.seed)
+    t.add_argument("--backend", choices=BACKENDS, default=d.backend)
+    t.add_argument("--chunk-steps", type=_positive_int, default=d.chunk_steps,
+                   help="steps per compiled chunk (progress line and checkpoint)")  # fmt: skip
+    t.add_argument("--running-stats", action="store_true",
+                   help="also track batch-norm running averages and report their losses")  # fmt: skip
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    t.add_argument("--samples", type=_non_negative_int, default=10, help="names printed at the end")
+
+    s = sub.add_parser("sample", help="sample names from a trained run")
+    s.add_argument("--out", required=True, help="run directory")
+    s.add_argument("-n", "--num", type=_positive_int, default=20)
+    s.add_argument("--seed", type=_non_negative_int, default=0)
+    s.add_argument("--temperature", type=_positive_float, default=1.0)
+    s.add_argument("--max-len", type=_positive_int, default=32)
+
+    e = sub.add_parser("eval", help="train/val/test loss of a trained run")
+    e.add_argument("--out", required=True, help="run directory")
+    e.add_argument("--data", help="the run's word list (default: names.txt)")
+
+    c = sub.add_parser("check", help="the lecture's gradient-check table (Exercises 1-4)")
+    c.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    c.add_argument("--n-hidden", type=_positive_int, default=64)
+    c.add_argument("--seed", type=_non_negative_int, default=42)
+    c.add_argument("--data", help="text file, one word per line (default: names.txt)")
+    return p
+
+
+def _train(args: argparse.Namespace) -> int:
+    from jaxninja.run import train_run
+
+    cfg = TrainConfig(
+        n_embd=args.n_embd, n_hidden=args.n_hidden, block_size=args.block_size,
+        batch_size=args.batch_size, steps=args.steps, lr=args.lr,
+        lr_decay_step=args.lr_decay_step, seed=args.seed, backend=args.backend,
+        running_stats=args.running_stats, chunk_steps=args.chunk_steps,
+    ).validate()  # fmt: skip
+    out = args.out or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    print(f"run directory: {out}")
+    train_run(cfg, out, args.data, resume=args.resume, overwrite=args.overwrite,
+              num_samples=args.samples)  # fmt: skip
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import jax
+
+    from jaxninja.run import load_run
+    from jaxninja.sample import sample_names
+
+    ckpt = load_run(args.out)
+    names = sample_names(
+        ckpt.state.params, ckpt.bn_stats, ckpt.vocab, jax.random.key(args.seed), args.num,
+        max_len=args.max_len, temperature=args.temperature,
+    )  # fmt: skip
+    print("\n".join(names))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from jaxninja.run import eval_run
+
+    for split, value in eval_run(args.out, args.data).items():
+        print(f"{split:5s} {value:.4f}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from jaxninja.check import run_check
+
+    report = run_check(dtype=args.dtype, n_hidden=args.n_hidden, seed=args.seed, data=args.data)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+COMMANDS = {"train": _train, "sample": _sample, "eval": _eval, "check": _check}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from jaxninja.checkpoint import CheckpointError
+    from jaxninja.data import DataError
+    from jaxninja.run import Interrupted, RunError
+    from jaxninja.train import ConfigError
+
+    try:
+        return COMMANDS[args.command](args)
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return 130
+    except (DataError, ConfigError, CheckpointError, RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
