@@ -28,6 +28,9 @@ from jaxninja.train import ConfigError, TrainConfig, TrainState, init_state
 
 FILENAME = "checkpoint.npz"
 FORMAT = "jaxninja-checkpoint-1"
+# Refuse archives that would unpack to more than this (a zip bomb); the lecture's model
+# is ~50 kB, so this leaves room for networks thousands of times larger.
+MAX_BYTES = 256 << 20
 
 
 class CheckpointError(ValueError):
@@ -83,9 +86,15 @@ def load(run_dir: str | os.PathLike[str], dtype: Any = jnp.float32) -> Checkpoin
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint (is {run_dir} a training run?)")
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        npz = np.load(path, allow_pickle=False)
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise ValueError("a single .npy array, not an .npz archive")
+        with npz:
+            size = sum(info.file_size for info in npz.zip.infolist())
+            if size > MAX_BYTES:
+                raise ValueError(f"unpacks to {size} bytes, over the {MAX_BYTES}-byte limit")
             stored = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, MemoryError) as e:
         raise CheckpointError(f"{path}: unreadable checkpoint ({e})") from None
     try:
         meta = json.loads(bytes(stored.pop("meta")).decode())
@@ -93,9 +102,11 @@ def load(run_dir: str | os.PathLike[str], dtype: Any = jnp.float32) -> Checkpoin
             raise CheckpointError(f"{path}: unknown format {meta.get('format')!r}")
         config = TrainConfig.from_dict(meta["config"])
         vocab = Vocab.from_json(json.dumps(meta["vocab"]))
+        if not isinstance(config.running_stats, bool):
+            raise TypeError(f"running_stats must be true or false, got {config.running_stats!r}")
     except CheckpointError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError, ConfigError) as e:
         raise CheckpointError(f"{path}: bad metadata ({e})") from None
 
     # The expected structure, shapes and dtypes come from the config, never the file.

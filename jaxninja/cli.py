@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps per compiled chunk (progress line and checkpoint)")  # fmt: skip
     t.add_argument("--running-stats", action="store_true",
                    help="also track batch-norm running averages and report their losses")  # fmt: skip
+    t.add_argument("--devices", type=_positive_int, default=None,
+                   help="split each batch over this many devices (default: all)")  # fmt: skip
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     t.add_argument("--samples", type=_non_negative_int, default=10, help="names printed at the end")
@@ -109,7 +111,7 @@ def _train(args: argparse.Namespace) -> int:
     out = args.out or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     print(f"run directory: {out}")
     train_run(cfg, out, args.data, resume=args.resume, overwrite=args.overwrite,
-              num_samples=args.samples)  # fmt: skip
+              num_samples=args.samples, devices=args.devices)  # fmt: skip
     return 0
 
 

@@ -97,6 +97,8 @@ def cross_entropy_reference(
     logprobs = jax.nn.log_softmax(x, axis=axis)
     label_logprob = jnp.take_along_axis(logprobs, jnp.expand_dims(labels, axis), axis=axis)
     losses = -jnp.squeeze(label_logprob, axis)
+    # take_along_axis wraps negative labels like numpy: out of range must give NaN here too.
+    losses = jnp.where((labels >= 0) & (labels < x.shape[axis]), losses, jnp.nan)
     if where is not None:
         losses = jnp.where(where, losses, 0.0)
     return losses.astype(logits.dtype)
@@ -132,7 +134,9 @@ def _cross_entropy_bwd(axis, residuals, g):
     if where is not None:
         g = jnp.where(jnp.expand_dims(where, axis), g, 0.0)
     # The fused rule of Exercise 2: d loss_i / d logits_ij = softmax_ij - [j == y_i].
-    dlogits = jnp.where(valid, g * (probs - onehot), jnp.nan)
+    # A masked-out row (e.g. padding with label -1) gets zero gradient, not NaN.
+    bad = ~valid if where is None else ~valid & jnp.expand_dims(where, axis)
+    dlogits = jnp.where(bad, jnp.nan, g * (probs - onehot))
     return dlogits.astype(out_dtype), None, None
 
 
@@ -223,6 +227,29 @@ def _check_batch_norm(
             f"(Bessel's correction divides by n-1), got x shape {x.shape} with axis={axis}"
         )
     return axes
+
+
+def _match_varying(x: Array, p: Array, axis_name: Any) -> Array:
+    """Cast a replicated ``p`` (gain, bias) to "varying" over the mesh axes ``x`` varies on.
+
+    Inside ``jax.shard_map(..., check_vma=True)`` a custom-VJP rule must return
+    cotangents of the same varying/invariant type as its inputs; the local ``dgain`` is
+    varying, so the replicated ``gain`` enters the rule as varying. The transpose of that
+    cast is a ``psum``: ``jax.grad`` with respect to the replicated parameter is then the
+    global sum, like every other replicated parameter's gradient under ``check_vma``.
+    Without ``check_vma`` (or in ``pmap``) nothing is varying, nothing is cast, and the
+    rule's ``dgain``/``dbias`` stay the device's local contributions.
+    """
+    if axis_name is None or not hasattr(lax, "pcast"):
+        return p
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+    def varying(a: Array) -> frozenset:
+        mat = getattr(jax.typeof(a), "manual_axis_type", None)
+        return getattr(mat, "varying", frozenset())
+
+    missing = tuple(a for a in names if a in varying(x) and a not in varying(p))
+    return lax.pcast(p, missing, to="varying") if missing else p
 
 
 def batch_stats(
@@ -350,8 +377,11 @@ def batch_norm(
     (sums over ``axis``), not autodiff of the forward. With ``axis_name`` (inside
     ``shard_map``/``pmap``) the statistics and the two sums of the backward rule are
     taken over the global batch, so each device's ``dx`` is its slice of the
-    single-device ``dx``; ``dgain``/``dbias`` are the device's own contributions, to be
-    summed with the other parameter gradients. float16/bfloat16 inputs are normalised
+    single-device ``dx``. The gradient of a replicated ``gain``/``bias`` follows the
+    mapping's convention for every replicated parameter: under ``jax.shard_map`` with
+    ``check_vma=True`` (the default) it is already summed over devices; under
+    ``check_vma=False`` or ``pmap`` it is the device's own contribution, to be summed
+    (``lax.psum``) with the other parameter gradients. float16/bfloat16 inputs are normalised
     with float32 statistics and come back in their own dtype.
 
     Args:
@@ -380,6 +410,7 @@ def batch_norm(
     """
     x, gain, bias = jnp.asarray(x), jnp.asarray(gain), jnp.asarray(bias)
     axes = _check_batch_norm(x, gain, bias, axis, unbiased, axis_name)
+    gain, bias = _match_varying(x, gain, axis_name), _match_varying(x, bias, axis_name)
     return _batch_norm(x, gain, bias, axes, float(eps), bool(unbiased), axis_name)
 
 
@@ -410,6 +441,7 @@ def batch_norm_with_stats(
     """
     x, gain, bias = jnp.asarray(x), jnp.asarray(gain), jnp.asarray(bias)
     axes = _check_batch_norm(x, gain, bias, axis, unbiased, axis_name)
+    gain, bias = _match_varying(x, gain, axis_name), _match_varying(x, bias, axis_name)
     return _batch_norm_with_stats(x, gain, bias, axes, float(eps), bool(unbiased), axis_name)
 
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxninja import checkpoint, data, sample, train
+from jaxninja import checkpoint, data, parallel, sample, train
 from jaxninja.train import TrainConfig
 
 Log = Callable[[str], None]
@@ -98,20 +98,26 @@ def train_run(
     overwrite: bool = False,
     log: Log = print,
     num_samples: int = 10,
+    devices: int | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` on the lecture's split of ``data_path`` into run directory ``out``.
 
     Prints the lecture's progress lines (``  10000/ 200000: 2.1775``), checkpoints after
     every chunk, and at the end calibrates batch norm on the training set, evaluates the
     three splits, writes ``metrics.json`` (and ``loss.png``) and returns the metrics.
+    ``devices`` (default: all) splits every batch over that many devices
+    (:mod:`jaxninja.parallel`); it is not part of ``cfg``: a run may resume on another
+    device count.
     """
     t_start = time.perf_counter()
     cfg.validate()
+    mesh = parallel.data_mesh(cfg, devices)  # None: one device
     out = Path(out)
-    vocab, splits = data.load_splits(data_path, block_size=cfg.block_size)
+    data_file = data.resolve_data_path(data_path)
+    vocab, splits = data.load_splits(data_file, block_size=cfg.block_size)
     Xtr, Ytr = (jnp.asarray(a) for a in splits["train"])
     if Xtr.shape[0] == 0:
-        raise RunError("the training split is empty: the data file needs more words")
+        raise RunError(f"{data_file}: the training split is empty (the file needs more words)")
     state = _prepare_out_dir(cfg, out, resume, overwrite, vocab)
     if state is None:
         state = train.init_state(cfg, vocab.size)
@@ -123,6 +129,7 @@ def train_run(
         losses[: min(len(old), cfg.steps)] = old[: cfg.steps]
 
     start = int(state.step)
+    saved = start if resume else None  # step of the newest checkpoint of this run
     compiled: dict[int, Any] = {}
     compile_seconds = run_seconds = 0.0
     with _deferred_sigint() as interrupted:
@@ -131,7 +138,10 @@ def train_run(
             n = min(cfg.chunk_steps, cfg.steps - step)
             if n not in compiled:  # ahead-of-time, so compile time is measured apart
                 t = time.perf_counter()
-                fn = train.make_train_chunk(cfg, n)
+                if mesh is None:
+                    fn = train.make_train_chunk(cfg, n)
+                else:
+                    fn = parallel.make_sharded_train_chunk(cfg, n, mesh)
                 compiled[n] = fn.lower(state, Xtr, Ytr).compile()
                 compile_seconds += time.perf_counter() - t
             t = time.perf_counter()
@@ -139,17 +149,25 @@ def train_run(
             chunk_losses = np.asarray(chunk_losses)
             run_seconds += time.perf_counter() - t
             bad = ~np.isfinite(chunk_losses)
-            if bad.any():
-                raise RunError(
-                    f"loss became non-finite at step {step + int(bad.argmax())}; stopped. "
-                    f"The last good checkpoint (step {step}) is kept in {out}"
+            if bad.any() or not _all_finite(state):
+                what = (
+                    f"loss became non-finite at step {step + int(bad.argmax())}"
+                    if bad.any()
+                    else f"parameters became non-finite in steps {step}..{step + n - 1}"
                 )
+                kept = (
+                    f"the last good checkpoint (step {saved}) is kept in {out}"
+                    if saved is not None
+                    else "no checkpoint of this run was written"
+                )
+                raise RunError(f"{what}; stopped, {kept}")
             losses[step : step + n] = chunk_losses
             for i in range(n):
                 if (step + i) % cfg.chunk_steps == 0:
                     log(f"{step + i:7d}/{cfg.steps:7d}: {chunk_losses[i]:.4f}")
             step += n
             checkpoint.save(out, cfg, vocab, state)
+            saved = step
             _write_atomic(losses_file, lambda f: np.save(f, losses))
             if interrupted[0] and step < cfg.steps:
                 raise Interrupted(
@@ -171,6 +189,7 @@ def train_run(
         "compile_seconds": round(compile_seconds, 3),
         "steps_per_second": round(steps_run / run_seconds, 1) if run_seconds else None,
         "device": str(jax.devices()[0].device_kind),
+        "devices": 1 if mesh is None else mesh.size,
         "config": cfg.to_dict(),
     }
     if cfg.running_stats:
@@ -182,9 +201,16 @@ def train_run(
     if plot_losses(losses, out / "loss.png"):
         log(f"loss curve: {out / 'loss.png'}")
     key = jax.random.key(cfg.seed + 10)
-    for name in sample.sample_names(params, bn_stats, vocab, key, num_samples):
-        log(name)
+    if num_samples:  # --samples 0 prints none
+        for name in sample.sample_names(params, bn_stats, vocab, key, num_samples):
+            log(name)
     return metrics
+
+
+def _all_finite(tree) -> bool:
+    """Whether every floating-point leaf of ``tree`` is finite (what a checkpoint needs)."""
+    leaves = (np.asarray(x) for x in jax.tree.leaves(tree))
+    return all(np.isfinite(a).all() for a in leaves if a.dtype.kind == "f")
 
 
 def split_losses_of(params, bn_stats, splits) -> dict[str, float]:

@@ -1,0 +1,94 @@
+"""Shared fixtures: the data file, the lecture's splits, float64 on demand, quick params.
+
+float64 is never switched on globally: the ``x64`` fixture turns ``jax_enable_x64`` on for
+one test (``with jax.enable_x64(True)``) and restores the previous value afterwards, so
+float32 tests are unaffected whatever order the tests run in.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxninja import data
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The lecture's init scales (REFERENCE.md), for parameters drawn with numpy: compiling
+# jax.random for every shape costs seconds, numpy costs nothing. model.init_params itself
+# is tested in test_model.py.
+_SCALES = {"C": 1.0, "W1": (5 / 3) / 30**0.5, "b1": 0.1, "W2": 0.1, "b2": 0.1}
+
+
+def names_path() -> Path:
+    """names.txt from ``$JAXNINJA_DATA`` (relative to the repo), else ../shared/data."""
+    env = os.environ.get("JAXNINJA_DATA")
+    p = Path(env) if env else REPO.parent / "shared" / "data" / "names.txt"
+    return p if p.is_absolute() else REPO / p
+
+
+@pytest.fixture(scope="session")
+def names_file() -> Path:
+    """The dataset; a missing file is an error, never a skip."""
+    p = names_path()
+    assert p.is_file(), f"names.txt not found at {p}; set JAXNINJA_DATA=/path/to/names.txt"
+    return p
+
+
+@pytest.fixture(scope="session")
+def splits(names_file: Path) -> data.Splits:
+    """``(vocab, {"train": (X, Y), "val": ..., "test": ...})`` from names.txt."""
+    return data.load_splits(names_file)
+
+
+@pytest.fixture(scope="session")
+def batch(splits: data.Splits) -> Callable[..., tuple[np.ndarray, np.ndarray]]:
+    """``batch(n, seed=0) -> (X, Y)``: n training examples drawn with replacement."""
+
+    def draw(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        X, Y = splits.train
+        ix = np.random.default_rng(seed).integers(0, len(Y), size=n)
+        return X[ix], Y[ix]
+
+    return draw
+
+
+@pytest.fixture
+def x64() -> Iterator[None]:
+    """float64 for this test only; the previous setting is restored afterwards."""
+    before = jax.config.jax_enable_x64
+    with jax.enable_x64(True):
+        yield
+    assert jax.config.jax_enable_x64 == before
+
+
+def make_params(
+    seed: int, n_hidden: int, vocab_size: int = 27, dtype: str = "float64"
+) -> dict[str, np.ndarray]:
+    """numpy parameters with the lecture's shapes and init scales (not zeros anywhere)."""
+    rng = np.random.default_rng(seed)
+    shapes = {
+        "C": (vocab_size, 10),
+        "W1": (30, n_hidden),
+        "b1": (n_hidden,),
+        "W2": (n_hidden, vocab_size),
+        "b2": (vocab_size,),
+    }
+    p = {k: rng.standard_normal(s) * _SCALES[k] for k, s in shapes.items()}
+    p["bngain"] = rng.standard_normal((1, n_hidden)) * 0.1 + 1.0
+    p["bnbias"] = rng.standard_normal((1, n_hidden)) * 0.1
+    return {k: v.astype(dtype) for k, v in p.items()}
+
+
+@pytest.fixture(scope="session")
+def params_np() -> Callable[..., dict[str, np.ndarray]]:
+    """``params_np(seed, n_hidden, vocab_size=27, dtype="float64")``: see :func:`make_params`.
+
+    Convert with ``jnp.asarray`` inside a test that has the ``x64`` fixture to keep float64.
+    """
+    return make_params

@@ -1,0 +1,699 @@
+"""Reliability and security: bad input, faults, NaNs and hostile files.
+
+Every expected failure must end the CLI with exit status 2 and exactly one stderr line
+``error: ...`` naming the file or option and the problem; Ctrl-C ends it with 130 after
+a checkpoint; a crash at any moment leaves a loadable checkpoint; and a checkpoint file
+is data, never code. Most CLI calls run in-process through :func:`jaxninja.cli.main`
+(the same code ``python -m jaxninja`` runs, minus the interpreter start); the fault
+tests and a few smoke checks use real subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxninja import checkpoint, cli, ops
+from jaxninja.checkpoint import CheckpointError
+from jaxninja.data import Vocab
+from jaxninja.run import RunError, train_run
+from jaxninja.train import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+HELPER = Path(__file__).with_name("_fault_helpers.py")
+TINY = ["--steps", "50", "--n-hidden", "16", "--chunk-steps", "50"]
+# The fault tests: 20 chunks of 10 steps; the same config for every run compared.
+FAULT = ["--steps", "200", "--n-hidden", "16", "--chunk-steps", "10", "--samples", "0"]
+
+
+def names_path() -> Path:
+    env = os.environ.get("JAXNINJA_DATA")
+    p = Path(env) if env else Path("../shared/data/names.txt")
+    return p if p.is_absolute() else REPO / p
+
+
+@pytest.fixture(scope="module")
+def words_file(tmp_path_factory) -> Path:
+    """The first 64 names of names.txt plus the first name with each letter they lack,
+    so the vocabulary is the full 27 (a temporary file, never in the repo)."""
+    src = names_path()
+    assert src.is_file(), f"names.txt not found at {src}; set JAXNINJA_DATA=PATH"
+    all_words = src.read_text().split()
+    words = all_words[:64]
+    for letter in "abcdefghijklmnopqrstuvwxyz":
+        if not any(letter in w for w in words):
+            words.append(next(w for w in all_words if letter in w))
+    p = tmp_path_factory.mktemp("data") / "words.txt"
+    p.write_text("\n".join(words) + "\n")
+    return p
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """``jaxninja ARGV`` in-process: (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        rc = cli.main([str(a) for a in argv])
+    except SystemExit as e:  # argparse errors
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def one_error_line(err: str) -> str:
+    """The single ``error: ...`` line of ``err`` (asserting there is exactly one line)."""
+    lines = err.splitlines()
+    assert len(lines) == 1 and err.endswith("\n"), f"expected one stderr line, got {err!r}"
+    assert lines[0].startswith("error: "), lines[0]
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def params_of(run_dir: Path) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in checkpoint.load(run_dir).state.params.items()}
+
+
+def assert_same_params(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    # Measured: a resumed run is bitwise identical to an uninterrupted one (the batch of
+    # step s comes from fold_in(key, s) and every chunk runs the same executable).
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def base_run(words_file, tmp_path_factory) -> Path:
+    """A finished tiny run (module-scoped; tests copy it before changing anything)."""
+    out = tmp_path_factory.mktemp("base") / "run"
+    cfg = TrainConfig(n_hidden=16, steps=50, chunk_steps=50)
+    train_run(cfg, out, words_file, log=lambda s: None, num_samples=0)
+    return out
+
+
+@pytest.fixture
+def run_copy(base_run, tmp_path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(base_run, out)
+    return out
+
+
+# ----------------------------------------------------------------- bad data files
+
+
+def _write(path: Path, content: bytes | None) -> Path:
+    if content is not None:
+        path.write_bytes(content)
+    return path
+
+
+BAD_DATA = {
+    "missing": (None, "no such file"),
+    "empty": (b"", "file is empty"),
+    "blank-lines": (b"\n  \n\r\n\t\n", "file has no words (only blank lines)"),
+    "not-utf8": (b"emma\nol\xffvia\n", "line 2 is not valid UTF-8 (byte 0xff)"),
+    "latin1": (b"emma\nJos\xe9\n", "line 2 is not valid UTF-8 (byte 0xe9)"),
+    "single-word": (b"emma\n", "the training split is empty (the file needs more words)"),
+    "dot-in-word": (
+        b"emma\nst.john\n",
+        "line 2: word 'st.john' contains '.', which is reserved as the start/end token",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_bad_data_file_exit_2_one_line(case, tmp_path, capsys):
+    content, problem = BAD_DATA[case]
+    data = _write(tmp_path / "words.txt", content)
+    out = tmp_path / "out"
+    rc, _, err = run_cli(capsys, "train", "--data", data, "--out", out, *TINY)
+    assert rc == 2
+    assert one_error_line(err) == f"error: {data}: {problem}"
+    assert not out.exists(), "a failed start must not create the run directory"
+
+
+def test_data_file_is_a_directory(tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "train", "--data", tmp_path, "--out", tmp_path / "o", *TINY)
+    assert rc == 2
+    assert one_error_line(err) == f"error: {tmp_path}: not a file (it is a directory)"
+
+
+def _samples(stdout: str, n: int) -> list[str]:
+    """The ``n`` sampled names printed last by ``jaxninja train``."""
+    lines = stdout.splitlines()
+    assert len(lines) >= n
+    return lines[len(lines) - n :]
+
+
+def test_very_long_words_train(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefgh"), 500)) for _ in range(12)]
+    data = tmp_path / "long.txt"
+    data.write_text("\n".join(words))
+    rc, out, err = run_cli(
+        capsys, "train", "--data", data, "--out", tmp_path / "r", *TINY, "--samples", "5"
+    )
+    assert (rc, err) == (0, "")
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert {"train_loss", "val_loss", "test_loss"} <= metrics.keys()
+    assert all(set(s) <= set("abcdefgh") for s in _samples(out, 5))
+
+
+def test_mixed_case_and_non_ascii_kept_in_vocabulary(tmp_path, capsys):
+    words = ["Zoë", "José", "Émile", "Øyvind", "anna", "MARIA", "Łukasz", "Ñandú", "mia",
+             "Chloé", "bjørn", "ava", "Sören", "İlkay", "emma", "ZOË"]  # fmt: skip
+    data = tmp_path / "intl.txt"
+    data.write_text("\n".join(words), encoding="utf-8")
+    n = 40
+    rc, out, err = run_cli(
+        capsys, "train", "--data", data, "--out", tmp_path / "r", *TINY, "--samples", n
+    )
+    assert (rc, err) == (0, "")
+    vocab = checkpoint.load(tmp_path / "r").vocab
+    assert vocab == Vocab.from_words(words)
+    assert {"Z", "ë", "É", "Ø", "Ł", "Ñ", "ú", "ø", "ö", "İ", "M"} <= set(vocab.itos)
+    samples = _samples(out, n)
+    allowed = set(vocab.itos) - {"."}
+    assert all(set(s) <= allowed for s in samples), samples
+    assert any(s for s in samples)
+
+
+def test_windows_line_endings_and_a_tiny_dataset(tmp_path, capsys):
+    """CRLF is a line ending, not a character; 3 words leave the val split empty and its
+    metric is omitted (the run still works)."""
+    data = tmp_path / "crlf.txt"
+    data.write_bytes(b"emma\r\nolivia\r\nava\r\n")
+    rc, _, err = run_cli(capsys, "train", "--data", data, "--out", tmp_path / "r", *TINY)
+    assert (rc, err) == (0, "")
+    assert checkpoint.load(tmp_path / "r").vocab == Vocab.from_words(["emma", "olivia", "ava"])
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert "train_loss" in metrics and "test_loss" in metrics
+    assert "val_loss" not in metrics
+    rc, out, err = run_cli(capsys, "eval", "--out", tmp_path / "r", "--data", data)
+    assert rc == 0 and err == ""
+    assert [line.split()[0] for line in out.splitlines()] == ["train", "test"]
+
+
+def test_cli_subprocess_bad_data_file(tmp_path):
+    """The real ``python -m jaxninja``: exit 2, one line, no traceback."""
+    missing = tmp_path / "nope.txt"
+    p = subprocess.run(
+        [sys.executable, "-m", "jaxninja", "train", "--data", str(missing),
+         "--out", str(tmp_path / "o"), *TINY],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert p.returncode == 2
+    assert one_error_line(p.stderr) == f"error: {missing}: no such file"
+
+
+# ----------------------------------------------------------------- bad arguments
+
+BAD_ARGS = {
+    "steps-0": (["--steps", "0"], "argument --steps: must be a positive integer, got 0"),
+    "steps-neg": (["--steps", "-5"], "argument --steps: must be a positive integer, got -5"),
+    "steps-text": (["--steps", "ten"], "argument --steps: expected a positive integer, got 'ten'"),
+    "n-hidden-0": (["--n-hidden", "0"], "argument --n-hidden: must be a positive integer, got 0"),
+    "n-embd-neg": (["--n-embd", "-3"], "argument --n-embd: must be a positive integer, got -3"),
+    "block-size-0": (
+        ["--block-size", "0"],
+        "argument --block-size: must be a positive integer, got 0",
+    ),
+    "chunk-steps-0": (
+        ["--chunk-steps", "0"],
+        "argument --chunk-steps: must be a positive integer, got 0",
+    ),
+    "batch-size-0": (
+        ["--batch-size", "0"],
+        "argument --batch-size: must be a positive integer, got 0",
+    ),
+    "lr-nan": (["--lr", "nan"], "argument --lr: must be a positive finite number, got nan"),
+    "lr-neg": (["--lr", "-0.1"], "argument --lr: must be a positive finite number, got -0.1"),
+    "lr-zero": (["--lr", "0"], "argument --lr: must be a positive finite number, got 0"),
+    "lr-inf": (["--lr", "inf"], "argument --lr: must be a positive finite number, got inf"),
+    "lr-text": (["--lr", "fast"], "argument --lr: expected a number, got 'fast'"),
+    "seed-neg": (["--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARGS))
+def test_bad_arguments_exit_2_one_line(case, words_file, tmp_path, capsys):
+    extra, problem = BAD_ARGS[case]
+    out = tmp_path / "out"
+    rc, _, err = run_cli(capsys, "train", "--data", words_file, "--out", out, *TINY, *extra)
+    assert rc == 2
+    assert one_error_line(err) == f"error: jaxninja train: {problem}"
+    assert not out.exists()
+
+
+def test_batch_size_1_is_refused(words_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, _, err = run_cli(
+        capsys, "train", "--data", words_file, "--out", out, *TINY, "--batch-size", "1"
+    )
+    assert rc == 2
+    assert one_error_line(err) == (
+        "error: batch_size must be at least 2 (batch norm divides by n-1), got 1"
+    )
+    assert not out.exists()
+
+
+def test_resume_with_another_config_refused(run_copy, words_file, capsys):
+    before = (run_copy / checkpoint.FILENAME).read_bytes()
+    rc, _, err = run_cli(
+        capsys, "train", "--data", words_file, "--out", run_copy, "--resume",
+        "--steps", "50", "--n-hidden", "32", "--chunk-steps", "50",
+    )  # fmt: skip
+    assert rc == 2
+    assert one_error_line(err) == (
+        f"error: {run_copy} holds a run with a different config: n_hidden=16 (asked 32)"
+    )
+    assert (run_copy / checkpoint.FILENAME).read_bytes() == before
+
+
+def test_existing_run_without_resume_or_overwrite_refused(run_copy, words_file, capsys):
+    rc, _, err = run_cli(capsys, "train", "--data", words_file, "--out", run_copy, *TINY)
+    assert rc == 2
+    assert one_error_line(err).startswith(f"error: {run_copy} already holds a run; pass --resume")
+
+
+def test_resume_of_a_missing_run(words_file, tmp_path, capsys):
+    out = tmp_path / "never"
+    rc, _, err = run_cli(capsys, "train", "--data", words_file, "--out", out, *TINY, "--resume")
+    assert rc == 2
+    assert one_error_line(err) == f"error: {out}: nothing to resume (no checkpoint.npz)"
+    assert not out.exists()
+
+
+def test_cli_subprocess_bad_argument(tmp_path):
+    p = subprocess.run(
+        [sys.executable, "-m", "jaxninja", "train", "--out", str(tmp_path / "o"), "--lr", "nan"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert p.returncode == 2
+    assert one_error_line(p.stderr) == (
+        "error: jaxninja train: argument --lr: must be a positive finite number, got nan"
+    )
+
+
+# ------------------------------------------------------------ bad op inputs, NaNs
+
+
+def test_out_of_range_labels_give_nan_not_a_clamped_class():
+    logits = jnp.zeros((4, 5))
+    labels = jnp.array([0, -1, 5, 4])
+    loss = np.asarray(ops.cross_entropy(logits, labels))
+    assert np.isfinite(loss[[0, 3]]).all() and np.isnan(loss[[1, 2]]).all()
+    assert np.isnan(float(ops.cross_entropy(logits, labels).mean()))
+    g = np.asarray(jax.grad(lambda z: ops.cross_entropy(z, labels).sum())(logits))
+    assert np.isfinite(g[[0, 3]]).all() and np.isnan(g[[1, 2]]).all()
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_shape_mismatch_raises_at_trace_time_naming_both_shapes(jit):
+    def ce(z, y):
+        return ops.cross_entropy(z, y)
+
+    def bn(x, g, b):
+        return ops.batch_norm(x, g, b)
+
+    ce, bn = (jax.jit(ce), jax.jit(bn)) if jit else (ce, bn)
+    with pytest.raises(ValueError, match=r"labels shape \(3,\).*logits shape \(4, 5\)"):
+        ce(jnp.zeros((4, 5)), jnp.zeros((3,), jnp.int32))
+    with pytest.raises(ValueError, match=r"gain shape \(1, 7\).*x shape \(4, 5\)"):
+        bn(jnp.ones((4, 5)), jnp.ones((1, 7)), jnp.zeros((1, 5)))
+    with pytest.raises(ValueError, match=r"bias shape \(3,\).*x shape \(4, 5\)"):
+        bn(jnp.ones((4, 5)), jnp.ones((1, 5)), jnp.zeros((3,)))
+    # ... and when only traced, never run: jax.eval_shape raises the same error.
+    with pytest.raises(ValueError, match=r"labels shape \(4, 1\).*logits shape \(4, 5\)"):
+        jax.eval_shape(ops.cross_entropy, jnp.zeros((4, 5)), jnp.zeros((4, 1), jnp.int32))
+
+
+def test_non_finite_loss_stops_at_its_chunk_and_keeps_last_good_checkpoint(
+    words_file, tmp_path, capsys
+):
+    out = tmp_path / "r"
+    rc, stdout, err = run_cli(
+        capsys, "train", "--data", words_file, "--out", out,
+        "--steps", "6", "--n-hidden", "16", "--chunk-steps", "1", "--lr", "1e30",
+    )  # fmt: skip
+    assert rc == 2
+    # Step 0 (initial params) is finite; its update with lr=1e30 makes step 1's loss NaN.
+    assert one_error_line(err) == (
+        f"error: loss became non-finite at step 1; stopped, "
+        f"the last good checkpoint (step 1) is kept in {out}"
+    )
+    assert "      0/      6:" in stdout
+    ckpt = checkpoint.load(out)  # loadable: every array finite, shapes checked
+    assert int(ckpt.state.step) == 1 and ckpt.bn_stats is None
+    losses = np.load(out / "losses.npy")
+    assert np.isfinite(losses[0]) and np.isnan(losses[1:]).all()
+    assert not (out / "metrics.json").exists()
+    # sample/eval refuse the unfinished run with one line, too.
+    rc, _, err = run_cli(capsys, "sample", "--out", out)
+    assert rc == 2
+    assert one_error_line(err) == (
+        f"error: {out}: training has not finished (step 1 of 6); finish it with --resume first"
+    )
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_non_finite_parameters_never_reach_a_checkpoint(words_file, tmp_path):
+    """lr=1e300 is a finite Python float but inf in float32: the first update makes the
+    parameters non-finite while the loss it reports (of the step's old parameters) is
+    still finite. Bug found: that state used to be saved as the "last good checkpoint",
+    which checkpoint.load then refused."""
+    out = tmp_path / "r"
+    cfg = TrainConfig(n_hidden=16, steps=3, chunk_steps=1, lr=1e300)
+    with pytest.raises(RunError) as e:
+        train_run(cfg, out, words_file, log=lambda s: None)
+    assert str(e.value) == (
+        "parameters became non-finite in steps 0..0; stopped, no checkpoint of this run was written"
+    )
+    assert not (out / checkpoint.FILENAME).exists()
+
+
+# ------------------------------------------------------------------------- faults
+
+
+@pytest.fixture(scope="module")
+def reference_params(words_file, tmp_path_factory) -> tuple[dict, np.ndarray]:
+    """Final params and loss history of an uninterrupted FAULT run."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    assert cli.main(["train", "--data", str(words_file), "--out", str(out), *FAULT]) == 0
+    return params_of(out), np.load(out / "losses.npy")
+
+
+def _helper(mode: str, arg: str, words_file: Path, out: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, str(HELPER), mode, arg, "--", "train", "--data", str(words_file),
+           "--out", str(out), *FAULT]  # fmt: skip
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
+    )
+
+
+def _read_until(proc: subprocess.Popen, pred, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if pred(line):
+            return line
+    proc.kill()
+    pytest.fail(f"helper never got there: {proc.communicate()}")
+
+
+def test_sigkill_mid_checkpoint_write_keeps_previous_checkpoint(
+    words_file, tmp_path, capsys, reference_params
+):
+    out = tmp_path / "r"
+    proc = _helper("stall-save", "3", words_file, out)  # the write of step 30 stalls
+    try:
+        _read_until(proc, lambda line: line.strip() == "STALLED")
+        partial = list(out.glob(".checkpoint.*.tmp"))
+        assert len(partial) == 1 and partial[0].stat().st_size > 0
+        before = (out / checkpoint.FILENAME).read_bytes()
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(60)
+        proc.stdout.close()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    # The previous checkpoint is untouched and loads; the half-written temp file is never
+    # taken for a checkpoint (it is not even a valid archive).
+    assert (out / checkpoint.FILENAME).read_bytes() == before
+    assert int(checkpoint.load(out).state.step) == 20
+    assert [p.name for p in out.glob("*.npz")] == [checkpoint.FILENAME]
+    with pytest.raises(zipfile.BadZipFile):
+        zipfile.ZipFile(partial[0])
+
+    rc, _, err = run_cli(capsys, "train", "--data", words_file, "--out", out, *FAULT, "--resume")
+    assert (rc, err) == (0, "")
+    ref_params, ref_losses = reference_params
+    assert_same_params(params_of(out), ref_params)
+    np.testing.assert_array_equal(np.load(out / "losses.npy"), ref_losses)
+
+
+def test_sigint_saves_a_checkpoint_exits_130_and_resume_matches(
+    words_file, tmp_path, capsys, reference_params
+):
+    out = tmp_path / "r"
+    proc = _helper("slow-save", "0.15", words_file, out)  # 20 chunks: >= 3 s in total
+    try:
+        _read_until(proc, lambda line: line.strip().startswith("0/"))
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, stderr
+    ckpt = checkpoint.load(out)
+    step = int(ckpt.state.step)
+    assert 10 <= step < 200 and step % 10 == 0  # a chunk boundary
+    assert ckpt.bn_stats is None
+    assert stderr == (
+        f"interrupted at step {step}; checkpoint saved in {out}. "
+        f"Continue with the same command plus --resume\n"
+    )
+    assert not list(out.glob(".checkpoint.*.tmp"))
+
+    rc, _, err = run_cli(capsys, "train", "--data", words_file, "--out", out, *FAULT, "--resume")
+    assert (rc, err) == (0, "")
+    ref_params, ref_losses = reference_params
+    assert_same_params(params_of(out), ref_params)
+    np.testing.assert_array_equal(np.load(out / "losses.npy"), ref_losses)
+
+
+# --------------------------------------------------------------- hostile checkpoints
+
+
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def _rewrite(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _with_meta(edit):
+    """A mutation that applies ``edit`` to the decoded JSON ``meta`` entry."""
+
+    def mutate(path: Path) -> None:
+        arrays = _arrays(path)
+        meta = json.loads(bytes(arrays["meta"]))
+        edit(meta)
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+        _rewrite(path, arrays)
+
+    return mutate
+
+
+def _config(**changes):
+    return _with_meta(lambda meta: meta["config"].update(changes))
+
+
+def _with_arrays(fn):
+    def mutate(path: Path) -> None:
+        arrays = _arrays(path)
+        fn(arrays)
+        _rewrite(path, arrays)
+
+    return mutate
+
+
+def _set(name, value):
+    return _with_arrays(lambda a: a.__setitem__(name, value(a[name])))
+
+
+def _drop(name):
+    return _with_arrays(lambda a: a.pop(name))
+
+
+def _bytes(fn):
+    def mutate(path: Path) -> None:
+        path.write_bytes(fn(path.read_bytes()))
+
+    return mutate
+
+
+def _npy(path: Path) -> None:
+    with open(path, "wb") as f:
+        np.save(f, np.zeros(3))
+
+
+def _huge_header(path: Path) -> None:
+    """A member whose .npy header claims 10**12 floats (a 3.6 TiB allocation)."""
+    arrays = _arrays(path)
+    with zipfile.ZipFile(path, "w") as z:
+        for k, v in arrays.items():
+            with z.open(k + ".npy", "w") as f:
+                if k == "state.params['C']":
+                    header = {"descr": "<f4", "fortran_order": False, "shape": (10**12,)}
+                    np.lib.format.write_array_header_1_0(f, header)
+                    f.write(b"\0" * 64)
+                else:
+                    np.lib.format.write_array(f, v)
+
+
+C = "state.params['C']"
+HOSTILE = {
+    "missing-array": (_drop("state.params['W2']"), "missing array \"state.params['W2']\""),
+    "missing-meta": (_drop("meta"), "bad metadata ('meta')"),
+    "wrong-shape": (
+        _set(C, lambda a: a[:-1]),
+        f'array "{C}" has shape (26, 10) dtype float32, expected (27, 10) float32',
+    ),
+    "wrong-dtype": (
+        _set(C, lambda a: a.astype(np.float64)),
+        f'array "{C}" has shape (27, 10) dtype float64, expected (27, 10) float32',
+    ),
+    "non-finite": (
+        _set(C, lambda a: np.where(np.arange(a.size).reshape(a.shape) == 3, np.nan, a)),
+        f'array "{C}" holds non-finite values',
+    ),
+    "extra-array": (
+        _with_arrays(lambda a: a.__setitem__("evil", np.zeros(2))),
+        "unexpected arrays ['evil']",
+    ),
+    "step-out-of-range": (_set("state.step", lambda a: np.int32(99)), "step 99 outside 0..50"),
+    "step-negative": (_set("state.step", lambda a: np.int32(-1)), "step -1 outside 0..50"),
+    "unknown-format": (
+        _with_meta(lambda m: m.update(format="other-2")),
+        "unknown format 'other-2'",
+    ),
+    "config-unknown-field": (
+        _config(evil=1),
+        "bad metadata (unknown config field(s): evil)",
+    ),
+    "config-negative-n-hidden": (
+        _config(n_hidden=-16),
+        "bad metadata (n_hidden must be a positive integer, got -16)",
+    ),
+    "config-n-hidden-string": (
+        _config(n_hidden="16"),
+        "bad metadata (n_hidden must be a positive integer, got '16')",
+    ),
+    "config-lr-string": (
+        _config(lr="0.1"),
+        "bad metadata (lr must be a positive finite number, got '0.1')",
+    ),
+    "config-running-stats-string": (
+        _config(running_stats="yes"),
+        "bad metadata (running_stats must be true or false, got 'yes')",
+    ),
+    "config-not-an-object": (
+        _with_meta(lambda m: m.update(config=None)),
+        "bad metadata (config must be a JSON object, got NoneType)",
+    ),
+    "config-inconsistent-with-arrays": (
+        _config(n_hidden=32),
+        "array \"state.params['W1']\" has shape (30, 16) dtype float32, expected (30, 32) float32",
+    ),
+    "vocab-inconsistent-with-arrays": (
+        _with_meta(lambda m: m.update(vocab=[".", "a", "b"])),
+        f'array "{C}" has shape (27, 10) dtype float32, expected (3, 10) float32',
+    ),
+    "vocab-not-characters": (
+        _with_meta(lambda m: m.update(vocab=[".", "ab"])),
+        "bad metadata (vocabulary entry 1 must be a single character, got 'ab')",
+    ),
+    "meta-not-json": (
+        _with_arrays(lambda a: a.__setitem__("meta", np.frombuffer(b"{oops", np.uint8))),
+        "bad metadata (Expecting property name enclosed in double quotes",
+    ),
+    "meta-deeply-nested": (
+        _with_arrays(lambda a: a.__setitem__("meta", np.frombuffer(b"[" * 100_000, np.uint8))),
+        "bad metadata (maximum recursion depth exceeded",
+    ),
+    "truncated": (_bytes(lambda b: b[: len(b) // 2]), "unreadable checkpoint (File is not a zip"),
+    "truncated-tail": (_bytes(lambda b: b[:-1]), "unreadable checkpoint (File is not a zip"),
+    "flipped-byte": (
+        _bytes(lambda b: b[:200] + bytes([b[200] ^ 0xFF]) + b[201:]),
+        "unreadable checkpoint (",
+    ),
+    "empty": (_bytes(lambda b: b""), "unreadable checkpoint ("),
+    "garbage": (_bytes(lambda b: b"\x80\x04garbage" * 100), "unreadable checkpoint ("),
+    "bare-npy": (_npy, "unreadable checkpoint (a single .npy array, not an .npz archive)"),
+    "huge-header": (_huge_header, "unreadable checkpoint ("),  # MemoryError, caught
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_checkpoint_refused_everywhere(case, run_copy, words_file, capsys):
+    mutate, problem = HOSTILE[case]
+    path = run_copy / checkpoint.FILENAME
+    mutate(path)
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.load(run_copy)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: ") and problem in msg, msg
+    assert "\n" not in msg
+    # The same one line from every command that reads a checkpoint.
+    for argv in (
+        ["sample", "--out", run_copy],
+        ["eval", "--out", run_copy, "--data", words_file],
+        ["train", "--data", words_file, "--out", run_copy, *TINY, "--resume"],
+    ):
+        rc, _, err = run_cli(capsys, *argv)
+        assert rc == 2, argv
+        assert one_error_line(err) == f"error: {msg}", argv
+
+
+def test_checkpoint_that_would_unpack_huge_is_refused_before_reading(run_copy, monkeypatch):
+    """A zip bomb: the declared uncompressed size is checked before anything is read."""
+    size = sum(i.file_size for i in zipfile.ZipFile(run_copy / checkpoint.FILENAME).infolist())
+    monkeypatch.setattr(checkpoint, "MAX_BYTES", size - 1)
+    with pytest.raises(CheckpointError, match=f"unpacks to {size} bytes, over the"):
+        checkpoint.load(run_copy)
+    monkeypatch.setattr(checkpoint, "MAX_BYTES", size)
+    checkpoint.load(run_copy)
+
+
+class _Payload:
+    """Unpickling this creates the file ``marker``: proof that code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("where", ["meta", C, "extra", "raw-pickle"])
+def test_loading_never_unpickles(where, run_copy, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    # The payload is live: plain pickle.loads would run it.
+    probe = tmp_path / "probe"
+    pickle.loads(pickle.dumps(_Payload(probe)))
+    assert probe.exists()
+
+    path = run_copy / checkpoint.FILENAME
+    evil = np.array([_Payload(marker)], dtype=object)
+    if where == "raw-pickle":
+        path.write_bytes(pickle.dumps(_Payload(marker)))
+    else:
+        arrays = _arrays(path)
+        arrays["evil" if where == "extra" else where] = evil
+        _rewrite(path, arrays)  # np.savez pickles object arrays
+    with pytest.raises(CheckpointError, match="unreadable checkpoint"):
+        checkpoint.load(run_copy)
+    for argv in (["sample", "--out", run_copy], ["eval", "--out", run_copy]):
+        rc, _, err = run_cli(capsys, *argv)
+        assert rc == 2
+        one_error_line(err)
+    assert not marker.exists()
