@@ -1,5 +1,8 @@
+"""``python -m jaxninja``: the same as the ``jaxninja`` command."""
+
 import sys
 
 from jaxninja.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -64,7 +64,7 @@ def save(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "config": config.to_dict(), "vocab": list(vocab.itos)}
-    arrays = _flatten(state, bn_stats)
+    arrays: dict[str, Any] = _flatten(state, bn_stats)
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     dest = run_dir / FILENAME
     fd, tmp = tempfile.mkstemp(prefix=".checkpoint.", suffix=".tmp", dir=run_dir)
@@ -90,7 +90,8 @@ def load(run_dir: str | os.PathLike[str], dtype: Any = jnp.float32) -> Checkpoin
         if not isinstance(npz, np.lib.npyio.NpzFile):
             raise ValueError("a single .npy array, not an .npz archive")
         with npz:
-            size = sum(info.file_size for info in npz.zip.infolist())
+            archive: Any = npz.zip  # numpy's stubs declare it Optional
+            size = sum(info.file_size for info in archive.infolist())
             if size > MAX_BYTES:
                 raise ValueError(f"unpacks to {size} bytes, over the {MAX_BYTES}-byte limit")
             stored = {k: npz[k] for k in npz.files}

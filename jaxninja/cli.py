@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--chunk-steps", type=_positive_int, default=d.chunk_steps,
                    help="steps per compiled chunk (progress line and checkpoint)")  # fmt: skip
     t.add_argument("--running-stats", action="store_true",
-                   help="also track batch-norm running averages and report their losses")  # fmt: skip
+                   help="also track batch-norm running averages and report their losses")  # noqa: E501  # fmt: skip
     t.add_argument("--devices", type=_positive_int, default=None,
                    help="split each batch over this many devices (default: all)")  # fmt: skip
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -96,6 +96,29 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--n-hidden", type=_positive_int, default=64)
     c.add_argument("--seed", type=_non_negative_int, default=42)
     c.add_argument("--data", help="text file, one word per line (default: names.txt)")
+
+    b = sub.add_parser("bench", help="time the training step: backends, PyTorch, sweeps")
+    b.add_argument("--quick", action="store_true", help="tiny run: a smoke test, no measurement")
+    b.add_argument("--out", default="bench.json", help="JSON results file ('' for none)")
+    b.add_argument("--repeats", type=_positive_int, default=5, help="timed chunks per row")
+    b.add_argument("--settings", default="200x32,1024x256", help="HxB list (hidden x batch)")
+    b.add_argument("--steps", type=_positive_int, help="JAX steps per timed chunk")
+    b.add_argument("--torch-steps", type=_positive_int, help="PyTorch steps per repeat")
+    b.add_argument("--members", default="1,8,32", help="sweep sizes M ('' for none)")
+    b.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
+    b.add_argument("--data", help="text file, one word per line (default: names.txt)")
+
+    w = sub.add_parser("sweep", help="train many seeds/learning rates in one vmapped program")
+    w.add_argument("--seeds", default=str(d.seed), help="comma-separated seeds")
+    w.add_argument("--lrs", default=str(d.lr), help="comma-separated learning rates")
+    w.add_argument("--steps", type=_positive_int, default=d.steps)
+    w.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    w.add_argument("--n-hidden", type=_positive_int, default=d.n_hidden)
+    w.add_argument("--lr-decay-step", type=_non_negative_int, default=d.lr_decay_step)
+    w.add_argument("--backend", choices=BACKENDS, default=d.backend)
+    w.add_argument("--chunk-steps", type=_positive_int, default=d.chunk_steps)
+    w.add_argument("--out", help="write the results as JSON to this file")
+    w.add_argument("--data", help="text file, one word per line (default: names.txt)")
     return p
 
 
@@ -122,6 +145,7 @@ def _sample(args: argparse.Namespace) -> int:
     from jaxninja.sample import sample_names
 
     ckpt = load_run(args.out)
+    assert ckpt.bn_stats is not None  # load_run raises for a run without them
     names = sample_names(
         ckpt.state.params, ckpt.bn_stats, ckpt.vocab, jax.random.key(args.seed), args.num,
         max_len=args.max_len, temperature=args.temperature,
@@ -146,7 +170,40 @@ def _check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-COMMANDS = {"train": _train, "sample": _sample, "eval": _eval, "check": _check}
+def _bench(args: argparse.Namespace) -> int:
+    from jaxninja.bench import parse_settings, run_bench
+
+    members = [_positive_int(m) for m in args.members.split(",") if m.strip()]
+    run_bench(parse_settings(args.settings), repeats=args.repeats, steps=args.steps,
+              torch_steps=args.torch_steps, members=members, use_torch=not args.no_torch,
+              quick=args.quick, data_path=args.data, out=args.out or None)  # fmt: skip
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    import json
+
+    from jaxninja.sweep import sweep_run
+    from jaxninja.train import ConfigError
+
+    def numbers(text: str, kind: type, flag: str) -> list:
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+
+    cfg = TrainConfig(n_hidden=args.n_hidden, batch_size=args.batch_size, steps=args.steps,
+                      lr_decay_step=args.lr_decay_step, backend=args.backend,
+                      chunk_steps=args.chunk_steps).validate()  # fmt: skip
+    result = sweep_run(cfg, numbers(args.seeds, int, "--seeds"), numbers(args.lrs, float, "--lrs"),
+                       args.data)  # fmt: skip
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+COMMANDS = {"train": _train, "sample": _sample, "eval": _eval, "check": _check,
+            "bench": _bench, "sweep": _sweep}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -98,9 +98,9 @@ def reference_grads(params: Params, X: Array, Y: Array) -> dict[str, Array]:
     acts = forward_atomized(params, X, Y)
     tapped = [g for g in GRADIENTS if g not in params]
     taps = {name: jnp.zeros_like(acts[name]) for name in tapped}
-    dparams, dtaps = jax.grad(
-        lambda p, t: forward_atomized(p, X, Y, t)["loss"], argnums=(0, 1)
-    )(params, taps)
+    dparams, dtaps = jax.grad(lambda p, t: forward_atomized(p, X, Y, t)["loss"], argnums=(0, 1))(
+        params, taps
+    )
     grads = {**dparams, **dtaps}
     return {name: grads[name] for name in GRADIENTS}
 
@@ -146,7 +146,7 @@ def backward_atomized(
     dlogits = dnorm_logits
     dlogit_maxes = (-dnorm_logits).sum(1, keepdims=True)
     # logit_maxes = logits.max(1): the gradient flows to the argmax of each row
-    dlogits = dlogits + jax.nn.one_hot(logits.argmax(1), logits.shape[1], dtype=logits.dtype) * dlogit_maxes  # fmt: skip
+    dlogits = dlogits + jax.nn.one_hot(logits.argmax(1), logits.shape[1], dtype=logits.dtype) * dlogit_maxes  # noqa: E501  # fmt: skip
     # logits = h @ W2 + b2
     dh = dlogits @ W2.T
     dW2 = h.T @ dlogits
@@ -201,12 +201,10 @@ def batch_norm_backward(dhpreact: Array, bngain: Array, bnvar_inv: Array, bnraw:
 
     ``dhprebn = bngain*bnvar_inv/n * (n*dhpreact - sum(dhpreact) - n/(n-1)*bnraw*sum(dhpreact*bnraw))``
     with the sums over the batch (axis 0).
-    """
+    """  # noqa: E501
     n = dhpreact.shape[0]
     return (bngain * bnvar_inv / n) * (
-        n * dhpreact
-        - dhpreact.sum(0)
-        - n / (n - 1) * bnraw * (dhpreact * bnraw).sum(0)
+        n * dhpreact - dhpreact.sum(0) - n / (n - 1) * bnraw * (dhpreact * bnraw).sum(0)
     )
 
 

@@ -124,7 +124,7 @@ def sharded_loss_and_grads(
 
 def make_sharded_train_chunk(
     cfg: TrainConfig, n_steps: int, mesh: Mesh, unroll: int = 4
-) -> Callable[[TrainState, Array, Array], tuple[TrainState, Array]]:
+) -> jax.stages.Wrapped:
     """:func:`jaxninja.train.make_train_chunk` over ``mesh``: a jitted
     ``(state, Xtr, Ytr) -> (state, losses[n_steps])``.
 
@@ -204,7 +204,7 @@ def bench_data_parallel(
     for n in device_counts:
         mesh = data_mesh(cfg, n)
         t = time.perf_counter()
-        fn = (
+        fn: Any = (
             train.make_train_chunk(cfg, steps)
             if mesh is None
             else make_sharded_train_chunk(cfg, steps, mesh)

@@ -460,7 +460,8 @@ def check_finite_differences(
                     f"{dtype}; only floating arguments can be differentiated: pass "
                     f"argnums= to leave it fixed, or close over it"
                 )
-    g = _partial_positional(f, args, nums)
+    # jit: check_grads evaluates f and its VJP several times at the same shapes.
+    g = jax.jit(_partial_positional(f, args, nums))
     try:
         jtu.check_grads(
             g, tuple(args[i] for i in nums), order, modes=["rev"], atol=atol, rtol=rtol, eps=eps

@@ -58,46 +58,58 @@ def bn_inputs(rows: int, seed: int = 0):
     return tuple(jnp.asarray(a, jnp.float64) for a in (x, gain, bias, dy))
 
 
-def bn_case(rows: int, unbiased: bool, mode: str) -> dict[str, float]:
-    """Forward y and the VJP (dx, dgain, dbias) of a cotangent dy, sharded vs global."""
+KINDS = {"unbiased": True, "biased": False}
+
+
+def _bn_vjp(x, g, b, dy, axis_name=None):
+    """``{kind: (y, dx, dgain, dbias)}`` for Bessel-corrected and biased batch norm."""
+    out = {}
+    for kind, unbiased in KINDS.items():
+        y, vjp = jax.vjp(
+            lambda x, g, b, u=unbiased: ops.batch_norm(x, g, b, unbiased=u, axis_name=axis_name),
+            x, g, b,
+        )  # fmt: skip
+        out[kind] = (y, *vjp(dy))
+    return out
+
+
+def bn_case(rows: int, mode: str) -> dict[str, dict[str, float]]:
+    """Forward y and the VJP (dx, dgain, dbias) of a cotangent dy, sharded vs global,
+    for both variances: ``{"unbiased": diffs, "biased": diffs}``."""
     x, gain, bias, dy = bn_inputs(rows)
-
-    def bn(x, g, b, axis_name=None):
-        return ops.batch_norm(x, g, b, unbiased=unbiased, axis_name=axis_name)
-
-    @jax.jit
-    def reference(x, g, b, dy):
-        y, vjp = jax.vjp(bn, x, g, b)
-        return (y, *vjp(dy))
-
-    y_ref, dx_ref, dg_ref, db_ref = reference(x, gain, bias, dy)
+    ref = jax.jit(_bn_vjp)(x, gain, bias, dy)
 
     def local(x, g, b, dy):
-        y, vjp = jax.vjp(lambda x, g, b: bn(x, g, b, AX), x, g, b)
-        dx, dg, db = vjp(dy)
+        out = _bn_vjp(x, g, b, dy, AX)
         if mode != "vma":  # no type tracking: the rule's dgain/dbias are local parts
-            dg, db = lax.psum(dg, AX), lax.psum(db, AX)
-        return y, dx, dg, db
+            out = {
+                k: (y, dx, lax.psum(dg, AX), lax.psum(db, AX)) for k, (y, dx, dg, db) in out.items()
+            }
+        return out
 
     if mode == "pmap":
         shape = (N_DEV, rows // N_DEV, 6)
-        y, dx, dg, db = jax.pmap(local, axis_name=AX, in_axes=(0, None, None, 0))(
+        got = jax.pmap(local, axis_name=AX, in_axes=(0, None, None, 0))(
             x.reshape(shape), gain, bias, dy.reshape(shape)
         )
-        y, dx, dg, db = y.reshape(rows, 6), dx.reshape(rows, 6), dg[0], db[0]
+        got = {
+            k: (y.reshape(rows, 6), dx.reshape(rows, 6), dg[0], db[0])
+            for k, (y, dx, dg, db) in got.items()
+        }
     else:
-        y, dx, dg, db = jax.shard_map(
+        specs = (P(AX), P(AX), P(), P())
+        sharded = jax.shard_map(
             local,
             mesh=MESH,
             in_specs=(P(AX), P(), P(), P(AX)),
-            out_specs=(P(AX), P(AX), P(), P()),
+            out_specs={k: specs for k in KINDS},
             check_vma=(mode == "vma"),
-        )(x, gain, bias, dy)
+        )
+        got = jax.jit(sharded)(x, gain, bias, dy)  # jit: eager shard_map runs op by op
+    names = ("y", "dx", "dgain", "dbias")
     return {
-        "y": maxdiff(y, y_ref),
-        "dx": maxdiff(dx, dx_ref),
-        "dgain": maxdiff(dg, dg_ref),
-        "dbias": maxdiff(db, db_ref),
+        kind: {n: maxdiff(a, b) for n, a, b in zip(names, got[kind], ref[kind], strict=True)}
+        for kind in KINDS
     }
 
 
@@ -118,24 +130,35 @@ def bn_with_stats_case() -> dict[str, float]:
         return lax.dynamic_slice_in_dim(dy, i * 4, 4)
 
     ref = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(x, gain, bias)
-    got = jax.shard_map(
-        lambda x, g, b: jax.grad(f, argnums=(0, 1, 2))(x, g, b, AX),
-        mesh=MESH,
-        in_specs=(P(AX), P(), P()),
-        out_specs=(P(AX), P(), P()),
+    got = jax.jit(
+        jax.shard_map(
+            lambda x, g, b: jax.grad(f, argnums=(0, 1, 2))(x, g, b, AX),
+            mesh=MESH,
+            in_specs=(P(AX), P(), P()),
+            out_specs=(P(AX), P(), P()),
+        )
     )(x, gain, bias)
     return {
         name: maxdiff(a, b) for name, a, b in zip(("dx", "dgain", "dbias"), got, ref, strict=True)
     }
 
 
+def np_params(n_hidden: int, dtype=jnp.float64, seed: int = 3) -> model.Params:
+    """Random parameters from numpy: jax.random outside jit compiles every draw (and
+    inside jit threefry takes seconds to compile on 2 cores)."""
+    rng = np.random.default_rng(seed)
+    H = n_hidden
+    shapes = {"C": (27, 10), "W1": (30, H), "b1": (H,), "W2": (H, 27), "b2": (27,)}
+    params = {k: rng.normal(size=v) * (0.3 if k != "C" else 1.0) for k, v in shapes.items()}
+    params["bngain"] = 1.0 + 0.1 * rng.normal(size=(1, H))
+    params["bnbias"] = 0.1 * rng.normal(size=(1, H))
+    return {k: jnp.asarray(v, dtype) for k, v in params.items()}
+
+
 def model_case(backend: str) -> dict[str, float]:
     """parallel.sharded_loss_and_grads against value_and_grad of the one-device loss."""
-    rng = np.random.default_rng(3)
-    shapes = {"C": (27, 10), "W1": (30, 64), "b1": (64,), "W2": (64, 27), "b2": (27,)}
-    params = {k: jnp.asarray(rng.normal(size=v) * 0.3) for k, v in shapes.items()}
-    params["bngain"] = jnp.asarray(1.0 + 0.1 * rng.normal(size=(1, 64)))
-    params["bnbias"] = jnp.asarray(0.1 * rng.normal(size=(1, 64)))
+    rng = np.random.default_rng(4)
+    params = np_params(64)
     X = jnp.asarray(rng.integers(0, 27, (32, 3)), jnp.int32)
     Y = jnp.asarray(rng.integers(0, 27, (32,)), jnp.int32)
     ref_fn = model.loss if backend == "custom_vjp" else model.reference_loss
@@ -154,10 +177,20 @@ def train_compare(dtype, steps: int = 50) -> dict[str, float]:
     cfg = train.TrainConfig(
         batch_size=32, n_hidden=64, steps=steps, chunk_steps=steps, running_stats=True
     )
-    one = train.init_state(cfg, vocab.size, dtype)
-    one, losses_one = train.make_train_chunk(cfg, steps)(one, Xtr, Ytr)
-    many = train.init_state(cfg, vocab.size, dtype)
-    many, losses_many = parallel.make_sharded_train_chunk(cfg, steps, MESH)(many, Xtr, Ytr)
+
+    def init() -> train.TrainState:
+        params = np_params(cfg.n_hidden, dtype)
+        H = cfg.n_hidden
+        running = {"mean": jnp.zeros((1, H), dtype), "var": jnp.ones((1, H), dtype)}
+        opt_state = train.make_optimizer(cfg).init(params)
+        return train.TrainState(params, opt_state, jnp.zeros((), jnp.int32), running)
+
+    one = init()
+    one, losses_one = train.make_train_chunk(cfg, steps, unroll=1)(one, Xtr, Ytr)
+    many = init()
+    many, losses_many = parallel.make_sharded_train_chunk(cfg, steps, MESH, unroll=1)(
+        many, Xtr, Ytr
+    )
     assert int(many.step) == steps
     assert many.params["W1"].sharding.is_fully_replicated
     scale = max(float(np.max(np.abs(np.asarray(v)))) for v in one.params.values())
@@ -207,14 +240,10 @@ def mesh_errors() -> dict[str, str]:
 def main() -> None:
     out: dict[str, object] = {"devices": jax.device_count()}
     if CASE == "ops":
-        modes = [("vma", True), ("vma", False), ("novma", True), ("pmap", True)]
-        if N_DEV == 4:
-            modes += [("novma", False), ("pmap", False)]
-        for mode, unbiased in modes:
-            out[f"bn_{mode}_{'unbiased' if unbiased else 'biased'}"] = bn_case(
-                4 * N_DEV, unbiased, mode
-            )
-        out["bn_one_row_per_device"] = bn_case(N_DEV, True, "vma")
+        for mode in ("vma", "novma", "pmap"):
+            for kind, diffs in bn_case(4 * N_DEV, mode).items():
+                out[f"bn_{mode}_{kind}"] = diffs
+        out["bn_one_row_per_device"] = bn_case(N_DEV, "vma")["unbiased"]
         out["bn_with_stats"] = bn_with_stats_case()
         if N_DEV == 4:
             out["model_custom_vjp"] = model_case("custom_vjp")

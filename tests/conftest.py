@@ -12,10 +12,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxninja import data
+from jaxninja import data, model, ninja
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,3 +93,47 @@ def params_np() -> Callable[..., dict[str, np.ndarray]]:
     Convert with ``jnp.asarray`` inside a test that has the ``x64`` fixture to keep float64.
     """
     return make_params
+
+
+@jax.jit
+def _all_gradients(params, X, Y):
+    """Every way the project computes gradients, in one compiled program (compiling is
+    what costs time in these tests, so each case is compiled once and shared)."""
+    acts = ninja.forward_atomized(params, X, Y)
+    grads = ninja.backward_atomized(params, acts, X, Y)
+    return {
+        "acts": acts,
+        "ex1": grads,  # Exercise 1, by hand
+        "ex1_ref": ninja.reference_grads(params, X, Y),
+        "fused": {  # Exercises 2 and 3; the batch-norm rule is fed the chain's dhpreact
+            "logits": ninja.cross_entropy_backward(acts["logits"], Y),
+            "hprebn": ninja.batch_norm_backward(
+                grads["hpreact"], params["bngain"], acts["bnvar_inv"], acts["bnraw"]
+            ),
+        },
+        "manual": ninja.manual_grads(params, X, Y),  # Exercise 4: (loss, grads)
+        "loss": jax.value_and_grad(model.loss)(params, X, Y),  # custom-VJP ops
+        "reference_loss": jax.value_and_grad(model.reference_loss)(params, X, Y),
+    }
+
+
+@pytest.fixture(scope="session")
+def f64_case(batch):
+    """``f64_case(n_hidden, n, seed) -> dict``: float64 params (numpy, lecture scales), a
+    real batch of ``n`` training examples and every gradient of it, as numpy arrays.
+
+    Keys: ``params``, ``X``, ``Y`` and those of :func:`_all_gradients`. Cached per case.
+    """
+    cache: dict[tuple[int, int, int], dict] = {}
+
+    def get(n_hidden: int, n: int, seed: int) -> dict:
+        key = (n_hidden, n, seed)
+        if key not in cache:
+            X, Y = batch(n, seed)
+            with jax.enable_x64(True):
+                params = {k: jnp.asarray(v) for k, v in make_params(seed, n_hidden).items()}
+                out = jax.device_get(_all_gradients(params, X, Y))
+            cache[key] = {"params": jax.device_get(params), "X": X, "Y": Y, **out}
+        return cache[key]
+
+    return get

@@ -10,6 +10,7 @@ tests and a few smoke checks use real subprocesses.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxninja import checkpoint, cli, ops
+from jaxninja import checkpoint, cli, ops, train
 from jaxninja.checkpoint import CheckpointError
 from jaxninja.data import Vocab
 from jaxninja.run import RunError, train_run
@@ -34,7 +35,9 @@ from jaxninja.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 HELPER = Path(__file__).with_name("_fault_helpers.py")
-TINY = ["--steps", "50", "--n-hidden", "16", "--chunk-steps", "50"]
+TINY = ["--steps", "50", "--n-hidden", "16", "--chunk-steps", "50"]  # runs that must fail
+# Runs that must work: 2 chunks of 1 step (a one-step scan compiles in half the time).
+WORKING = ["--steps", "2", "--n-hidden", "16", "--chunk-steps", "1"]
 # The fault tests: 20 chunks of 10 steps; the same config for every run compared.
 FAULT = ["--steps", "200", "--n-hidden", "16", "--chunk-steps", "10", "--samples", "0"]
 
@@ -43,6 +46,22 @@ def names_path() -> Path:
     env = os.environ.get("JAXNINJA_DATA")
     p = Path(env) if env else Path("../shared/data/names.txt")
     return p if p.is_absolute() else REPO / p
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _reuse_compiled_chunks():
+    """In this process, build each (config, n) training chunk once: a run that resumes
+    another run's config then reuses its executable instead of compiling it again
+    (compiling is most of a tiny run's time). Subprocesses are not affected."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "make_train_chunk", functools.cache(train.make_train_chunk))
+        yield
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory) -> Path:
+    """A JAX persistent compilation cache shared by this module's subprocesses."""
+    return tmp_path_factory.mktemp("jax-cache")
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +116,7 @@ def assert_same_params(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> No
 def base_run(words_file, tmp_path_factory) -> Path:
     """A finished tiny run (module-scoped; tests copy it before changing anything)."""
     out = tmp_path_factory.mktemp("base") / "run"
-    cfg = TrainConfig(n_hidden=16, steps=50, chunk_steps=50)
+    cfg = TrainConfig(n_hidden=16, steps=2, chunk_steps=1)  # = WORKING
     train_run(cfg, out, words_file, log=lambda s: None, num_samples=0)
     return out
 
@@ -162,12 +181,12 @@ def test_very_long_words_train(tmp_path, capsys):
     data = tmp_path / "long.txt"
     data.write_text("\n".join(words))
     rc, out, err = run_cli(
-        capsys, "train", "--data", data, "--out", tmp_path / "r", *TINY, "--samples", "5"
+        capsys, "train", "--data", data, "--out", tmp_path / "r", *WORKING, "--samples", "0"
     )
     assert (rc, err) == (0, "")
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert {"train_loss", "val_loss", "test_loss"} <= metrics.keys()
-    assert all(set(s) <= set("abcdefgh") for s in _samples(out, 5))
+    assert checkpoint.load(tmp_path / "r").vocab.itos == tuple(".abcdefgh")
 
 
 def test_mixed_case_and_non_ascii_kept_in_vocabulary(tmp_path, capsys):
@@ -177,7 +196,7 @@ def test_mixed_case_and_non_ascii_kept_in_vocabulary(tmp_path, capsys):
     data.write_text("\n".join(words), encoding="utf-8")
     n = 40
     rc, out, err = run_cli(
-        capsys, "train", "--data", data, "--out", tmp_path / "r", *TINY, "--samples", n
+        capsys, "train", "--data", data, "--out", tmp_path / "r", *WORKING, "--samples", n
     )
     assert (rc, err) == (0, "")
     vocab = checkpoint.load(tmp_path / "r").vocab
@@ -194,7 +213,9 @@ def test_windows_line_endings_and_a_tiny_dataset(tmp_path, capsys):
     metric is omitted (the run still works)."""
     data = tmp_path / "crlf.txt"
     data.write_bytes(b"emma\r\nolivia\r\nava\r\n")
-    rc, _, err = run_cli(capsys, "train", "--data", data, "--out", tmp_path / "r", *TINY)
+    rc, _, err = run_cli(
+        capsys, "train", "--data", data, "--out", tmp_path / "r", *WORKING, "--samples", "0"
+    )
     assert (rc, err) == (0, "")
     assert checkpoint.load(tmp_path / "r").vocab == Vocab.from_words(["emma", "olivia", "ava"])
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
@@ -272,7 +293,7 @@ def test_resume_with_another_config_refused(run_copy, words_file, capsys):
     before = (run_copy / checkpoint.FILENAME).read_bytes()
     rc, _, err = run_cli(
         capsys, "train", "--data", words_file, "--out", run_copy, "--resume",
-        "--steps", "50", "--n-hidden", "32", "--chunk-steps", "50",
+        "--steps", "2", "--n-hidden", "32", "--chunk-steps", "1",
     )  # fmt: skip
     assert rc == 2
     assert one_error_line(err) == (
@@ -394,8 +415,15 @@ def reference_params(words_file, tmp_path_factory) -> tuple[dict, np.ndarray]:
     return params_of(out), np.load(out / "losses.npy")
 
 
-def _helper(mode: str, arg: str, words_file: Path, out: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def _helper(mode: str, arg: str, words_file: Path, out: Path, cache: Path) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        # Both fault tests compile the same chunk: the second one loads it from here.
+        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
     cmd = [sys.executable, str(HELPER), mode, arg, "--", "train", "--data", str(words_file),
            "--out", str(out), *FAULT]  # fmt: skip
     return subprocess.Popen(
@@ -416,10 +444,10 @@ def _read_until(proc: subprocess.Popen, pred, timeout: float = 120) -> str:
 
 
 def test_sigkill_mid_checkpoint_write_keeps_previous_checkpoint(
-    words_file, tmp_path, capsys, reference_params
+    words_file, tmp_path, capsys, reference_params, compile_cache
 ):
     out = tmp_path / "r"
-    proc = _helper("stall-save", "3", words_file, out)  # the write of step 30 stalls
+    proc = _helper("stall-save", "3", words_file, out, compile_cache)  # the write of step 30 stalls
     try:
         _read_until(proc, lambda line: line.strip() == "STALLED")
         partial = list(out.glob(".checkpoint.*.tmp"))
@@ -447,10 +475,12 @@ def test_sigkill_mid_checkpoint_write_keeps_previous_checkpoint(
 
 
 def test_sigint_saves_a_checkpoint_exits_130_and_resume_matches(
-    words_file, tmp_path, capsys, reference_params
+    words_file, tmp_path, capsys, reference_params, compile_cache
 ):
     out = tmp_path / "r"
-    proc = _helper("slow-save", "0.15", words_file, out)  # 20 chunks: >= 3 s in total
+    proc = _helper(
+        "slow-save", "0.15", words_file, out, compile_cache
+    )  # 20 chunks: >= 3 s in total
     try:
         _read_until(proc, lambda line: line.strip().startswith("0/"))
         proc.send_signal(signal.SIGINT)
@@ -570,8 +600,8 @@ HOSTILE = {
         _with_arrays(lambda a: a.__setitem__("evil", np.zeros(2))),
         "unexpected arrays ['evil']",
     ),
-    "step-out-of-range": (_set("state.step", lambda a: np.int32(99)), "step 99 outside 0..50"),
-    "step-negative": (_set("state.step", lambda a: np.int32(-1)), "step -1 outside 0..50"),
+    "step-out-of-range": (_set("state.step", lambda a: np.int32(99)), "step 99 outside 0..2"),
+    "step-negative": (_set("state.step", lambda a: np.int32(-1)), "step -1 outside 0..2"),
     "unknown-format": (
         _with_meta(lambda m: m.update(format="other-2")),
         "unknown format 'other-2'",

@@ -1,0 +1,163 @@
+"""Train many models at once: ``jax.vmap`` over the fused training chunk.
+
+A sweep is ``M`` members that share the architecture, data and schedule shape but differ
+in seed (initialisation and minibatch order) and/or learning rate. All members run in
+ONE compiled program: :func:`make_sweep_chunk` is :func:`jaxninja.train.make_train_chunk`
+vmapped over the train state, the seed (which draws the batches) and the learning rate.
+Member ``m`` computes the same run as ``jaxninja train --seed s_m --lr lr_m`` (up to
+float32 rounding of the batched kernels).
+
+Why: one step of the default model is a few dozen tiny kernels whose launch overhead
+dominates on CPU; a vmapped step runs the same number of kernels on ``M`` times the data,
+so models per second grow almost linearly until the kernels become compute bound
+(``jaxninja bench`` reports model-steps/s for M = 1, 8, 32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxninja import data, train
+from jaxninja.train import ConfigError, TrainConfig, TrainState
+
+Array = jax.Array
+Log = Callable[[str], None]
+
+
+def members(
+    seeds: Sequence[int] | None, lrs: Sequence[float] | None, cfg: TrainConfig
+) -> list[tuple[int, float]]:
+    """The ``(seed, lr)`` of each member: the grid of ``seeds x lrs`` (either defaults to
+    the config's single value). Raises :class:`ConfigError` for bad values."""
+    seeds = [cfg.seed] if seeds is None else list(seeds)
+    lrs = [cfg.lr] if lrs is None else list(lrs)
+    if not seeds:
+        raise ConfigError("a sweep needs at least one seed")
+    if not lrs:
+        raise ConfigError("a sweep needs at least one learning rate")
+    for s in seeds:
+        if not isinstance(s, int | np.integer) or isinstance(s, bool) or s < 0:
+            raise ConfigError(f"seeds must be non-negative integers, got {s!r}")
+    for lr in lrs:
+        number = isinstance(lr, int | float | np.floating) and not isinstance(lr, bool)
+        if not number or not math.isfinite(lr) or lr <= 0:
+            raise ConfigError(f"learning rates must be positive finite numbers, got {lr!r}")
+    grid = [(int(s), float(lr)) for s in seeds for lr in lrs]
+    if len(set(grid)) != len(grid):
+        raise ConfigError("the sweep repeats a (seed, lr) member; remove the duplicates")
+    return grid
+
+
+def init_states(cfg: TrainConfig, seeds: Sequence[int], vocab_size: int) -> TrainState:
+    """The members' initial states stacked along a leading axis of size ``len(seeds)``;
+    member ``m`` is exactly ``train.init_state(cfg with seed=seeds[m])``."""
+    states = [train.init_state(dataclasses.replace(cfg, seed=int(s)), vocab_size) for s in seeds]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+def make_sweep_chunk(cfg: TrainConfig, n_steps: int, unroll: int = 1) -> jax.stages.Wrapped:
+    """A jitted ``(states, seeds[M], lrs[M], Xtr, Ytr) -> (states, losses[M, n_steps])``:
+    :func:`jaxninja.train.make_train_chunk` vmapped over members. ``cfg.seed`` and
+    ``cfg.lr`` are unused (each member brings its own); the states are donated."""
+    grad_fn = train.gradient_fn(cfg.backend)
+
+    def member_chunk(state: TrainState, seed: Array, lr: Array, Xtr: Array, Ytr: Array):
+        # make_optimizer(cfg) with a traced learning rate: same ops, same opt_state
+        optimizer = optax.sgd(
+            optax.piecewise_constant_schedule(lr, {cfg.lr_decay_step: cfg.lr_decay})
+        )
+        step = train._train_step(cfg, grad_fn, optimizer)
+        steps = state.step + jnp.arange(n_steps)
+        idx = train._batch_indices(seed, cfg.batch_size, steps, Xtr.shape[0])
+        return jax.lax.scan(step, state, (Xtr[idx], Ytr[idx]), unroll=min(unroll, n_steps))
+
+    return jax.jit(jax.vmap(member_chunk, in_axes=(0, 0, 0, None, None)), donate_argnums=0)
+
+
+@jax.jit
+def _evaluate_members(params, Xtr, splits_xy):
+    """Per member: calibrate batch norm on ``Xtr``, then the mean loss of every split
+    (``lax.map``, one member at a time: the activations of a whole split are large)."""
+
+    def one(p):
+        stats = train.calibrate_bn(p, Xtr)
+        return [train.evaluate(p, stats, X, Y) for X, Y in splits_xy]
+
+    return jax.lax.map(one, params)
+
+
+def sweep_run(
+    cfg: TrainConfig,
+    seeds: Sequence[int] | None = None,
+    lrs: Sequence[float] | None = None,
+    data_path: str | os.PathLike[str] | None = None,
+    *,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Train the ``seeds x lrs`` grid of ``cfg`` in one vmapped program and report each
+    member's final train/val loss (batch norm calibrated per member on the training set).
+
+    Returns ``{"members": [{"seed", "lr", "train_loss", "val_loss"}, ...], "seconds",
+    "compile_seconds", "model_steps_per_second", "config"}``.
+    """
+    t_start = time.perf_counter()
+    cfg.validate()
+    grid = members(seeds, lrs, cfg)
+    vocab, splits = data.load_splits(data_path, block_size=cfg.block_size)
+    Xtr, Ytr = (jnp.asarray(a) for a in splits["train"])
+    if Xtr.shape[0] == 0:
+        raise ConfigError("the training split is empty: the data file needs more words")
+    m_seeds = jnp.asarray([s for s, _ in grid], jnp.int32)
+    m_lrs = jnp.asarray([lr for _, lr in grid], jnp.float32)
+    states = init_states(cfg, [s for s, _ in grid], vocab.size)
+    log(f"sweep: {len(grid)} members x {cfg.steps} steps (H={cfg.n_hidden}, "
+        f"batch {cfg.batch_size}, backend {cfg.backend})")  # fmt: skip
+    compiled: dict[int, Any] = {}
+    compile_s = run_s = 0.0
+    step = 0
+    last = np.full(len(grid), np.nan)
+    while step < cfg.steps:
+        n = min(cfg.chunk_steps, cfg.steps - step)
+        if n not in compiled:
+            t = time.perf_counter()
+            fn = make_sweep_chunk(cfg, n)
+            compiled[n] = fn.lower(states, m_seeds, m_lrs, Xtr, Ytr).compile()
+            compile_s += time.perf_counter() - t
+        t = time.perf_counter()
+        states, losses = compiled[n](states, m_seeds, m_lrs, Xtr, Ytr)
+        losses = np.asarray(losses)
+        run_s += time.perf_counter() - t
+        last = losses[:, -1]
+        step += n
+        log(f"{step:7d}/{cfg.steps:7d}: " + " ".join(f"{v:.4f}" for v in last))
+    names = [k for k in ("train", "val") if len(splits[k][1])]
+    split_xy = [(jnp.asarray(splits[k][0]), jnp.asarray(splits[k][1])) for k in names]
+    evals = np.asarray(_evaluate_members(states.params, Xtr, split_xy))  # (splits, M)
+    rows = []
+    for i, (seed, lr) in enumerate(grid):
+        row: dict[str, Any] = {"seed": seed, "lr": lr}
+        row.update({f"{k}_loss": round(float(evals[j][i]), 4) for j, k in enumerate(names)})
+        row["last_batch_loss"] = round(float(last[i]), 4)
+        rows.append(row)
+    log("| member | seed | lr | train | val |")
+    log("|---:|---:|---:|---:|---:|")
+    for i, r in enumerate(rows):
+        log(f"| {i} | {r['seed']} | {r['lr']:g} | {r.get('train_loss', float('nan')):.4f} | "
+            f"{r.get('val_loss', float('nan')):.4f} |")  # fmt: skip
+    return {
+        "members": rows,
+        "seconds": round(time.perf_counter() - t_start, 3),
+        "compile_seconds": round(compile_s, 3),
+        "model_steps_per_second": round(len(grid) * cfg.steps / run_s, 1) if run_s else None,
+        "config": cfg.to_dict(),
+    }

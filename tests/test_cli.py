@@ -1,0 +1,280 @@
+"""Tests for the ``jaxninja`` command (train / sample / eval / check) and the Exercise-4
+experiment script.
+
+The real entry point (``python -m jaxninja``) runs in subprocesses where it matters
+(a training run, the exact stderr of a failing process, ``check``, the experiment);
+the many error paths run in-process through :func:`jaxninja.cli.main`, which is faster.
+The dataset comes from $JAXNINJA_DATA (as in tests/test_data.py); a missing file is an
+error, never a skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxninja import cli
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENT = REPO / "experiments" / "exercise4_train_manual.py"
+RUN_STEPS = 2000
+# the lecture's progress line, f"{i:7d}/{n:7d}: {loss:.4f}"
+PROGRESS = re.compile(r" *(\d+)/ *(\d+): (\d+\.\d{4})")
+SPLIT_LINE = re.compile(r"(train|val|test) +(\d+\.\d{4})")
+
+
+def names_path() -> Path:
+    """names.txt via $JAXNINJA_DATA (relative paths are relative to the repo), else ../shared."""
+    env = os.environ.get("JAXNINJA_DATA")
+    p = Path(env) if env else Path("../shared/data/names.txt")
+    return p if p.is_absolute() else REPO / p
+
+
+@pytest.fixture(scope="module")
+def names_file() -> Path:
+    p = names_path()
+    assert p.is_file(), f"names.txt not found at {p}; set JAXNINJA_DATA=PATH"
+    return p
+
+
+def python(*args: str, data: Path | None = None, timeout: float = 300):
+    """Run ``python *args`` from the repo root; returns the CompletedProcess (text)."""
+    env = dict(os.environ)
+    if data is not None:
+        env["JAXNINJA_DATA"] = str(data)
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def cli_main(capsys, *argv: str) -> tuple[int, str, str]:
+    """``jaxninja *argv`` in-process: (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        rc = cli.main([str(a) for a in argv])
+    except SystemExit as e:  # argparse errors
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_usage_error(rc: int, err: str, *needles: str) -> None:
+    """Exit status 2 and exactly one stderr line, ``error: ...``, naming the problem."""
+    assert rc == 2, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and err.endswith("\n"), err
+    assert lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, err)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, names_file):
+    """``python -m jaxninja train`` of a small model, 2,000 steps in chunks of 1,000:
+    ``(run dir, stdout lines)``."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    proc = python(
+        "-m", "jaxninja", "train", "--data", str(names_file), "--out", str(out),
+        "--steps", str(RUN_STEPS), "--chunk-steps", "1000", "--n-hidden", "32",
+        "--running-stats", "--samples", "3",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "", proc.stderr
+    return out, proc.stdout.splitlines()
+
+
+# -------------------------------------------------------------------------- train
+
+
+def test_train_prints_the_lecture_progress_lines(trained_run):
+    out, lines = trained_run
+    assert lines[0] == f"run directory: {out}"
+    progress = [ln for ln in lines if PROGRESS.fullmatch(ln)]
+    assert len(progress) == 2
+    assert re.fullmatch(r"      0/   2000: 3\.\d{4}", progress[0]), progress[0]
+    losses = np.load(out / "losses.npy")
+    assert losses.shape == (RUN_STEPS,) and np.all(np.isfinite(losses))
+    assert progress == [f"{i:7d}/{RUN_STEPS:7d}: {losses[i]:.4f}" for i in (0, 1000)]
+
+
+def test_train_writes_metrics_plot_and_samples(trained_run):
+    out, lines = trained_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in (
+        "train_loss",
+        "val_loss",
+        "test_loss",
+        "steps",
+        "backend",
+        "seconds",
+        "compile_seconds",
+        "steps_per_second",
+    ):
+        assert key in metrics, key
+    assert metrics["steps"] == RUN_STEPS and metrics["backend"] == "custom_vjp"
+    assert metrics["config"]["n_hidden"] == 32 and metrics["config"]["running_stats"]
+    assert 0 < metrics["compile_seconds"] < metrics["seconds"]
+    assert metrics["steps_per_second"] > 0
+    for split in ("train", "val", "test"):
+        assert 1.5 < metrics[f"{split}_loss"] < 2.8
+        # --running-stats also reports the losses with the running averages, close by
+        assert abs(metrics[f"{split}_loss_running_stats"] - metrics[f"{split}_loss"]) < 0.05
+        # and the summary lines print the same numbers
+        assert f"{split:5s} {metrics[f'{split}_loss']:.4f}" in lines
+    png = out / "loss.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"loss curve: {png}" in lines
+    samples = lines[lines.index(f"loss curve: {png}") + 1 :]
+    assert len(samples) == 3 and all(re.fullmatch(r"[a-z]*", s) for s in samples), samples
+    assert (out / "checkpoint.npz").is_file()
+
+
+# ------------------------------------------------------------------ sample / eval
+
+
+def test_sample_prints_n_names(trained_run, capsys):
+    out, _ = trained_run
+    rc, stdout, err = cli_main(capsys, "sample", "--out", out, "-n", "5")
+    assert rc == 0 and err == ""
+    names = stdout.splitlines()
+    assert len(names) == 5
+    assert all(re.fullmatch(r"[a-z]+", n) for n in names), names
+    # deterministic for a seed; another seed gives other names
+    assert cli_main(capsys, "sample", "--out", out, "-n", "5")[1] == stdout
+    assert cli_main(capsys, "sample", "--out", out, "-n", "5", "--seed", "1")[1] != stdout
+    rc, stdout, _ = cli_main(capsys, "sample", "--out", out, "-n", "5", "--max-len", "3")
+    assert rc == 0 and max(map(len, stdout.splitlines())) <= 3
+
+
+def test_eval_prints_the_metrics_losses(trained_run, capsys, names_file):
+    out, _ = trained_run
+    rc, stdout, err = cli_main(capsys, "eval", "--out", out, "--data", names_file)
+    assert rc == 0 and err == ""
+    got = {m[1]: float(m[2]) for m in map(SPLIT_LINE.fullmatch, stdout.splitlines()) if m}
+    assert len(stdout.splitlines()) == 3
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert got == {s: metrics[f"{s}_loss"] for s in ("train", "val", "test")}
+
+
+# -------------------------------------------------------------------- error paths
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--steps", "-1"], ["--steps", "-1"]),
+        (["--steps", "0"], ["--steps", "0"]),
+        (["--batch-size", "1"], ["batch_size", "1"]),
+        (["--backend", "tensorflow"], ["--backend", "tensorflow"]),
+        (["--lr", "nan"], ["--lr", "nan"]),
+        (["--lr", "-1"], ["--lr", "-1"]),
+        (["--lr", "inf"], ["--lr", "inf"]),
+    ],
+    ids=["steps=-1", "steps=0", "batch-size=1", "backend", "lr=nan", "lr=-1", "lr=inf"],
+)
+def test_bad_train_arguments(capsys, tmp_path, names_file, args, needles):
+    out = tmp_path / "run"
+    rc, _, err = cli_main(capsys, "train", "--data", names_file, "--out", out, *args)
+    assert_usage_error(rc, err, *needles)
+    assert not out.exists()
+
+
+def test_missing_and_empty_data_files(capsys, tmp_path):
+    missing = tmp_path / "nope.txt"
+    rc, _, err = cli_main(capsys, "train", "--data", missing, "--out", tmp_path / "a")
+    assert_usage_error(rc, err, str(missing), "no such file")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    rc, _, err = cli_main(capsys, "train", "--data", empty, "--out", tmp_path / "b")
+    assert_usage_error(rc, err, str(empty), "empty")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_resume_errors(capsys, tmp_path, names_file, trained_run):
+    out, _ = trained_run
+    before = (out / "checkpoint.npz").read_bytes()
+    missing = tmp_path / "never-trained"
+    rc, _, err = cli_main(capsys, "train", "--data", names_file, "--out", missing, "--resume")
+    assert_usage_error(rc, err, str(missing), "nothing to resume")
+    # a run with another config cannot be continued: the error names the field
+    rc, _, err = cli_main(
+        capsys, "train", "--data", names_file, "--out", out, "--resume",
+        "--steps", str(RUN_STEPS), "--chunk-steps", "1000", "--n-hidden", "64", "--running-stats",
+    )  # fmt: skip
+    assert_usage_error(rc, err, "different config", "n_hidden=32", "64")
+    # nor silently replaced
+    rc, _, err = cli_main(
+        capsys,
+        "train",
+        "--data",
+        names_file,
+        "--out",
+        out,
+        "--steps",
+        str(RUN_STEPS),
+        "--n-hidden",
+        "32",
+    )
+    assert_usage_error(rc, err, str(out), "--resume", "--overwrite")
+    assert (out / "checkpoint.npz").read_bytes() == before  # untouched
+
+
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_sample_and_eval_need_a_checkpoint(capsys, tmp_path, command):
+    rc, _, err = cli_main(capsys, command, "--out", tmp_path)
+    assert_usage_error(rc, err, str(tmp_path), "no checkpoint")
+    rc, _, err = cli_main(capsys, command, "--out", tmp_path / "nowhere")
+    assert_usage_error(rc, err, "no checkpoint")
+
+
+def test_errors_from_a_real_process(tmp_path):
+    """The process itself: exit 2 and one stderr line, nothing else (no traceback, no
+    JAX warning), both for an argparse error and for one raised after JAX is loaded."""
+    proc = python("-m", "jaxninja", "train", "--steps", "0")
+    assert proc.stdout == ""
+    assert_usage_error(proc.returncode, proc.stderr, "--steps")
+    missing = tmp_path / "nope.txt"
+    proc = python("-m", "jaxninja", "train", "--data", str(missing), "--out", str(tmp_path / "r"))
+    assert_usage_error(proc.returncode, proc.stderr, str(missing))
+
+
+# -------------------------------------------------------------------------- check
+
+
+def test_check_float64(names_file):
+    proc = python("-m", "jaxninja", "check", "--dtype", "float64", data=names_file)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --------------------------------------------------------------------- experiment
+
+
+def test_exercise4_experiment_script(names_file):
+    proc = python(
+        str(EXPERIMENT), "--steps", "300", "--n-hidden", "32", "--samples", "5", data=names_file
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    # the lecture's cmp rows: manual_grads agrees with jax.grad for every parameter
+    rows = [ln for ln in lines if "| exact:" in ln]
+    assert [r.split()[0] for r in rows] == ["C", "W1", "b1", "W2", "b2", "bngain", "bnbias"]
+    assert all("approximate: True" in r for r in rows), rows
+    assert [ln for ln in lines if PROGRESS.fullmatch(ln)] == [
+        next(ln for ln in lines if ln.startswith("      0/    300: "))
+    ]
+    losses = {m[1]: float(m[2]) for m in map(SPLIT_LINE.fullmatch, lines) if m}
+    assert set(losses) == {"train", "val"} and all(2.0 < v < 3.0 for v in losses.values())
+    samples = lines[lines.index("5 samples:") + 1 :]
+    assert len(samples) == 5 and all(re.fullmatch(r"[a-z]*", s) for s in samples)
