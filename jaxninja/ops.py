@@ -308,8 +308,9 @@ def _bn_backward(axes, unbiased, axis_name, res, dy, dmean=None, dvar=None):
     # is a separate kernel launch on CPU, so the rule computes just these two).
     sum_dy = jnp.sum(dy, axis=axes, keepdims=True)
     sum_dy_xhat = jnp.sum(dy * xhat, axis=axes, keepdims=True)
-    # dgain, dbias are the local contributions; data-parallel callers sum them over
-    # devices along with every other parameter gradient.
+    # dgain, dbias are this device's contributions (taken before the psum below). Under
+    # shard_map with check_vma, _match_varying's cast makes jax.grad sum them over
+    # devices; under check_vma=False or pmap callers psum them with the other gradients.
     dgain = _reduce_to(sum_dy_xhat if _constant_over(gain, axes, dy.ndim) else dy * xhat,
                        gain.shape).astype(gain.dtype)  # fmt: skip
     dbias = _reduce_to(sum_dy if _constant_over(bias, axes, dy.ndim) else dy,

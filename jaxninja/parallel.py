@@ -56,13 +56,18 @@ __all__ = [
 
 
 def data_mesh(cfg: TrainConfig, devices: int | None = None) -> Mesh | None:
-    """The 1-D mesh of ``devices`` devices (default: all) for ``cfg``, or ``None`` for one.
+    """The 1-D mesh of ``devices`` devices for ``cfg``, or ``None`` for one device.
+
+    ``devices=None`` means all of ``jax.devices()`` (all processes' devices), or one
+    device for the ``manual`` backend.
 
     Raises :class:`~jaxninja.train.ConfigError` when ``devices`` is not a positive
     integer, exceeds the devices there are, when ``cfg.batch_size`` does not divide by
     it, or when the backend cannot run sharded (``manual`` has no cross-device rule).
     """
     available = jax.device_count()
+    if devices is None and cfg.backend == "manual":
+        return None  # the hand-written backward pass has no cross-device rule
     n = available if devices is None else devices
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ConfigError(f"devices must be a positive integer, got {devices!r}")
@@ -77,8 +82,10 @@ def data_mesh(cfg: TrainConfig, devices: int | None = None) -> Mesh | None:
         )
     if cfg.batch_size % n:
         raise ConfigError(
-            f"batch_size {cfg.batch_size} does not divide evenly over {n} devices; "
-            f"choose a batch size that is a multiple of {n} or pass --devices"
+            f"batch_size {cfg.batch_size} does not divide evenly over {n} devices"
+            + (" (--devices defaults to all of them)" if devices is None else "")
+            + f"; use a --batch-size that is a multiple of {n} or a --devices that "
+            f"divides {cfg.batch_size}"
         )
     if n == 1:
         return None

@@ -248,7 +248,12 @@ def main() -> None:
         if N_DEV == 4:
             out["model_custom_vjp"] = model_case("custom_vjp")
             out["model_autodiff"] = model_case("autodiff")
-        out["mesh"] = {"size": parallel.data_mesh(train.TrainConfig(), N_DEV).size}
+        manual = train.TrainConfig(backend="manual")
+        out["mesh"] = {
+            "size": parallel.data_mesh(train.TrainConfig(), N_DEV).size,
+            "default_size": parallel.data_mesh(train.TrainConfig()).size,
+            "manual_default_is_one_device": parallel.data_mesh(manual) is None,
+        }
         out["errors"] = mesh_errors()
     elif CASE == "train":
         out["float64"] = train_compare(jnp.float64)

@@ -3,11 +3,19 @@
 float64 is never switched on globally: the ``x64`` fixture turns ``jax_enable_x64`` on for
 one test (``with jax.enable_x64(True)``) and restores the previous value afterwards, so
 float32 tests are unaffected whatever order the tests run in.
+
+The experiment scripts (tests/test_experiments.py) run in subprocesses that start as soon
+as collection selects any of those tests: they are busy compiling for several seconds each,
+and on a 2-core machine they can do that next to the (mostly single-threaded) test process.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -137,3 +145,60 @@ def f64_case(batch):
         return cache[key]
 
     return get
+
+
+# ------------------------------------------------------------------ experiment scripts
+
+EXPERIMENT_COMMANDS = {
+    "exercise1": ["exercise1_manual_backprop.py"],
+    "exercise2": ["exercise2_cross_entropy.py", "--out", "{out}/dl.png"],
+    "exercise3": ["exercise3_batchnorm.py"],
+}
+_experiments: dict[str, tuple[Path, subprocess.Popen]] = {}
+_scratch: list[str] = []
+
+
+def start_experiments() -> dict[str, tuple[Path, subprocess.Popen]]:
+    """Start every script (once per session) in its own scratch directory as cwd."""
+    if not _experiments:
+        _scratch.append(tempfile.mkdtemp(prefix="jaxninja-experiments-"))
+        env = {**os.environ, "JAXNINJA_DATA": str(names_path()), "MPLBACKEND": "Agg"}
+        for name, (script, *args) in EXPERIMENT_COMMANDS.items():
+            out = Path(_scratch[0], name)
+            out.mkdir()
+            argv = [sys.executable, str(REPO / "experiments" / script)]
+            argv += [a.format(out=out) for a in args]
+            proc = subprocess.Popen(
+                argv, cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                text=True,
+            )  # fmt: skip
+            _experiments[name] = out, proc
+    return _experiments
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    if names_path().is_file() and any(i.path.name == "test_experiments.py" for i in items):
+        start_experiments()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    for _, proc in _experiments.values():  # only the processes started above
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    for d in _scratch:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def experiment_runs(names_file: Path) -> dict[str, tuple[int, str, Path]]:
+    """``{name: (returncode, stdout + stderr, out_dir)}`` of every experiment script."""
+    results = {}
+    for name, (out, proc) in start_experiments().items():
+        try:
+            stdout, _ = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, _ = proc.communicate()
+        results[name] = proc.returncode, stdout, out
+    return results

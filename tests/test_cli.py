@@ -4,8 +4,8 @@ experiment script.
 The real entry point (``python -m jaxninja``) runs in subprocesses where it matters
 (a training run, the exact stderr of a failing process, ``check``, the experiment);
 the many error paths run in-process through :func:`jaxninja.cli.main`, which is faster.
-The dataset comes from $JAXNINJA_DATA (as in tests/test_data.py); a missing file is an
-error, never a skip.
+The dataset comes from conftest.py's ``names_file`` fixture ($JAXNINJA_DATA); a missing
+file is an error, never a skip.
 """
 
 from __future__ import annotations
@@ -28,20 +28,6 @@ RUN_STEPS = 2000
 # the lecture's progress line, f"{i:7d}/{n:7d}: {loss:.4f}"
 PROGRESS = re.compile(r" *(\d+)/ *(\d+): (\d+\.\d{4})")
 SPLIT_LINE = re.compile(r"(train|val|test) +(\d+\.\d{4})")
-
-
-def names_path() -> Path:
-    """names.txt via $JAXNINJA_DATA (relative paths are relative to the repo), else ../shared."""
-    env = os.environ.get("JAXNINJA_DATA")
-    p = Path(env) if env else Path("../shared/data/names.txt")
-    return p if p.is_absolute() else REPO / p
-
-
-@pytest.fixture(scope="module")
-def names_file() -> Path:
-    p = names_path()
-    assert p.is_file(), f"names.txt not found at {p}; set JAXNINJA_DATA=PATH"
-    return p
 
 
 def python(*args: str, data: Path | None = None, timeout: float = 300):

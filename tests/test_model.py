@@ -17,11 +17,11 @@ TOL = 1e-12
 
 @functools.cache
 def lecture_params(seed: int = 42) -> dict[str, jax.Array]:
-    """float32 ``model.init_params`` for H = 200 (eager, as users call it), once per seed.
+    """float32 ``model.init_params`` for H = 64 (eager, as users call it), once per seed.
 
     (Eager ``jax.random`` compiles a kernel per shape: one H keeps the tests fast.)
     """
-    return model.init_params(jax.random.key(seed), 27, n_hidden=200)
+    return model.init_params(jax.random.key(seed), 27, n_hidden=64)
 
 
 def maxdiff(a, b) -> float:
@@ -59,9 +59,9 @@ def test_init_params_shapes_and_count(n_hidden, count):
     assert {k: v.shape for k, v in p.items()} == expected_shapes(n_hidden)
     assert sum(math.prod(v.shape) for v in p.values()) == count
     assert all(v.dtype == jnp.float32 for v in p.values())
-    real = lecture_params()  # and the real thing, for H = 200
-    assert {k: v.shape for k, v in real.items()} == expected_shapes(200)
-    assert sum(v.size for v in real.values()) == 12297
+    real = lecture_params()  # and the real thing, for H = 64
+    assert {k: v.shape for k, v in real.items()} == expected_shapes(64)
+    assert sum(v.size for v in real.values()) == 4137
 
 
 def test_init_params_float64_and_other_sizes(x64):
@@ -91,7 +91,7 @@ def test_init_scales_are_the_lecture_s():
 
 
 def test_init_is_deterministic_and_depends_on_the_key():
-    a, b = lecture_params(), model.init_params(jax.random.key(42), 27, n_hidden=200)
+    a, b = lecture_params(), model.init_params(jax.random.key(42), 27, n_hidden=64)
     assert all(np.array_equal(a[k], b[k]) for k in a)
     c = lecture_params(seed=0)
     assert not np.array_equal(a["W1"], c["W1"])

@@ -28,46 +28,51 @@ TIMEOUT = 300
 TOL64 = 1e-12
 
 
-def _env() -> dict[str, str]:
+def _env(names_file: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # the case script sets its own device count
     env["JAX_PLATFORMS"] = "cpu"
-    env.setdefault("JAXNINJA_DATA", str(ROOT.parent / "shared" / "data" / "names.txt"))
+    env["JAXNINJA_DATA"] = str(names_file)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 
 @pytest.fixture(scope="module")
-def runs():
+def runs(names_file):
     """Start every multi-device process at once (they overlap on the cores), then wait."""
-    specs = {
-        "ops4": [str(CASES), "ops", "4"],
-        "ops8": [str(CASES), "ops", "8"],
-        "train4": [str(CASES), "train", "4"],
-    }
+    env = _env(names_file)
+    cli_env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    commands = {
+        "ops4": ([str(CASES), "ops", "4"], env),
+        "ops8": ([str(CASES), "ops", "8"], env),
+        "train4": ([str(CASES), "train", "4"], env),
+        "cli": (
+            ["-m", "jaxninja", "train", "--devices", "3", "--batch-size", "32", "--steps", "1",
+             "--out", "/nonexistent/never-written"],
+            cli_env,
+        ),
+    }  # fmt: skip
     procs = {
         name: subprocess.Popen(
             [sys.executable, *args],
             cwd=ROOT,
-            env=_env(),
+            env=e,
             text=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )  # fmt: skip
-        for name, args in specs.items()
+        for name, (args, e) in commands.items()
     }
-    cli = subprocess.Popen(
-        [sys.executable, "-m", "jaxninja", "train", "--devices", "3", "--batch-size", "32",
-         "--steps", "1", "--out", "/nonexistent/never-written"],
-        cwd=ROOT, env={**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
-        text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
     results = {}
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=TIMEOUT)
-        results[name] = (proc.returncode, out, err)
-    out, err = cli.communicate(timeout=TIMEOUT)
-    results["cli"] = (cli.returncode, out, err)
+    try:
+        for name, proc in procs.items():
+            out, err = proc.communicate(timeout=TIMEOUT)
+            results[name] = (proc.returncode, out, err)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     return results
 
 
@@ -102,7 +107,8 @@ def test_sharded_model_loss_and_grads(runs):
 def test_data_mesh_errors(runs):
     for run in ("ops4", "ops8"):
         res = _json(runs, run)
-        assert res["mesh"]["size"] == res["devices"]
+        assert res["mesh"]["size"] == res["mesh"]["default_size"] == res["devices"]
+        assert res["mesh"]["manual_default_is_one_device"]
         errors = res["errors"]
         assert "batch_size 30 does not divide evenly over 4 devices" in errors["uneven"]
         assert "more devices than" in errors["too_many"]
