@@ -3,9 +3,10 @@
 Each op is a :func:`jax.custom_vjp`, so ``jax.grad`` of any code that calls it runs the
 closed-form backward rule below instead of differentiating the forward pass. The backward
 rules are written in plain, differentiable ``jnp`` ops, so reverse-over-reverse
-(``jax.grad(jax.grad(f))``) works too. Forward mode (``jax.jvp``, ``jax.jacfwd``,
-``jax.hessian``) is a limit of ``custom_vjp`` itself and raises ``TypeError``; take
-second derivatives with ``jax.jacrev(jax.grad(f))`` instead.
+(``jax.grad(jax.grad(f))``) works too. Forward mode on the op itself (``jax.jvp``,
+``jax.jacfwd``) is a limit of ``custom_vjp`` and raises ``TypeError``; take second
+derivatives reverse-over-reverse, ``jax.jacrev(jax.grad(f))``. (``jax.hessian``, forward
+over reverse, does work: its forward pass runs over our plain-``jnp`` backward rule.)
 
 The plain-``jnp`` references (:func:`cross_entropy_reference`,
 :func:`batch_norm_reference`) are what autodiff would differentiate; tests and the
@@ -180,8 +181,8 @@ def cross_entropy(
       >>> np.asarray(dlogits * 2, np.float64).round(4).tolist()  # softmax - onehot
       [[-0.213, 0.1065, 0.1065], [0.3333, 0.3333, -0.6667]]
 
-    Forward-mode differentiation is not defined for ``custom_vjp``; for second
-    derivatives use reverse-over-reverse, e.g. ``jax.jacrev(jax.grad(f))``.
+    ``jax.jvp``/``jax.jacfwd`` of this op raise ``TypeError`` (``custom_vjp`` has no
+    forward mode); for second derivatives use ``jax.jacrev(jax.grad(f))``.
     """
     logits = jnp.asarray(logits)
     labels = jnp.asarray(labels)
@@ -431,8 +432,8 @@ def batch_norm(
       >>> jax.grad(f)(x).shape
       (3, 2)
 
-    Forward-mode differentiation is not defined for ``custom_vjp``; for second
-    derivatives use reverse-over-reverse, e.g. ``jax.jacrev(jax.grad(f))``.
+    ``jax.jvp``/``jax.jacfwd`` of this op raise ``TypeError`` (``custom_vjp`` has no
+    forward mode); for second derivatives use ``jax.jacrev(jax.grad(f))``.
     """
     x, gain, bias = jnp.asarray(x), jnp.asarray(gain), jnp.asarray(bias)
     axes = _check_batch_norm(x, gain, bias, axis, unbiased, axis_name)

@@ -7,6 +7,7 @@ step, NaN where not yet run), ``metrics.json`` and, with matplotlib, ``loss.png`
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -96,7 +97,7 @@ def train_run(
     *,
     resume: bool = False,
     overwrite: bool = False,
-    log: Log = print,
+    log: Log = functools.partial(print, flush=True),
     num_samples: int = 10,
     devices: int | None = None,
 ) -> dict[str, Any]:

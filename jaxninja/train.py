@@ -23,6 +23,7 @@ from jaxninja import model, ninja, ops
 
 Array = jax.Array
 BACKENDS = ("custom_vjp", "manual", "autodiff")
+FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)
 
 
 class ConfigError(ValueError):
@@ -61,10 +62,14 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+            if value > FLOAT32_MAX:  # it would become inf in the float32 update
+                raise ConfigError(f"{name} must be at most {FLOAT32_MAX:.3g}, got {value!r}")
         if not isinstance(self.lr_decay_step, int) or self.lr_decay_step < 0:
             raise ConfigError(f"lr_decay_step must be >= 0, got {self.lr_decay_step!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.running_stats, bool):
+            raise ConfigError(f"running_stats must be true or false, got {self.running_stats!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(
                 f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}"

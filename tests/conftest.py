@@ -177,7 +177,9 @@ def start_experiments() -> dict[str, tuple[Path, subprocess.Popen]]:
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:
-    if names_path().is_file() and any(i.path.name == "test_experiments.py" for i in items):
+    if config.option.collectonly or not names_path().is_file():
+        return
+    if any(i.path.name == "test_experiments.py" for i in items):
         start_experiments()
 
 

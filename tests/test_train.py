@@ -466,14 +466,9 @@ def test_full_default_training(tmp_path, names_file):
     100,000, custom_vjp backend. Published: train 2.0705, val 2.1099 (measured here
     2.0704 / 2.1104)."""
     cfg = TrainConfig()
-    assert (cfg.steps, cfg.n_hidden, cfg.batch_size, cfg.lr, cfg.lr_decay_step) == (
-        200_000,
-        200,
-        32,
-        0.1,
-        100_000,
-    )
-    assert cfg.backend == "custom_vjp"
+    lecture = {"steps": 200_000, "n_hidden": 200, "batch_size": 32, "lr": 0.1,
+               "lr_decay_step": 100_000, "lr_decay": 0.1, "backend": "custom_vjp"}  # fmt: skip
+    assert {k: getattr(cfg, k) for k in lecture} == lecture
     lines: list[str] = []
     metrics = run.train_run(cfg, tmp_path, names_file, log=lines.append, num_samples=5)
     assert metrics["train_loss"] <= 2.09, metrics
