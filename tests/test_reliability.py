@@ -31,7 +31,7 @@ from jaxninja import checkpoint, cli, ops, train
 from jaxninja.checkpoint import CheckpointError
 from jaxninja.data import Vocab
 from jaxninja.run import RunError, train_run
-from jaxninja.train import TrainConfig
+from jaxninja.train import ConfigError, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 HELPER = Path(__file__).with_name("_fault_helpers.py")
@@ -390,18 +390,22 @@ def test_non_finite_loss_stops_at_its_chunk_and_keeps_last_good_checkpoint(
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 def test_non_finite_parameters_never_reach_a_checkpoint(words_file, tmp_path):
-    """lr=1e300 is a finite Python float but inf in float32: the first update makes the
-    parameters non-finite while the loss it reports (of the step's old parameters) is
-    still finite. Bug found: that state used to be saved as the "last good checkpoint",
-    which checkpoint.load then refused."""
+    """lr=3e38 is finite in float32; the first update makes the parameters huge while the
+    loss it reports (of the step's old parameters) is still finite. Only states whose
+    every array is finite are saved (a bug found earlier saved non-finite parameters as
+    the "last good checkpoint", which checkpoint.load then refused)."""
     out = tmp_path / "r"
-    cfg = TrainConfig(n_hidden=16, steps=3, chunk_steps=1, lr=1e300)
+    cfg = TrainConfig(n_hidden=16, steps=3, chunk_steps=1, lr=3e38)
     with pytest.raises(RunError) as e:
         train_run(cfg, out, words_file, log=lambda s: None)
-    assert str(e.value) == (
-        "parameters became non-finite in steps 0..0; stopped, no checkpoint of this run was written"
-    )
-    assert not (out / checkpoint.FILENAME).exists()
+    assert str(e.value).startswith("loss became non-finite at step 1; stopped, the last good")
+    kept = checkpoint.load(out)  # loads: every array in it is finite (load checks)
+    assert int(kept.state.step) == 1
+
+
+def test_learning_rate_beyond_float32_is_refused():
+    with pytest.raises(ConfigError, match=r"lr must be at most 3\.4e\+38, got 1e\+300"):
+        TrainConfig(lr=1e300).validate()
 
 
 # ------------------------------------------------------------------------- faults
