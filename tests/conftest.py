@@ -35,10 +35,15 @@ _SCALES = {"C": 1.0, "W1": (5 / 3) / 30**0.5, "b1": 0.1, "W2": 0.1, "b2": 0.1}
 
 
 def names_path() -> Path:
-    """names.txt from ``$JAXNINJA_DATA`` (relative to the repo), else ../shared/data."""
+    """names.txt: ``$JAXNINJA_DATA`` (relative to the repo; CI sets it to the shared
+    copy), else ../shared/data, else the package's own cached (sha256-checked) copy,
+    which a user's first ``jaxninja train`` downloaded."""
     env = os.environ.get("JAXNINJA_DATA")
-    p = Path(env) if env else REPO.parent / "shared" / "data" / "names.txt"
-    return p if p.is_absolute() else REPO / p
+    if env:
+        p = Path(env)
+        return p if p.is_absolute() else REPO / p
+    shared = REPO.parent / "shared" / "data" / "names.txt"
+    return shared if shared.is_file() else data.cache_dir() / "names.txt"
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ import dataclasses
 import functools
 import hashlib
 import http.server
-import os
 import pickle
 import random
 import socket
@@ -33,22 +32,6 @@ from jaxninja.data import (
     resolve_data_path,
     split_words,
 )
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def names_path() -> Path:
-    """names.txt via $JAXNINJA_DATA (relative paths are relative to the repo), else ../shared."""
-    env = os.environ.get("JAXNINJA_DATA")
-    p = Path(env) if env else Path("../shared/data/names.txt")
-    return p if p.is_absolute() else REPO / p
-
-
-@pytest.fixture(scope="module")
-def names_file() -> Path:
-    p = names_path()
-    assert p.is_file(), f"names.txt not found at {p}; set JAXNINJA_DATA=PATH"
-    return p
 
 
 @pytest.fixture(scope="module")

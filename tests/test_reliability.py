@@ -42,12 +42,6 @@ WORKING = ["--steps", "2", "--n-hidden", "16", "--chunk-steps", "1"]
 FAULT = ["--steps", "200", "--n-hidden", "16", "--chunk-steps", "10", "--samples", "0"]
 
 
-def names_path() -> Path:
-    env = os.environ.get("JAXNINJA_DATA")
-    p = Path(env) if env else Path("../shared/data/names.txt")
-    return p if p.is_absolute() else REPO / p
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _reuse_compiled_chunks():
     """In this process, build each (config, n) training chunk once: a run that resumes
@@ -65,12 +59,10 @@ def compile_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def words_file(tmp_path_factory) -> Path:
+def words_file(names_file, tmp_path_factory) -> Path:
     """The first 64 names of names.txt plus the first name with each letter they lack,
     so the vocabulary is the full 27 (a temporary file, never in the repo)."""
-    src = names_path()
-    assert src.is_file(), f"names.txt not found at {src}; set JAXNINJA_DATA=PATH"
-    all_words = src.read_text().split()
+    all_words = names_file.read_text().split()
     words = all_words[:64]
     for letter in "abcdefghijklmnopqrstuvwxyz":
         if not any(letter in w for w in words):
