@@ -7,7 +7,6 @@ step, NaN where not yet run), ``metrics.json`` and, with matplotlib, ``loss.png`
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
@@ -26,6 +25,11 @@ from jaxninja import checkpoint, data, parallel, sample, train
 from jaxninja.train import TrainConfig
 
 Log = Callable[[str], None]
+
+
+def print_flush(line: str) -> None:
+    """Progress lines reach a pipe (``| tee``) as they are printed."""
+    print(line, flush=True)
 
 
 class RunError(RuntimeError):
@@ -97,7 +101,7 @@ def train_run(
     *,
     resume: bool = False,
     overwrite: bool = False,
-    log: Log = functools.partial(print, flush=True),
+    log: Log = print_flush,
     num_samples: int = 10,
     devices: int | None = None,
 ) -> dict[str, Any]:
