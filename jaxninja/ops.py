@@ -254,6 +254,14 @@ def _match_varying(x: Array, p: Array, axis_name: Any) -> Array:
     return lax.pcast(p, missing, to="varying") if missing else p
 
 
+def _prepare_batch_norm(x, gain, bias, axis, unbiased, axis_name):
+    """Arrays, checked shapes and dtypes, and the normalised axes for the batch norms."""
+    x, gain, bias = jnp.asarray(x), jnp.asarray(gain), jnp.asarray(bias)
+    axes = _check_batch_norm(x, gain, bias, axis, unbiased, axis_name)
+    gain, bias = _match_varying(x, gain, axis_name), _match_varying(x, bias, axis_name)
+    return x, gain, bias, axes
+
+
 def batch_stats(
     x: Array, *, axis: Axis = 0, unbiased: bool = True, axis_name: Any = None
 ) -> tuple[Array, Array]:
@@ -435,9 +443,7 @@ def batch_norm(
     ``jax.jvp``/``jax.jacfwd`` of this op raise ``TypeError`` (``custom_vjp`` has no
     forward mode); for second derivatives use ``jax.jacrev(jax.grad(f))``.
     """
-    x, gain, bias = jnp.asarray(x), jnp.asarray(gain), jnp.asarray(bias)
-    axes = _check_batch_norm(x, gain, bias, axis, unbiased, axis_name)
-    gain, bias = _match_varying(x, gain, axis_name), _match_varying(x, bias, axis_name)
+    x, gain, bias, axes = _prepare_batch_norm(x, gain, bias, axis, unbiased, axis_name)
     return _batch_norm(x, gain, bias, axes, float(eps), bool(unbiased), axis_name)
 
 
@@ -466,9 +472,7 @@ def batch_norm_with_stats(
     >>> mean.tolist(), var.tolist()
     ([[1.0]], [[2.0]])
     """
-    x, gain, bias = jnp.asarray(x), jnp.asarray(gain), jnp.asarray(bias)
-    axes = _check_batch_norm(x, gain, bias, axis, unbiased, axis_name)
-    gain, bias = _match_varying(x, gain, axis_name), _match_varying(x, bias, axis_name)
+    x, gain, bias, axes = _prepare_batch_norm(x, gain, bias, axis, unbiased, axis_name)
     return _batch_norm_with_stats(x, gain, bias, axes, float(eps), bool(unbiased), axis_name)
 
 
@@ -492,6 +496,5 @@ def batch_norm_reference(
     >>> np.asarray(y, np.float64).round(4).tolist()  # +-1/sqrt(2): var is 2 with n-1
     [[-0.7071], [0.7071]]
     """
-    x, gain, bias = jnp.asarray(x), jnp.asarray(gain), jnp.asarray(bias)
-    axes = _check_batch_norm(x, gain, bias, axis, unbiased, axis_name)
+    x, gain, bias, axes = _prepare_batch_norm(x, gain, bias, axis, unbiased, axis_name)
     return _bn_forward(x, gain, bias, axes, eps, unbiased, axis_name)[0]

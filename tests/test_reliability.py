@@ -254,8 +254,8 @@ BAD_ARGS = {
     "lr-neg": (["--lr", "-0.1"], "argument --lr: must be a positive finite number, got -0.1"),
     "lr-zero": (["--lr", "0"], "argument --lr: must be a positive finite number, got 0"),
     "lr-inf": (["--lr", "inf"], "argument --lr: must be a positive finite number, got inf"),
-    "lr-text": (["--lr", "fast"], "argument --lr: expected a number, got 'fast'"),
-    "seed-neg": (["--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+    "lr-text": (["--lr", "fast"], "argument --lr: expected a positive finite number, got 'fast'"),
+    "seed-neg": (["--seed", "-1"], "argument --seed: must be an integer >= 0, got -1"),
 }
 
 
