@@ -33,7 +33,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -130,13 +129,13 @@ def sharded_loss_and_grads(
 
 
 def make_sharded_train_chunk(
-    cfg: TrainConfig, n_steps: int, mesh: Mesh, unroll: int = 4
+    cfg: TrainConfig, n_steps: int, mesh: Mesh, unroll: int = 1
 ) -> jax.stages.Wrapped:
     """:func:`jaxninja.train.make_train_chunk` over ``mesh``: a jitted
     ``(state, Xtr, Ytr) -> (state, losses[n_steps])``.
 
     The state and the training set are replicated; step ``s`` draws the same global batch
-    as single-device training and each device gathers its contiguous slice of it. The
+    as single-device training and each device trains on its contiguous slice of it. The
     whole scan runs inside one ``shard_map``, so the only communication is the
     all-reduces of batch norm, the loss and the gradients. The state is donated.
     """
@@ -145,33 +144,18 @@ def make_sharded_train_chunk(
         raise ConfigError(
             f"batch_size {cfg.batch_size} does not divide evenly over {n_dev} devices"
         )
-    optimizer = train.make_optimizer(cfg)
     grad_fn = jax.value_and_grad(lambda p, x, y: sharded_loss(p, x, y, AXIS, cfg.backend))
-
-    def step(state: TrainState, idx: Array, Xtr: Array, Ytr: Array):
-        Xb, Yb = Xtr[idx], Ytr[idx]
-        loss, grads = grad_fn(state.params, Xb, Yb)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        running = state.bn_running
-        if cfg.running_stats:
-            hprebn = model.hidden_preactivation(state.params, Xb)
-            mean, var = ops.batch_stats(hprebn, axis_name=AXIS)
-            running = jax.tree.map(
-                lambda r, b: 0.999 * r + 0.001 * b, running, {"mean": mean, "var": var}
-            )
-        return TrainState(params, opt_state, state.step + 1, running), loss
-
-    def scan(state: TrainState, idx: Array, Xtr: Array, Ytr: Array):
-        return lax.scan(lambda s, i: step(s, i, Xtr, Ytr), state, idx, unroll=min(unroll, n_steps))
-
+    step = train._train_step(cfg, grad_fn, train.make_optimizer(cfg), axis_name=AXIS)
     sharded_scan = jax.shard_map(
-        scan, mesh=mesh, in_specs=(P(), P(None, AXIS), P(), P()), out_specs=(P(), P())
+        lambda state, batches: lax.scan(step, state, batches, unroll=min(unroll, n_steps)),
+        mesh=mesh,
+        in_specs=(P(), P(None, AXIS)),  # batches (n_steps, batch, ...): split the batch
+        out_specs=(P(), P()),
     )
 
     def chunk(state: TrainState, Xtr: Array, Ytr: Array) -> tuple[TrainState, Array]:
         idx = train.batch_indices(cfg, state.step + jnp.arange(n_steps), Xtr.shape[0])
-        return sharded_scan(state, idx, Xtr, Ytr)
+        return sharded_scan(state, (Xtr[idx], Ytr[idx]))
 
     replicated = NamedSharding(mesh, P())
     return jax.jit(chunk, donate_argnums=0, in_shardings=replicated, out_shardings=replicated)

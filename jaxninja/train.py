@@ -149,9 +149,13 @@ def _batch_indices(seed: int | Array, batch_size: int, steps: Array, n_examples:
 
 
 def _train_step(
-    cfg: TrainConfig, grad_fn: GradFn, optimizer: optax.GradientTransformation
+    cfg: TrainConfig,
+    grad_fn: GradFn,
+    optimizer: optax.GradientTransformation,
+    axis_name: Any = None,
 ) -> Callable[[TrainState, tuple[Array, Array]], tuple[TrainState, Array]]:
-    """One SGD step on a gathered minibatch ``(Xb, Yb)``: the body of the chunk's scan."""
+    """One SGD step on a gathered minibatch ``(Xb, Yb)``: the body of the chunk's scan
+    (``axis_name``: the batch is split over that mesh axis, see :mod:`jaxninja.parallel`)."""
 
     def step(state: TrainState, batch: tuple[Array, Array]) -> tuple[TrainState, Array]:
         Xb, Yb = batch
@@ -160,7 +164,8 @@ def _train_step(
         params = optax.apply_updates(state.params, updates)
         running = state.bn_running
         if cfg.running_stats:  # the lecture's running averages, momentum 0.001
-            mean, var = ops.batch_stats(model.hidden_preactivation(state.params, Xb))
+            hprebn = model.hidden_preactivation(state.params, Xb)
+            mean, var = ops.batch_stats(hprebn, axis_name=axis_name)
             running = jax.tree.map(
                 lambda r, b: 0.999 * r + 0.001 * b, running, {"mean": mean, "var": var}
             )
