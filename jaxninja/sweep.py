@@ -25,7 +25,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxninja import data, train
 from jaxninja.train import ConfigError, TrainConfig, TrainState
@@ -72,11 +71,7 @@ def make_sweep_chunk(cfg: TrainConfig, n_steps: int, unroll: int = 1) -> jax.sta
     grad_fn = train.gradient_fn(cfg.backend)
 
     def member_chunk(state: TrainState, seed: Array, lr: Array, Xtr: Array, Ytr: Array):
-        # make_optimizer(cfg) with a traced learning rate: same ops, same opt_state
-        optimizer = optax.sgd(
-            optax.piecewise_constant_schedule(lr, {cfg.lr_decay_step: cfg.lr_decay})
-        )
-        step = train._train_step(cfg, grad_fn, optimizer)
+        step = train._train_step(cfg, grad_fn, train.make_optimizer(cfg, lr))
         steps = state.step + jnp.arange(n_steps)
         idx = train._batch_indices(seed, cfg.batch_size, steps, Xtr.shape[0])
         return jax.lax.scan(step, state, (Xtr[idx], Ytr[idx]), unroll=min(unroll, n_steps))

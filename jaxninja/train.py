@@ -117,10 +117,13 @@ def gradient_fn(backend: str) -> GradFn:
     raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """Plain SGD, ``lr`` for steps ``< lr_decay_step`` and ``lr * lr_decay`` after."""
-    schedule = optax.piecewise_constant_schedule(cfg.lr, {cfg.lr_decay_step: cfg.lr_decay})
-    return optax.sgd(schedule)
+def make_optimizer(
+    cfg: TrainConfig, lr: float | Array | None = None
+) -> optax.GradientTransformation:
+    """Plain SGD, ``lr`` (default ``cfg.lr``; a traced value in sweeps) for steps
+    ``< lr_decay_step`` and ``lr * lr_decay`` after."""
+    lr = cfg.lr if lr is None else lr
+    return optax.sgd(optax.piecewise_constant_schedule(lr, {cfg.lr_decay_step: cfg.lr_decay}))
 
 
 def init_state(cfg: TrainConfig, vocab_size: int, dtype: Any = jnp.float32) -> TrainState:
