@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from jaxninja import cli
+from cli_helpers import one_error_line, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = REPO / "experiments" / "exercise4_train_manual.py"
@@ -45,25 +44,12 @@ def python(*args: str, data: Path | None = None, timeout: float = 300):
     )
 
 
-def cli_main(capsys, *argv: str) -> tuple[int, str, str]:
-    """``jaxninja *argv`` in-process: (exit status, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        rc = cli.main([str(a) for a in argv])
-    except SystemExit as e:  # argparse errors
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 def assert_usage_error(rc: int, err: str, *needles: str) -> None:
     """Exit status 2 and exactly one stderr line, ``error: ...``, naming the problem."""
     assert rc == 2, err
-    lines = err.splitlines()
-    assert len(lines) == 1 and err.endswith("\n"), err
-    assert lines[0].startswith("error: "), err
+    line = one_error_line(err)
     for needle in needles:
-        assert needle in lines[0], (needle, err)
+        assert needle in line, (needle, err)
 
 
 @pytest.fixture(scope="module")
@@ -132,21 +118,21 @@ def test_train_writes_metrics_plot_and_samples(trained_run):
 
 def test_sample_prints_n_names(trained_run, capsys):
     out, _ = trained_run
-    rc, stdout, err = cli_main(capsys, "sample", "--out", out, "-n", "5")
+    rc, stdout, err = run_cli(capsys, "sample", "--out", out, "-n", "5")
     assert rc == 0 and err == ""
     names = stdout.splitlines()
     assert len(names) == 5
     assert all(re.fullmatch(r"[a-z]+", n) for n in names), names
     # deterministic for a seed; another seed gives other names
-    assert cli_main(capsys, "sample", "--out", out, "-n", "5")[1] == stdout
-    assert cli_main(capsys, "sample", "--out", out, "-n", "5", "--seed", "1")[1] != stdout
-    rc, stdout, _ = cli_main(capsys, "sample", "--out", out, "-n", "5", "--max-len", "3")
+    assert run_cli(capsys, "sample", "--out", out, "-n", "5")[1] == stdout
+    assert run_cli(capsys, "sample", "--out", out, "-n", "5", "--seed", "1")[1] != stdout
+    rc, stdout, _ = run_cli(capsys, "sample", "--out", out, "-n", "5", "--max-len", "3")
     assert rc == 0 and max(map(len, stdout.splitlines())) <= 3
 
 
 def test_eval_prints_the_metrics_losses(trained_run, capsys, names_file):
     out, _ = trained_run
-    rc, stdout, err = cli_main(capsys, "eval", "--out", out, "--data", names_file)
+    rc, stdout, err = run_cli(capsys, "eval", "--out", out, "--data", names_file)
     assert rc == 0 and err == ""
     got = {m[1]: float(m[2]) for m in map(SPLIT_LINE.fullmatch, stdout.splitlines()) if m}
     assert len(stdout.splitlines()) == 3
@@ -172,18 +158,18 @@ def test_eval_prints_the_metrics_losses(trained_run, capsys, names_file):
 )
 def test_bad_train_arguments(capsys, tmp_path, names_file, args, needles):
     out = tmp_path / "run"
-    rc, _, err = cli_main(capsys, "train", "--data", names_file, "--out", out, *args)
+    rc, _, err = run_cli(capsys, "train", "--data", names_file, "--out", out, *args)
     assert_usage_error(rc, err, *needles)
     assert not out.exists()
 
 
 def test_missing_and_empty_data_files(capsys, tmp_path):
     missing = tmp_path / "nope.txt"
-    rc, _, err = cli_main(capsys, "train", "--data", missing, "--out", tmp_path / "a")
+    rc, _, err = run_cli(capsys, "train", "--data", missing, "--out", tmp_path / "a")
     assert_usage_error(rc, err, str(missing), "no such file")
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    rc, _, err = cli_main(capsys, "train", "--data", empty, "--out", tmp_path / "b")
+    rc, _, err = run_cli(capsys, "train", "--data", empty, "--out", tmp_path / "b")
     assert_usage_error(rc, err, str(empty), "empty")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
@@ -192,16 +178,16 @@ def test_resume_errors(capsys, tmp_path, names_file, trained_run):
     out, _ = trained_run
     before = (out / "checkpoint.npz").read_bytes()
     missing = tmp_path / "never-trained"
-    rc, _, err = cli_main(capsys, "train", "--data", names_file, "--out", missing, "--resume")
+    rc, _, err = run_cli(capsys, "train", "--data", names_file, "--out", missing, "--resume")
     assert_usage_error(rc, err, str(missing), "nothing to resume")
     # a run with another config cannot be continued: the error names the field
-    rc, _, err = cli_main(
+    rc, _, err = run_cli(
         capsys, "train", "--data", names_file, "--out", out, "--resume",
         "--steps", str(RUN_STEPS), "--chunk-steps", "1000", "--n-hidden", "64", "--running-stats",
     )  # fmt: skip
     assert_usage_error(rc, err, "different config", "n_hidden=32", "64")
     # nor silently replaced
-    rc, _, err = cli_main(
+    rc, _, err = run_cli(
         capsys,
         "train",
         "--data",
@@ -219,9 +205,9 @@ def test_resume_errors(capsys, tmp_path, names_file, trained_run):
 
 @pytest.mark.parametrize("command", ["sample", "eval"])
 def test_sample_and_eval_need_a_checkpoint(capsys, tmp_path, command):
-    rc, _, err = cli_main(capsys, command, "--out", tmp_path)
+    rc, _, err = run_cli(capsys, command, "--out", tmp_path)
     assert_usage_error(rc, err, str(tmp_path), "no checkpoint")
-    rc, _, err = cli_main(capsys, command, "--out", tmp_path / "nowhere")
+    rc, _, err = run_cli(capsys, command, "--out", tmp_path / "nowhere")
     assert_usage_error(rc, err, "no checkpoint")
 
 

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_helpers import one_error_line, run_cli
 
 from jaxninja import checkpoint, cli, ops, train
 from jaxninja.checkpoint import CheckpointError
@@ -70,26 +71,6 @@ def words_file(names_file, tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("data") / "words.txt"
     p.write_text("\n".join(words) + "\n")
     return p
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    """``jaxninja ARGV`` in-process: (exit status, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        rc = cli.main([str(a) for a in argv])
-    except SystemExit as e:  # argparse errors
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def one_error_line(err: str) -> str:
-    """The single ``error: ...`` line of ``err`` (asserting there is exactly one line)."""
-    lines = err.splitlines()
-    assert len(lines) == 1 and err.endswith("\n"), f"expected one stderr line, got {err!r}"
-    assert lines[0].startswith("error: "), lines[0]
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def params_of(run_dir: Path) -> dict[str, np.ndarray]:
