@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_helpers import one_error_line, run_cli
+from helpers import one_error_line, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = REPO / "experiments" / "exercise4_train_manual.py"

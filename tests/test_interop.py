@@ -3,35 +3,21 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import load_experiment
 
 from jaxninja import ops
 from jaxninja.testing import assert_vjp_matches
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str) -> ModuleType:
-    path = REPO / "experiments" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_experiments_{name}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
 def stax_ex() -> ModuleType:
-    return _load("interop_stax")
+    return load_experiment("interop_stax")
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cli_helpers import one_error_line, run_cli
+from helpers import one_error_line, run_cli
 
 from jaxninja import checkpoint, cli, ops, train
 from jaxninja.checkpoint import CheckpointError

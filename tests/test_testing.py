@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import load_experiment
 
 from jaxninja.ops import (
     batch_norm,
@@ -23,24 +20,11 @@ from jaxninja.ops import (
 )
 from jaxninja.testing import assert_vjp_matches, check_finite_differences, default_tolerances
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
 def x64():
     with jax.enable_x64(True):
         yield
-
-
-def load_experiment(name: str) -> ModuleType:
-    """Import ``experiments/<name>.py`` by path (``experiments`` is not a package)."""
-    path = REPO / "experiments" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_experiments_{name}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def softplus_ref(x):

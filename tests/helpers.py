@@ -1,8 +1,26 @@
-"""Helpers shared by the CLI tests: run ``jaxninja`` in-process and read its one error line."""
+"""Helpers shared by several test modules."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
 from jaxninja import cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_experiment(name: str) -> ModuleType:
+    """Import ``experiments/<name>.py`` by path (``experiments`` is not a package)."""
+    path = REPO / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_experiments_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_cli(capsys, *argv: object) -> tuple[int, str, str]:
