@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -53,6 +54,21 @@ def _flatten(state: TrainState, bn_stats: BNStats | None) -> dict[str, np.ndarra
     return arrays
 
 
+def write_atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write ``path`` so that it is always either the old file or the whole new one:
+    ``write(f)`` into a temporary file beside it, flush and fsync, then rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def save(
     run_dir: str | os.PathLike[str],
     config: TrainConfig,
@@ -67,16 +83,7 @@ def save(
     arrays: dict[str, Any] = _flatten(state, bn_stats)
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     dest = run_dir / FILENAME
-    fd, tmp = tempfile.mkstemp(prefix=".checkpoint.", suffix=".tmp", dir=run_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(dest, lambda f: np.savez(f, **arrays))
     return dest
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,17 +37,6 @@ class RunError(RuntimeError):
 
 class Interrupted(RunError):
     """Ctrl-C during training: a checkpoint was saved first."""
-
-
-def _write_atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @contextmanager
@@ -173,7 +161,7 @@ def train_run(
             step += n
             checkpoint.save(out, cfg, vocab, state)
             saved = step
-            _write_atomic(losses_file, lambda f: np.save(f, losses))
+            checkpoint.write_atomic(losses_file, lambda f: np.save(f, losses))
             if interrupted[0] and step < cfg.steps:
                 raise Interrupted(
                     f"interrupted at step {step}; checkpoint saved in {out}. "
@@ -200,7 +188,7 @@ def train_run(
     if cfg.running_stats:
         running = split_losses_of(params, state.bn_running, splits)
         metrics.update({f"{k}_loss_running_stats": v for k, v in running.items()})
-    _write_atomic(out / "metrics.json", lambda f: json.dump(metrics, f, indent=2), "w")
+    checkpoint.write_atomic(out / "metrics.json", lambda f: json.dump(metrics, f, indent=2), "w")
     for split, value in split_losses.items():
         log(f"{split:5s} {value:.4f}")
     if plot_losses(losses, out / "loss.png"):
@@ -246,7 +234,7 @@ def plot_losses(losses: np.ndarray, path: Path, window: int = 1000) -> bool:
     ax.set_xlabel("step")
     ax.set_ylabel(f"log10 loss (mean of {window} steps)")
     fig.tight_layout()
-    _write_atomic(path, lambda f: fig.savefig(f, format="png"))
+    checkpoint.write_atomic(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
     return True
 
