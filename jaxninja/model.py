@@ -17,7 +17,6 @@ float32 by default, float64 (with ``jax_enable_x64``) for exact gradient checks.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -139,6 +138,3 @@ def reference_loss(params: Params, X: Array, Y: Array) -> Array:
     hprebn = hidden_preactivation(params, X)
     hpreact = ops.batch_norm_reference(hprebn, params["bngain"], params["bnbias"], eps=BN_EPS)
     return ops.cross_entropy_reference(_head(params, hpreact), Y).mean()
-
-
-LossFn = Callable[[Params, Array, Array], Array]
