@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from jaxninja.train import BACKENDS, TrainConfig
+from jaxninja.train import BACKENDS, ConfigError, TrainConfig
 
 USAGE_ERROR = 2
 
@@ -43,6 +43,14 @@ def _number(kind: type, what: str, ok: Callable[[Any], bool]) -> Callable[[str],
 _positive_int = _number(int, "a positive integer", lambda v: v > 0)
 _positive_float = _number(float, "a positive finite number", lambda v: v > 0)
 _non_negative_int = _number(int, "an integer >= 0", lambda v: v >= 0)
+
+
+def _numbers(text: str, kind: type, flag: str) -> list[Any]:
+    """``"1,2,3"`` -> ``[1, 2, 3]``, or a :class:`ConfigError` naming ``flag``."""
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,7 +173,9 @@ def _check(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from jaxninja.bench import parse_settings, run_bench
 
-    members = [_positive_int(m) for m in args.members.split(",") if m.strip()]
+    members = _numbers(args.members, int, "--members")
+    if any(m < 1 for m in members):
+        raise ConfigError(f"--members: sizes must be >= 1, got {args.members!r}")
     run_bench(parse_settings(args.settings), repeats=args.repeats, steps=args.steps,
               torch_steps=args.torch_steps, members=members, use_torch=not args.no_torch,
               quick=args.quick, data_path=args.data, out=args.out or None)  # fmt: skip
@@ -176,19 +186,12 @@ def _sweep(args: argparse.Namespace) -> int:
     import json
 
     from jaxninja.sweep import sweep_run
-    from jaxninja.train import ConfigError
-
-    def numbers(text: str, kind: type, flag: str) -> list:
-        try:
-            return [kind(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise ConfigError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
 
     cfg = TrainConfig(n_hidden=args.n_hidden, batch_size=args.batch_size, steps=args.steps,
                       lr_decay_step=args.lr_decay_step, backend=args.backend,
                       chunk_steps=args.chunk_steps).validate()  # fmt: skip
-    result = sweep_run(cfg, numbers(args.seeds, int, "--seeds"), numbers(args.lrs, float, "--lrs"),
-                       args.data)  # fmt: skip
+    seeds, lrs = _numbers(args.seeds, int, "--seeds"), _numbers(args.lrs, float, "--lrs")
+    result = sweep_run(cfg, seeds, lrs, args.data)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     return 0
@@ -203,7 +206,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from jaxninja.checkpoint import CheckpointError
     from jaxninja.data import DataError
     from jaxninja.run import Interrupted, RunError
-    from jaxninja.train import ConfigError
 
     try:
         return COMMANDS[args.command](args)
