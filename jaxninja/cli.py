@@ -53,25 +53,39 @@ def _numbers(text: str, kind: type, flag: str) -> list[Any]:
         raise ConfigError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
 
 
+def _add_config_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """The :class:`TrainConfig` options ``train`` and ``sweep`` share, and ``--data``."""
+    p.add_argument("--data", help="text file, one word per line (default: names.txt)")
+    p.add_argument("--steps", type=_positive_int, default=d.steps)
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    p.add_argument("--n-embd", type=_positive_int, default=d.n_embd)
+    p.add_argument("--n-hidden", type=_positive_int, default=d.n_hidden)
+    p.add_argument("--block-size", type=_positive_int, default=d.block_size)
+    p.add_argument("--lr-decay-step", type=_non_negative_int, default=d.lr_decay_step)
+    p.add_argument("--backend", choices=BACKENDS, default=d.backend)
+    p.add_argument("--chunk-steps", type=_positive_int, default=d.chunk_steps,
+                   help="steps per compiled chunk (progress line and checkpoint)")  # fmt: skip
+
+
+def _config(args: argparse.Namespace, **more: Any) -> TrainConfig:
+    """The validated config of :func:`_add_config_args`'s options (plus ``more``)."""
+    return TrainConfig(
+        n_embd=args.n_embd, n_hidden=args.n_hidden, block_size=args.block_size,
+        batch_size=args.batch_size, steps=args.steps, lr_decay_step=args.lr_decay_step,
+        backend=args.backend, chunk_steps=args.chunk_steps, **more,
+    ).validate()  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = _Parser(prog="jaxninja", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train the Exercise-4 MLP on a word list")
-    t.add_argument("--data", help="text file, one word per line (default: names.txt)")
+    _add_config_args(t, d)
     t.add_argument("--out", help="run directory (default: runs/<timestamp>)")
-    t.add_argument("--steps", type=_positive_int, default=d.steps)
-    t.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
-    t.add_argument("--n-embd", type=_positive_int, default=d.n_embd)
-    t.add_argument("--n-hidden", type=_positive_int, default=d.n_hidden)
-    t.add_argument("--block-size", type=_positive_int, default=d.block_size)
     t.add_argument("--lr", type=_positive_float, default=d.lr)
-    t.add_argument("--lr-decay-step", type=_non_negative_int, default=d.lr_decay_step)
     t.add_argument("--seed", type=_non_negative_int, default=d.seed)
-    t.add_argument("--backend", choices=BACKENDS, default=d.backend)
-    t.add_argument("--chunk-steps", type=_positive_int, default=d.chunk_steps,
-                   help="steps per compiled chunk (progress line and checkpoint)")  # fmt: skip
     t.add_argument("--running-stats", action="store_true",
                    help="also track batch-norm running averages and report their losses")  # noqa: E501  # fmt: skip
     t.add_argument("--devices", type=_positive_int, default=None,
@@ -109,28 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data", help="text file, one word per line (default: names.txt)")
 
     w = sub.add_parser("sweep", help="train many seeds/learning rates in one vmapped program")
+    _add_config_args(w, d)
     w.add_argument("--seeds", default=str(d.seed), help="comma-separated seeds")
     w.add_argument("--lrs", default=str(d.lr), help="comma-separated learning rates")
-    w.add_argument("--steps", type=_positive_int, default=d.steps)
-    w.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
-    w.add_argument("--n-hidden", type=_positive_int, default=d.n_hidden)
-    w.add_argument("--lr-decay-step", type=_non_negative_int, default=d.lr_decay_step)
-    w.add_argument("--backend", choices=BACKENDS, default=d.backend)
-    w.add_argument("--chunk-steps", type=_positive_int, default=d.chunk_steps)
     w.add_argument("--out", help="write the results as JSON to this file")
-    w.add_argument("--data", help="text file, one word per line (default: names.txt)")
     return p
 
 
 def _train(args: argparse.Namespace) -> int:
     from jaxninja.run import train_run
 
-    cfg = TrainConfig(
-        n_embd=args.n_embd, n_hidden=args.n_hidden, block_size=args.block_size,
-        batch_size=args.batch_size, steps=args.steps, lr=args.lr,
-        lr_decay_step=args.lr_decay_step, seed=args.seed, backend=args.backend,
-        running_stats=args.running_stats, chunk_steps=args.chunk_steps,
-    ).validate()  # fmt: skip
+    cfg = _config(args, lr=args.lr, seed=args.seed, running_stats=args.running_stats)
     out = args.out or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     print(f"run directory: {out}")
     train_run(cfg, out, args.data, resume=args.resume, overwrite=args.overwrite,
@@ -187,9 +190,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
     from jaxninja.sweep import sweep_run
 
-    cfg = TrainConfig(n_hidden=args.n_hidden, batch_size=args.batch_size, steps=args.steps,
-                      lr_decay_step=args.lr_decay_step, backend=args.backend,
-                      chunk_steps=args.chunk_steps).validate()  # fmt: skip
+    cfg = _config(args)
     seeds, lrs = _numbers(args.seeds, int, "--seeds"), _numbers(args.lrs, float, "--lrs")
     result = sweep_run(cfg, seeds, lrs, args.data)
     if args.out:
