@@ -110,8 +110,6 @@ def load(run_dir: str | os.PathLike[str], dtype: Any = jnp.float32) -> Checkpoin
             raise CheckpointError(f"{path}: unknown format {meta.get('format')!r}")
         config = TrainConfig.from_dict(meta["config"])
         vocab = Vocab.from_json(json.dumps(meta["vocab"]))
-        if not isinstance(config.running_stats, bool):
-            raise TypeError(f"running_stats must be true or false, got {config.running_stats!r}")
     except CheckpointError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, RecursionError, ConfigError) as e:

@@ -16,6 +16,7 @@ The plain-``jnp`` references (:func:`cross_entropy_reference`,
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -196,9 +197,7 @@ def cross_entropy(
 
 def _count(x: Array, axes: tuple[int, ...], axis_name: Any) -> Any:
     """Number of rows the statistics are taken over: global when ``axis_name`` is set."""
-    n = 1
-    for a in axes:
-        n *= x.shape[a]
+    n = math.prod(x.shape[a] for a in axes)
     return n if axis_name is None else lax.psum(n, axis_name)
 
 
@@ -220,10 +219,7 @@ def _check_batch_norm(
             shape = None
         if shape != x.shape:
             raise ValueError(f"{name} shape {p.shape} does not broadcast to x shape {x.shape}")
-    n = 1
-    for a in axes:
-        n *= x.shape[a]
-    if unbiased and n < 2 and axis_name is None:
+    if unbiased and _count(x, axes, None) < 2 and axis_name is None:
         raise ValueError(
             f"batch_norm with unbiased=True needs at least 2 rows to normalise over "
             f"(Bessel's correction divides by n-1), got x shape {x.shape} with axis={axis}"

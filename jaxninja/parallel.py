@@ -145,7 +145,7 @@ def make_sharded_train_chunk(
             f"batch_size {cfg.batch_size} does not divide evenly over {n_dev} devices"
         )
     grad_fn = jax.value_and_grad(lambda p, x, y: sharded_loss(p, x, y, AXIS, cfg.backend))
-    step = train._train_step(cfg, grad_fn, train.make_optimizer(cfg), axis_name=AXIS)
+    step = train.train_step(cfg, grad_fn, train.make_optimizer(cfg), axis_name=AXIS)
     sharded_scan = jax.shard_map(
         lambda state, batches: lax.scan(step, state, batches, unroll=min(unroll, n_steps)),
         mesh=mesh,

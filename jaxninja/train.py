@@ -26,6 +26,11 @@ BACKENDS = ("custom_vjp", "manual", "autodiff")
 FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)
 
 
+def _is_int(value: Any) -> bool:
+    """A JSON/Python integer, not a bool (``True`` is an ``int`` to Python)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class ConfigError(ValueError):
     """A training configuration that cannot run; the message names the field."""
 
@@ -51,22 +56,23 @@ class TrainConfig:
         """Return self, or raise :class:`ConfigError` naming the bad field."""
         for name in ("n_embd", "n_hidden", "block_size", "steps", "chunk_steps"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 2:
+        if not _is_int(self.batch_size) or self.batch_size < 2:
             raise ConfigError(
                 f"batch_size must be at least 2 (batch norm divides by n-1), "
                 f"got {self.batch_size!r}"
             )
         for name in ("lr", "lr_decay"):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+            number = isinstance(value, float) or _is_int(value)
+            if not number or not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
             if value > FLOAT32_MAX:  # it would become inf in the float32 update
                 raise ConfigError(f"{name} must be at most {FLOAT32_MAX:.3g}, got {value!r}")
-        if not isinstance(self.lr_decay_step, int) or self.lr_decay_step < 0:
+        if not _is_int(self.lr_decay_step) or self.lr_decay_step < 0:
             raise ConfigError(f"lr_decay_step must be >= 0, got {self.lr_decay_step!r}")
-        if not isinstance(self.seed, int) or self.seed < 0:
+        if not _is_int(self.seed) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
         if not isinstance(self.running_stats, bool):
             raise ConfigError(f"running_stats must be true or false, got {self.running_stats!r}")
@@ -84,8 +90,7 @@ class TrainConfig:
         """Build and validate a config from (untrusted) JSON data."""
         if not isinstance(d, dict):
             raise ConfigError(f"config must be a JSON object, got {type(d).__name__}")
-        fields = {f.name: f.type for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - set(fields))
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
         return cls(**d).validate()
@@ -137,21 +142,22 @@ def init_state(cfg: TrainConfig, vocab_size: int, dtype: Any = jnp.float32) -> T
     return TrainState(params, make_optimizer(cfg).init(params), jnp.zeros((), jnp.int32), running)
 
 
-def batch_indices(cfg: TrainConfig, steps: Array, n_examples: int) -> Array:
+def batch_indices(
+    cfg: TrainConfig, steps: Array, n_examples: int, seed: int | Array | None = None
+) -> Array:
     """Minibatch row indices ``(len(steps), batch_size)``: step ``s`` draws uniformly with
-    replacement from ``fold_in(key(seed), s)``, whatever chunk it runs in."""
-    return _batch_indices(cfg.seed, cfg.batch_size, steps, n_examples)
-
-
-def _batch_indices(seed: int | Array, batch_size: int, steps: Array, n_examples: int) -> Array:
-    """:func:`batch_indices` with the seed as a (possibly traced) value, for sweeps."""
+    replacement from ``fold_in(key(seed), s)``, whatever chunk it runs in. ``seed``
+    (default ``cfg.seed``) may be a traced value, as in sweeps."""
+    seed = cfg.seed if seed is None else seed
     data_key = jax.random.fold_in(jax.random.key(seed), 1)  # not the init key
     return jax.vmap(
-        lambda s: jax.random.randint(jax.random.fold_in(data_key, s), (batch_size,), 0, n_examples)
+        lambda s: jax.random.randint(
+            jax.random.fold_in(data_key, s), (cfg.batch_size,), 0, n_examples
+        )
     )(steps)
 
 
-def _train_step(
+def train_step(
     cfg: TrainConfig,
     grad_fn: GradFn,
     optimizer: optax.GradientTransformation,
@@ -187,7 +193,7 @@ def make_train_chunk(cfg: TrainConfig, n_steps: int, unroll: int = 1) -> jax.sta
     default 10,000-step chunk), so the loop body holds only the training step; two
     scalar gathers of random rows per step cost more than the step's small kernels.
     ``unroll=1`` is the fastest on CPU (unrolling only adds buffer copies)."""
-    step = _train_step(cfg, gradient_fn(cfg.backend), make_optimizer(cfg))
+    step = train_step(cfg, gradient_fn(cfg.backend), make_optimizer(cfg))
 
     def chunk(state: TrainState, Xtr: Array, Ytr: Array) -> tuple[TrainState, Array]:
         idx = batch_indices(cfg, state.step + jnp.arange(n_steps), Xtr.shape[0])

@@ -83,23 +83,25 @@ def test_load_splits_counts(names_file: Path) -> None:
         assert x.min() >= 0 and x.max() < 27 and y.min() >= 0 and y.max() < 27
 
 
-def test_load_splits_matches_lecture(names: list[str], names_file: Path) -> None:
-    lecture_words = list(names)
+def lecture_split(words: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """The lecture's split, literally: ``random.seed(42); random.shuffle(words)`` then
+    80/10/10 (on a copy; the global random state is restored afterwards)."""
+    shuffled = list(words)
     state = random.getstate()
     try:
         random.seed(42)
-        random.shuffle(lecture_words)
+        random.shuffle(shuffled)
     finally:
         random.setstate(state)
-    n1, n2 = int(0.8 * len(lecture_words)), int(0.9 * len(lecture_words))
+    n1, n2 = int(0.8 * len(shuffled)), int(0.9 * len(shuffled))
+    return shuffled[:n1], shuffled[n1:n2], shuffled[n2:]
+
+
+def test_load_splits_matches_lecture(names: list[str], names_file: Path) -> None:
     vocab = Vocab.from_words(names)
     res = load_splits(names_file, block_size=4)
     assert res.vocab == vocab
-    for (x, y), ws in zip(
-        (res.train, res.val, res.test),
-        (lecture_words[:n1], lecture_words[n1:n2], lecture_words[n2:]),
-        strict=True,
-    ):
+    for (x, y), ws in zip((res.train, res.val, res.test), lecture_split(names), strict=True):
         rx, ry = reference_dataset(ws, vocab, 4)
         np.testing.assert_array_equal(x, rx)
         np.testing.assert_array_equal(y, ry)
@@ -201,14 +203,8 @@ def test_split_words_equals_global_random_version_and_is_pure(names: list[str]) 
     assert random.getstate() == state_before  # global RNG untouched
     assert names == original  # input not mutated
 
-    expected = list(names)
-    try:
-        random.seed(42)
-        random.shuffle(expected)
-    finally:
-        random.setstate(state_before)
-    n1, n2 = int(0.8 * len(expected)), int(0.9 * len(expected))
-    assert (tr, va, te) == (expected[:n1], expected[n1:n2], expected[n2:])
+    assert (tr, va, te) == lecture_split(names)
+    assert random.getstate() == state_before
     assert (len(tr), len(va), len(te)) == (25626, 3203, 3204)
 
 

@@ -84,7 +84,7 @@ def test_sweep_run_reports_every_member(names_file):
         ([], None, "at least one seed"),
         (None, [], "at least one learning rate"),
         ([-1], None, "non-negative"),
-        ([1.5], None, "non-negative integers"),
+        ([1.5], None, "non-negative integer"),
         (None, [0.0], "positive finite"),
         (None, [float("nan")], "positive finite"),
         (None, [True], "positive finite"),
