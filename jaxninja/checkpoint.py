@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxninja import fileio
 from jaxninja.data import Vocab
 from jaxninja.model import BNStats
 from jaxninja.train import ConfigError, TrainConfig, TrainState, init_state
@@ -54,21 +53,6 @@ def _flatten(state: TrainState, bn_stats: BNStats | None) -> dict[str, np.ndarra
     return arrays
 
 
-def write_atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write ``path`` so that it is always either the old file or the whole new one:
-    ``write(f)`` into a temporary file beside it, flush and fsync, then rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save(
     run_dir: str | os.PathLike[str],
     config: TrainConfig,
@@ -83,7 +67,7 @@ def save(
     arrays: dict[str, Any] = _flatten(state, bn_stats)
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     dest = run_dir / FILENAME
-    write_atomic(dest, lambda f: np.savez(f, **arrays))
+    fileio.write_atomic(dest, lambda f: np.savez(f, **arrays))
     return dest
 
 

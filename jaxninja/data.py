@@ -19,7 +19,6 @@ import math
 import operator
 import os
 import random
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,6 +28,8 @@ from types import MappingProxyType
 from typing import BinaryIO, NamedTuple
 
 import numpy as np
+
+from jaxninja import fileio
 
 __all__ = [
     "DEFAULT_URL",
@@ -141,29 +142,21 @@ def download_names(
     names.txt ['emma', 'olivia']
     """
     dest_path = Path(dest) if dest is not None else cache_dir() / "names.txt"
-    try:
-        dest_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(
-            prefix=f".{dest_path.name}.", suffix=".part", dir=dest_path.parent
-        )
-    except OSError as e:
-        raise DataError(f"{dest_path.parent}: cannot write there ({_one_line(e)})") from e
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            got = _fetch(url, out, timeout)
-            out.flush()
-            os.fsync(out.fileno())
-        if sha256 is not None and got != sha256.strip().lower():
+    expected = None if sha256 is None else sha256.strip().lower()
+
+    def fetch_and_check(out: BinaryIO) -> None:
+        got = _fetch(url, out, timeout)
+        if expected is not None and got != expected:
             raise DataError(
-                f"{url}: sha256 mismatch (expected {sha256.strip().lower()}, got {got}); "
+                f"{url}: sha256 mismatch (expected {expected}, got {got}); "
                 "refusing to use the download"
             )
-        os.replace(tmp, dest_path)
+
+    try:
+        dest_path.parent.mkdir(parents=True, exist_ok=True)
+        fileio.write_atomic(dest_path, fetch_and_check)
     except OSError as e:
         raise DataError(f"{dest_path}: cannot write the download ({_one_line(e)})") from e
-    finally:
-        tmp.unlink(missing_ok=True)
     return dest_path
 
 

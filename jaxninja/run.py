@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxninja import checkpoint, data, parallel, sample, train
+from jaxninja import checkpoint, data, fileio, parallel, sample, train
 from jaxninja.train import TrainConfig
 
 Log = Callable[[str], None]
@@ -161,7 +161,7 @@ def train_run(
             step += n
             checkpoint.save(out, cfg, vocab, state)
             saved = step
-            checkpoint.write_atomic(losses_file, lambda f: np.save(f, losses))
+            fileio.write_atomic(losses_file, lambda f: np.save(f, losses))
             if interrupted[0] and step < cfg.steps:
                 raise Interrupted(
                     f"interrupted at step {step}; checkpoint saved in {out}. "
@@ -188,7 +188,7 @@ def train_run(
     if cfg.running_stats:
         running = split_losses_of(params, state.bn_running, splits)
         metrics.update({f"{k}_loss_running_stats": v for k, v in running.items()})
-    checkpoint.write_atomic(out / "metrics.json", lambda f: json.dump(metrics, f, indent=2), "w")
+    fileio.write_atomic(out / "metrics.json", lambda f: json.dump(metrics, f, indent=2), "w")
     for split, value in split_losses.items():
         log(f"{split:5s} {value:.4f}")
     if plot_losses(losses, out / "loss.png"):
@@ -234,7 +234,7 @@ def plot_losses(losses: np.ndarray, path: Path, window: int = 1000) -> bool:
     ax.set_xlabel("step")
     ax.set_ylabel(f"log10 loss (mean of {window} steps)")
     fig.tight_layout()
-    checkpoint.write_atomic(path, lambda f: fig.savefig(f, format="png"))
+    fileio.write_atomic(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
     return True
 
