@@ -108,6 +108,13 @@ def _xla_flops(compiled: Any, n_steps: int) -> float | None:
     return flops / n_steps if flops > 0 else None
 
 
+def _timed(units: int, fn: Callable[..., Any], *args: Any) -> tuple[Any, float, float]:
+    """Run ``fn(*args)`` to completion: its result, then wall and CPU us per unit."""
+    c, t = time.process_time(), time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    return out, (time.perf_counter() - t) / units * 1e6, (time.process_time() - c) / units * 1e6
+
+
 def _time_jax_rows(
     setting: tuple[int, int], backends: Sequence[str], steps: int, repeats: int,
     Xtr: jax.Array, Ytr: jax.Array, vocab_size: int, log: Log,
@@ -130,11 +137,9 @@ def _time_jax_rows(
                      "wall": [], "cpu": []})  # fmt: skip
     for _ in range(repeats):  # round-robin, so bursts of outside load hit every row
         for row, fs in zip(rows, fns, strict=True):
-            c, t = time.process_time(), time.perf_counter()
-            fs[1], losses = fs[0](fs[1], Xtr, Ytr)
-            losses.block_until_ready()
-            row["wall"].append((time.perf_counter() - t) / steps * 1e6)
-            row["cpu"].append((time.process_time() - c) / steps * 1e6)
+            (fs[1], _), wall, cpu = _timed(steps, fs[0], fs[1], Xtr, Ytr)
+            row["wall"].append(wall)
+            row["cpu"].append(cpu)
     for row in rows:
         row["us_per_step"] = _summary(row.pop("wall"))
         row["cpu_us_per_step"] = _summary(row.pop("cpu"))
@@ -195,11 +200,9 @@ def _time_sweep_rows(
         losses.block_until_ready()
         wall, cpu = [], []
         for _ in range(repeats):
-            c, t = time.process_time(), time.perf_counter()
-            states, losses = fn(states, m_seeds, m_lrs, Xtr, Ytr)
-            losses.block_until_ready()
-            wall.append((time.perf_counter() - t) / (steps * m) * 1e6)
-            cpu.append((time.process_time() - c) / (steps * m) * 1e6)
+            (states, _), w, c = _timed(steps * m, fn, states, m_seeds, m_lrs, Xtr, Ytr)
+            wall.append(w)
+            cpu.append(c)
         row: dict[str, Any]
         row = {"setting": f"{cfg.n_hidden}x{cfg.batch_size}", "n_hidden": cfg.n_hidden,
                "batch_size": cfg.batch_size, "kind": "sweep", "row": f"sweep M={m}",
