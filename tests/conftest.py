@@ -35,15 +35,13 @@ _SCALES = {"C": 1.0, "W1": (5 / 3) / 30**0.5, "b1": 0.1, "W2": 0.1, "b2": 0.1}
 
 
 def names_path() -> Path:
-    """names.txt: ``$JAXNINJA_DATA`` (relative to the repo; CI sets it to the shared
-    copy), else ../shared/data, else the package's own cached (sha256-checked) copy,
-    which a user's first ``jaxninja train`` downloaded."""
+    """names.txt: ``$JAXNINJA_DATA`` (relative to the repo; CI sets it to the shared copy),
+    else the copy shipped inside the package (byte-identical, see test_data.py)."""
     env = os.environ.get("JAXNINJA_DATA")
     if env:
         p = Path(env)
         return p if p.is_absolute() else REPO / p
-    shared = REPO.parent / "shared" / "data" / "names.txt"
-    return shared if shared.is_file() else data.cache_dir() / "names.txt"
+    return data.resolve_data_path()
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +54,7 @@ def names_file() -> Path:
 
 @pytest.fixture(scope="session")
 def splits(names_file: Path) -> data.Splits:
-    """``(vocab, {"train": (X, Y), "val": ..., "test": ...})`` from names.txt."""
+    """names.txt's ``Splits``: ``.vocab``, ``.data`` (``{"train": (X, Y), ...}``), ``.sha256``."""
     return data.load_splits(names_file)
 
 
@@ -65,7 +63,7 @@ def batch(splits: data.Splits) -> Callable[..., tuple[np.ndarray, np.ndarray]]:
     """``batch(n, seed=0) -> (X, Y)``: n training examples drawn with replacement."""
 
     def draw(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        X, Y = splits.train
+        X, Y = splits.data["train"]
         ix = np.random.default_rng(seed).integers(0, len(Y), size=n)
         return X[ix], Y[ix]
 

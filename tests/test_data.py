@@ -1,17 +1,17 @@
-"""Tests for jaxninja.data: loading, vocabulary, examples, splits and the download path."""
+"""Tests for jaxninja.data: the packaged file, loading, vocabulary, examples and splits,
+and every kind of hostile data path or content."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import hashlib
-import http.server
+import os
 import pickle
 import random
 import socket
 import threading
-from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +25,7 @@ from jaxninja.data import (
     UnknownCharError,
     Vocab,
     build_dataset,
-    cache_dir,
-    download_names,
+    is_control,
     load_splits,
     load_words,
     resolve_data_path,
@@ -70,8 +69,10 @@ def test_names_words_and_vocab(names: list[str]) -> None:
 
 
 def test_load_splits_counts(names_file: Path) -> None:
-    vocab, splits = load_splits(names_file)
+    res = load_splits(names_file)
+    vocab, splits = res.vocab, res.data
     assert vocab.size == 27
+    assert res.sha256 == data.NAMES_SHA256
     assert {k: len(y) for k, (x, y) in splits.items()} == {
         "train": 182625,
         "val": 22655,
@@ -101,7 +102,8 @@ def test_load_splits_matches_lecture(names: list[str], names_file: Path) -> None
     vocab = Vocab.from_words(names)
     res = load_splits(names_file, block_size=4)
     assert res.vocab == vocab
-    for (x, y), ws in zip((res.train, res.val, res.test), lecture_split(names), strict=True):
+    parts = (res.data["train"], res.data["val"], res.data["test"])
+    for (x, y), ws in zip(parts, lecture_split(names), strict=True):
         rx, ry = reference_dataset(ws, vocab, 4)
         np.testing.assert_array_equal(x, rx)
         np.testing.assert_array_equal(y, ry)
@@ -405,122 +407,26 @@ def test_vocab_from_words_rejects_dot() -> None:
         Vocab.from_words(["a.b"])
 
 
-# --------------------------------------------------------------------------- cache / download
+# --------------------------------------------------------------------------- the packaged file
 
 
-def test_cache_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("JAXNINJA_CACHE", str(tmp_path / "jx"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert cache_dir() == tmp_path / "jx"
-    monkeypatch.delenv("JAXNINJA_CACHE")
-    assert cache_dir() == tmp_path / "xdg" / "jaxninja"
-    monkeypatch.setenv("XDG_CACHE_HOME", "")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert cache_dir() == tmp_path / "home" / ".cache" / "jaxninja"
-    monkeypatch.delenv("XDG_CACHE_HOME")
-    assert cache_dir() == tmp_path / "home" / ".cache" / "jaxninja"
+def test_packaged_names_is_byte_identical_to_the_reference(names_file: Path) -> None:
+    packaged = resources.files("jaxninja").joinpath("names.txt").read_bytes()
+    assert hashlib.sha256(packaged).hexdigest() == data.NAMES_SHA256
+    assert packaged == names_file.read_bytes()
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def http_dir(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """A local HTTP server on 127.0.0.1 serving a temporary directory: (base URL, directory)."""
-    served = tmp_path / "served"
-    served.mkdir()
-    handler = functools.partial(_QuietHandler, directory=str(served))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", served
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-
-@pytest.fixture
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    d = tmp_path / "cache"
-    monkeypatch.setenv("JAXNINJA_CACHE", str(d))
-    monkeypatch.delenv("JAXNINJA_DATA", raising=False)
-    return d
-
-
-def dead_url() -> str:
-    """A URL on a local port where nothing listens."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/names.txt"
-
-
-CONTENT = b"emma\nolivia\nava\n"
-CONTENT_SHA = hashlib.sha256(CONTENT).hexdigest()
-
-
-def all_files(d: Path) -> list[Path]:
-    return sorted(d.rglob("*")) if d.exists() else []
-
-
-def test_download_success(http_dir: tuple[str, Path], cache: Path) -> None:
-    base, served = http_dir
-    (served / "names.txt").write_bytes(CONTENT)
-    out = download_names(f"{base}/names.txt", sha256=CONTENT_SHA, timeout=10)
-    assert out == cache / "names.txt"
-    assert out.read_bytes() == CONTENT
-    assert all_files(cache) == [cache / "names.txt"]  # no temp file left over
-    assert load_words(out) == ["emma", "olivia", "ava"]
-
-
-def test_download_overwrites_existing(http_dir: tuple[str, Path], cache: Path) -> None:
-    base, served = http_dir
-    (served / "names.txt").write_bytes(CONTENT)
-    cache.mkdir()
-    (cache / "names.txt").write_bytes(b"stale\n")
-    download_names(f"{base}/names.txt", sha256=CONTENT_SHA.upper(), timeout=10)
-    assert (cache / "names.txt").read_bytes() == CONTENT
-    assert all_files(cache) == [cache / "names.txt"]
-
-
-def test_download_sha_mismatch(http_dir: tuple[str, Path], cache: Path) -> None:
-    base, served = http_dir
-    (served / "names.txt").write_bytes(b"tampered\n")
-    url = f"{base}/names.txt"
-    with pytest.raises(DataError) as exc:
-        download_names(url, sha256=CONTENT_SHA, timeout=10)
-    msg = str(exc.value)
-    assert url in msg and CONTENT_SHA in msg
-    assert hashlib.sha256(b"tampered\n").hexdigest() in msg
-    assert "\n" not in msg
-    assert all_files(cache) == []
-
-
-def test_download_sha_mismatch_keeps_old_file(http_dir: tuple[str, Path], cache: Path) -> None:
-    base, served = http_dir
-    (served / "names.txt").write_bytes(b"tampered\n")
-    cache.mkdir()
-    (cache / "names.txt").write_bytes(CONTENT)
-    with pytest.raises(DataError, match="sha256"):
-        download_names(f"{base}/names.txt", sha256="0" * 64, timeout=10)
-    assert all_files(cache) == [cache / "names.txt"]
-    assert (cache / "names.txt").read_bytes() == CONTENT
-
-
-@pytest.mark.parametrize("kind", ["unreachable", "404"])
-def test_download_failure(http_dir: tuple[str, Path], cache: Path, kind: str) -> None:
-    url = dead_url() if kind == "unreachable" else f"{http_dir[0]}/missing.txt"
-    with pytest.raises(DataError) as exc:
-        download_names(url, sha256=CONTENT_SHA, timeout=10)
-    msg = str(exc.value)
-    assert url in msg and "download failed" in msg
-    assert "--data PATH" in msg and "JAXNINJA_DATA=PATH" in msg
-    assert "\n" not in msg
-    assert all_files(cache) == []
+@pytest.mark.parametrize("env", [None, ""])
+def test_default_is_the_packaged_file(env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No path and no (or an empty) $JAXNINJA_DATA: the copy inside the package, offline."""
+    if env is None:
+        monkeypatch.delenv("JAXNINJA_DATA", raising=False)
+    else:
+        monkeypatch.setenv("JAXNINJA_DATA", env)
+    p = resolve_data_path()
+    assert p == Path(data.__file__).parent / "names.txt"
+    assert len(load_words()) == 32033
+    assert load_splits().sha256 == data.NAMES_SHA256
 
 
 def test_resolve_explicit_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -530,47 +436,212 @@ def test_resolve_explicit_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert resolve_data_path() == tmp_path / "env.txt"
 
 
-def test_resolve_uses_valid_cache_without_network(cache: Path) -> None:
-    cache.mkdir()
-    (cache / "names.txt").write_bytes(CONTENT)
-    # The URL is dead: success proves no download was attempted.
-    assert resolve_data_path(url=dead_url(), sha256=CONTENT_SHA) == cache / "names.txt"
-    assert load_words(resolve_data_path(url=dead_url(), sha256=CONTENT_SHA)) == [
-        "emma",
-        "olivia",
-        "ava",
-    ]
+def test_download_code_is_gone() -> None:
+    for name in ("cache_dir", "download_names", "DEFAULT_URL"):
+        assert not hasattr(data, name), name
 
 
-def test_load_words_default_uses_cached_names(names_file: Path, cache: Path) -> None:
-    # A verified names.txt in the cache is used as is (no network needed for this test).
-    cache.mkdir()
-    (cache / "names.txt").write_bytes(names_file.read_bytes())
-    assert resolve_data_path() == cache / "names.txt"
-    assert len(load_words()) == 32033
-    assert all_files(cache) == [cache / "names.txt"]
+# --------------------------------------------------------------------------- Splits
 
 
-def test_resolve_redownloads_bad_cache(http_dir: tuple[str, Path], cache: Path) -> None:
-    base, served = http_dir
-    (served / "names.txt").write_bytes(CONTENT)
-    cache.mkdir()
-    (cache / "names.txt").write_bytes(b"corrupt\n")
-    p = resolve_data_path(url=f"{base}/names.txt", sha256=CONTENT_SHA)
-    assert p == cache / "names.txt" and p.read_bytes() == CONTENT
-    assert all_files(cache) == [cache / "names.txt"]
+def test_splits_are_read_by_attribute(tmp_path: Path) -> None:
+    p = tmp_path / "w.txt"
+    p.write_bytes(b"emma\nava\nbob\nada\nzoe\n" * 4)
+    s = load_splits(p)
+    assert s._fields == ("vocab", "data", "sha256")
+    assert not any(hasattr(s, k) for k in ("train", "val", "test"))
+    assert s.sha256 == hashlib.sha256(p.read_bytes()).hexdigest()
+    assert sorted(s.data) == ["test", "train", "val"]
 
 
-def test_resolve_downloads_when_no_cache(http_dir: tuple[str, Path], cache: Path) -> None:
-    base, served = http_dir
-    (served / "names.txt").write_bytes(CONTENT)
-    p = resolve_data_path(url=f"{base}/names.txt", sha256=CONTENT_SHA)
-    assert p == cache / "names.txt" and p.read_bytes() == CONTENT
+def test_sha256_tells_files_with_the_same_characters_apart(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("emma\nava\nbob\nada\nzoe\n" * 4)
+    b.write_text("ava\nemma\nbob\nada\nzoe\n" * 4)
+    sa, sb = load_splits(a), load_splits(b)
+    assert sa.vocab == sb.vocab and sa.sha256 != sb.sha256
 
 
-def test_resolve_bad_cache_and_no_network(cache: Path) -> None:
-    cache.mkdir()
-    (cache / "names.txt").write_bytes(b"corrupt\n")
-    with pytest.raises(DataError, match="JAXNINJA_DATA=PATH"):
-        resolve_data_path(url=dead_url(), sha256=CONTENT_SHA)
-    assert all_files(cache) == [cache / "names.txt"]  # old file untouched, no temp files
+def test_too_small_for_a_training_split(tmp_path: Path) -> None:
+    p = tmp_path / "one.txt"
+    p.write_text("emma\n")
+    with pytest.raises(DataError) as exc:
+        load_splits(p)
+    assert str(exc.value) == f"{p}: the training split is empty (the file needs more words)"
+    p.write_text("emma\nolivia\nava\n")  # val empty, train and test not: allowed
+    parts = split_words(["emma", "olivia", "ava"])
+    assert [len(p) for p in parts] == [2, 0, 1]
+    expected = [sum(len(w) + 1 for w in part) for part in parts]
+    assert [len(y) for _, y in load_splits(p).data.values()] == expected
+
+
+def test_data_error_is_the_tool_s_error() -> None:
+    from jaxninja.errors import JaxninjaError
+
+    assert issubclass(DataError, JaxninjaError) and issubclass(DataError, ValueError)
+
+
+# --------------------------------------------------------------------------- path kinds
+
+
+def _load_with_timeout(p: Path, seconds: float = 20) -> BaseException | list[str]:
+    """``load_words(p)`` in a thread: a hang fails the test instead of blocking the suite."""
+    box: list = []
+
+    def target() -> None:
+        try:
+            box.append(load_words(p))
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            box.append(e)
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"load_words({p}) hung"
+    return box[0]
+
+
+def _message(result: BaseException | list[str]) -> str:
+    assert isinstance(result, DataError), result
+    msg = str(result)
+    assert "\n" not in msg
+    return msg
+
+
+def test_fifo_is_refused_without_hanging(tmp_path: Path) -> None:
+    p = tmp_path / "fifo"
+    os.mkfifo(p)
+    assert _message(_load_with_timeout(p)) == f"{p}: not a file (it is a FIFO)"
+
+
+def test_dev_zero_is_refused_without_reading() -> None:
+    p = Path("/dev/zero")
+    assert _message(_load_with_timeout(p)) == f"{p}: not a file (it is a character device)"
+
+
+def test_socket_is_refused(tmp_path: Path) -> None:
+    p = tmp_path / "s"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(p))
+        msg = _message(_load_with_timeout(p))
+    assert msg.startswith(f"{p}: ") and ("socket" in msg or "cannot read" in msg), msg
+
+
+def test_symlinks(tmp_path: Path) -> None:
+    good = tmp_path / "good.txt"
+    good.write_text("emma\nava\n")
+    (tmp_path / "link").symlink_to(good)
+    assert load_words(tmp_path / "link") == ["emma", "ava"]
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    msg = _message(_load_with_timeout(tmp_path / "a"))
+    assert msg == f"{tmp_path / 'a'}: cannot read (Too many levels of symbolic links)"
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    assert _message(_load_with_timeout(tmp_path / "dangling")).endswith(": no such file")
+
+
+def test_path_under_a_file(tmp_path: Path) -> None:
+    f = tmp_path / "f.txt"
+    f.write_text("emma\n")
+    assert str(_load_with_timeout(f / "x")) == f"{f / 'x'}: cannot read (Not a directory)"
+
+
+def test_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = tmp_path / "secret.txt"
+    p.write_text("emma\n")
+    p.chmod(0)
+    if os.access(p, os.R_OK):  # root reads anything: make the kernel's refusal ourselves
+        real_open = os.open
+
+        def deny(path, *args, **kwargs):
+            if Path(path) == p:
+                raise PermissionError(13, "Permission denied", str(p))
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", deny)
+    with pytest.raises(DataError) as exc:
+        load_words(p)
+    assert str(exc.value) == f"{p}: cannot read (Permission denied)"
+
+
+def test_size_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data, "MAX_BYTES", 10)
+    p = tmp_path / "big.txt"
+    p.write_bytes(b"emma\nava\n\n")  # exactly 10 bytes: fine
+    assert load_words(p) == ["emma", "ava"]
+    p.write_bytes(b"emma\nava\n\n\n")
+    with pytest.raises(DataError) as exc:
+        load_words(p)
+    assert str(exc.value) == f"{p}: file is over 10 bytes, too big for a word list"
+    assert data.MAX_BYTES == 10 and (1 << 30) == 1073741824  # the real cap is 1 GiB
+
+
+# --------------------------------------------------------------------------- control characters
+
+CONTROLS = [
+    "\x00",
+    "\x1b",
+    "\x07",
+    "\x7f",
+    "\x85",
+    "\u200b",
+    "\u200d",
+    "\u202e",
+    "\u2028",
+    "\ufeff",
+]
+
+
+@pytest.mark.parametrize("ch", CONTROLS, ids=[f"U+{ord(c):04X}" for c in CONTROLS])
+def test_control_characters_are_refused_with_file_and_line(tmp_path: Path, ch: str) -> None:
+    p = tmp_path / "names.txt"
+    p.write_bytes(f"emma\nava\nol{ch}ivia\nbob\n".encode())
+    with pytest.raises(DataError) as exc:
+        load_words(p)
+    msg = str(exc.value)
+    assert msg.startswith(f"{p}: line 3: word ") and f"U+{ord(ch):04X}" in msg
+    assert not any(is_control(c) for c in msg), "the message must not carry the character"
+    with pytest.raises(DataError):
+        load_splits(p)
+    with pytest.raises(ValueError, match=f"control character U\\+{ord(ch):04X}"):
+        Vocab((".", "a", ch))
+
+
+def test_esc_sequence_never_reaches_the_terminal(tmp_path: Path) -> None:
+    p = tmp_path / "ansi.txt"
+    p.write_bytes(b"emma\n\x1b[2J\x1b[31mred\n")
+    with pytest.raises(DataError) as exc:
+        load_words(p)
+    assert (
+        str(exc.value)
+        == f"{p}: line 2: word '\\x1b[2J\\x1b[31mred' contains the control character U+001B"
+    )
+
+
+def test_long_words_are_shortened_in_messages(tmp_path: Path) -> None:
+    p = tmp_path / "long.txt"
+    p.write_text("a" * 10_000 + ".b\n")
+    with pytest.raises(DataError) as exc:
+        load_words(p)
+    assert len(str(exc.value)) < len(str(p)) + 150
+
+
+def test_stripped_whitespace_controls_are_fine(tmp_path: Path) -> None:
+    """Tabs, form feeds and the like around a word are whitespace, not part of it."""
+    p = tmp_path / "ws.txt"
+    p.write_bytes(b"\temma\x0c\n\x0bava \x1c\n")
+    assert load_words(p) == ["emma", "ava"]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.text(alphabet="ab\x00\x1b\t\u200d \u00e9\r\n", max_size=6), max_size=8))
+def test_no_control_character_reaches_the_vocabulary(tmp_path_factory, lines) -> None:
+    p = tmp_path_factory.mktemp("h") / "w.txt"
+    p.write_bytes("\n".join(lines).encode())
+    try:
+        words = load_words(p)
+    except DataError as e:
+        assert str(e).startswith(f"{p}: ") and not any(is_control(c) for c in str(e))
+        return
+    assert all(not is_control(c) for w in words for c in w)
+    assert all(not is_control(c) for c in Vocab.from_words(words).itos)
