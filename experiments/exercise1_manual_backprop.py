@@ -30,8 +30,9 @@ BATCH_SIZE = 32
 N_HIDDEN = 64  # the lecture's H for Exercises 1-3
 
 # the lecture's data: 80/10/10 split of names.txt, contexts of 3 characters
-vocab, splits = data.load_splits()
-Xtr, Ytr = splits["train"]
+splits = data.load_splits()
+vocab = splits.vocab
+Xtr, Ytr = splits.data["train"]
 print(f"vocab size {vocab.size}, training examples {len(Ytr)}")
 
 # one minibatch, as in the lecture

@@ -30,8 +30,9 @@ SEED = 42
 BATCH_SIZE = 32
 N_HIDDEN = 64
 
-vocab, splits = data.load_splits()
-Xtr, Ytr = splits["train"]
+splits = data.load_splits()
+vocab = splits.vocab
+Xtr, Ytr = splits.data["train"]
 ix = np.random.default_rng(SEED).integers(0, len(Ytr), size=BATCH_SIZE)
 Xb, Yb = jnp.asarray(Xtr[ix]), jnp.asarray(Ytr[ix])
 params = model.init_params(jax.random.key(SEED), vocab.size, n_hidden=N_HIDDEN)

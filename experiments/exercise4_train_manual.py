@@ -9,7 +9,7 @@ check at the start, which is what the lecture compares against.
     python experiments/exercise4_train_manual.py               # the lecture's 200,000 steps
     python experiments/exercise4_train_manual.py --steps 5000  # a quick look
 
-The data is ``--data PATH``, else ``$JAXNINJA_DATA``, else names.txt (downloaded once).
+The data is ``--data PATH``, else ``$JAXNINJA_DATA``, else the bundled names.txt.
 Expect about train 2.07 / val 2.11 after the full run, as in the lecture.
 """
 
@@ -48,8 +48,8 @@ print(f"config: {cfg}")
 # 80% / 10% / 10% of the words, shuffled with random.seed(42) as in the lecture.
 splits = data.load_splits(args.data, block_size=cfg.block_size)
 vocab = splits.vocab
-Xtr, Ytr = (jnp.asarray(a) for a in splits.train)
-Xval, Yval = (jnp.asarray(a) for a in splits.val)
+Xtr, Ytr = (jnp.asarray(a) for a in splits.data["train"])
+Xval, Yval = (jnp.asarray(a) for a in splits.data["val"])
 print(f"vocabulary: {vocab.size} symbols; train examples: {Xtr.shape[0]:,}")
 
 # ---------------------------------------------------------------------- the model
@@ -84,16 +84,18 @@ if not all(row.approximate for row in rows):
 # chunk without coming back to Python); step s draws its minibatch from
 # fold_in(key(seed), s). We print the loss of every print_every-th step, as the lecture.
 print("\ntraining with manual_grads (no autodiff)")
-chunks: dict[int, object] = {}  # one compiled function per chunk length
 t0 = time.perf_counter()
-step = 0
-while step < cfg.steps:
-    n = min(args.print_every, cfg.steps - step)
-    if n not in chunks:
-        chunks[n] = train.make_train_chunk(cfg, n)
-    state, losses = chunks[n](state, Xtr, Ytr)
-    print(f"{step:7d}/{cfg.steps:7d}: {float(losses[0]):.4f}")
-    step += n
+for chunk in train.run_chunks(  # compiles one function per chunk length, runs it
+    lambda n: train.make_train_chunk(cfg, n),
+    state,
+    Xtr,
+    Ytr,
+    start=0,
+    steps=cfg.steps,
+    chunk_steps=args.print_every,
+):
+    state = chunk.state
+    print(f"{chunk.step - len(chunk.losses):7d}/{cfg.steps:7d}: {float(chunk.losses[0]):.4f}")
 seconds = time.perf_counter() - t0
 print(
     f"{cfg.steps:,} steps in {seconds:.1f} s ({cfg.steps / seconds:,.0f} steps/s, compile included)"
@@ -114,6 +116,6 @@ print("(lecture, 200,000 steps: train 2.0705, val 2.1099)")
 # Start from the context "...", draw from softmax(logits), slide, stop at '.'.
 if args.samples > 0:
     print(f"\n{args.samples} samples:")
-    key = jax.random.key(cfg.seed + 10)
+    key = jax.random.fold_in(jax.random.key(cfg.seed), 2)
     for name in sample.sample_names(params, bn_stats, vocab, key, args.samples):
         print(name)

@@ -79,7 +79,8 @@ def hidden_preactivation(params: Params, X: Array) -> Array:
     return embcat @ params["W1"] + params["b1"]
 
 
-def _head(params: Params, hpreact: Array) -> Array:
+def head(params: Params, hpreact: Array) -> Array:
+    """``logits = tanh(hpreact) @ W2 + b2``, ``(n, vocab_size)``."""
     h = jnp.tanh(hpreact)
     return h @ params["W2"] + params["b2"]
 
@@ -88,8 +89,8 @@ def forward(params: Params, X: Array, bn_stats: BNStats | None = None) -> Array:
     """Logits ``(n, vocab_size)`` for contexts ``X`` ``(n, block_size)`` of int ids.
 
     With ``bn_stats=None`` batch norm uses the batch's own statistics (training mode,
-    through :func:`jaxninja.ops.batch_norm`); with ``{"mean": (1, H), "var": (1, H)}``
-    it uses those (evaluation and sampling, any batch size).
+    :func:`jaxninja.ops.batch_norm`); with ``{"mean": (1, H), "var": (1, H)}`` it uses
+    those (evaluation and sampling, any batch size: :func:`jaxninja.ops.batch_norm_eval`).
 
     >>> import jax, jax.numpy as jnp
     >>> p = init_params(jax.random.key(0))
@@ -97,16 +98,63 @@ def forward(params: Params, X: Array, bn_stats: BNStats | None = None) -> Array:
     (4, 27)
     """
     hprebn = hidden_preactivation(params, X)
+    gain, bias = params["bngain"], params["bnbias"]
     if bn_stats is None:
-        hpreact = ops.batch_norm(hprebn, params["bngain"], params["bnbias"], eps=BN_EPS)
+        hpreact = ops.batch_norm(hprebn, gain, bias, eps=BN_EPS)
     else:
-        bnraw = (hprebn - bn_stats["mean"]) * jax.lax.rsqrt(bn_stats["var"] + BN_EPS)
-        hpreact = params["bngain"] * bnraw.astype(hprebn.dtype) + params["bnbias"]
-    return _head(params, hpreact)
+        hpreact = ops.batch_norm_eval(
+            hprebn, gain, bias, bn_stats["mean"], bn_stats["var"], eps=BN_EPS
+        )
+    return head(params, hpreact)
 
 
-def loss(params: Params, X: Array, Y: Array) -> Array:
-    """Mean cross-entropy in training mode, on the custom-VJP ops.
+def _reference_batch_norm_with_stats(x, gain, bias, *, eps, axis_name):
+    """Plain-``jnp`` batch norm plus its (constant) batch statistics."""
+    y = ops.batch_norm_reference(x, gain, bias, eps=eps, axis_name=axis_name)
+    mean, var = jax.lax.stop_gradient(ops.batch_stats(x, axis_name=axis_name))
+    return y, mean, var
+
+
+def loss_with_stats(
+    params: Params, X: Array, Y: Array, *, axis_name: Any = None, reference: bool = False
+) -> tuple[Array, BNStats]:
+    """Mean cross-entropy in training mode, and the batch-norm statistics of the batch.
+
+    ``reference=False`` runs the hand-written VJPs of :mod:`jaxninja.ops`;
+    ``reference=True`` their plain-``jnp`` references, which ``jax.grad`` differentiates
+    by autodiff. With ``axis_name`` (inside ``shard_map``) ``X, Y`` are this device's rows
+    of a batch split over that mesh axis: batch norm and the mean are over the global
+    batch, so every device gets the single-device loss. The statistics are auxiliary data
+    for ``jax.value_and_grad(..., has_aux=True)`` (running averages): one forward pass.
+
+    >>> import jax, jax.numpy as jnp
+    >>> p = init_params(jax.random.key(0), n_hidden=8)
+    >>> X, Y = jnp.zeros((4, 3), jnp.int32), jnp.arange(4)
+    >>> (l, stats), g = jax.value_and_grad(loss_with_stats, has_aux=True)(p, X, Y)
+    >>> stats["mean"].shape, sorted(g) == sorted(p)
+    ((1, 8), True)
+    """
+    if reference:
+        bn, ce = _reference_batch_norm_with_stats, ops.cross_entropy_reference
+    else:
+        bn, ce = ops.batch_norm_with_stats, ops.cross_entropy
+    hprebn = hidden_preactivation(params, X)
+    hpreact, mean, var = bn(
+        hprebn, params["bngain"], params["bnbias"], eps=BN_EPS, axis_name=axis_name
+    )
+    losses = ce(head(params, hpreact), Y)
+    if axis_name is None:
+        loss_value = losses.mean()
+    else:
+        n_global = jax.lax.psum(losses.shape[0], axis_name)
+        loss_value = jax.lax.psum(jnp.sum(losses), axis_name) / n_global
+    return loss_value, {"mean": mean, "var": var}
+
+
+def loss(
+    params: Params, X: Array, Y: Array, *, axis_name: Any = None, reference: bool = False
+) -> Array:
+    """The model's loss: :func:`loss_with_stats` without the statistics.
 
     ``jax.grad(loss)`` runs the hand-written rules of :mod:`jaxninja.ops`.
 
@@ -116,25 +164,10 @@ def loss(params: Params, X: Array, Y: Array) -> Array:
     >>> sorted(jax.grad(loss)(p, X, Y)) == sorted(p)
     True
     """
-    return ops.cross_entropy(forward(params, X), Y).mean()
-
-
-def loss_with_stats(params: Params, X: Array, Y: Array) -> tuple[Array, BNStats]:
-    """:func:`loss` that also returns the batch-norm statistics of this batch.
-
-    For ``jax.value_and_grad(..., has_aux=True)`` when tracking running averages.
-    """
-    hprebn = hidden_preactivation(params, X)
-    hpreact, mean, var = ops.batch_norm_with_stats(
-        hprebn, params["bngain"], params["bnbias"], eps=BN_EPS
-    )
-    logits = _head(params, hpreact)
-    return ops.cross_entropy(logits, Y).mean(), {"mean": mean, "var": var}
+    return loss_with_stats(params, X, Y, axis_name=axis_name, reference=reference)[0]
 
 
 def reference_loss(params: Params, X: Array, Y: Array) -> Array:
-    """The same loss in plain ``jnp`` (no custom VJPs): what ``jax.grad`` differentiates
-    in the ``autodiff`` backend and in the tests' baselines."""
-    hprebn = hidden_preactivation(params, X)
-    hpreact = ops.batch_norm_reference(hprebn, params["bngain"], params["bnbias"], eps=BN_EPS)
-    return ops.cross_entropy_reference(_head(params, hpreact), Y).mean()
+    """``loss(..., reference=True)``: plain ``jnp``, what the ``autodiff`` backend and the
+    tests' baselines differentiate."""
+    return loss(params, X, Y, reference=True)

@@ -2,17 +2,15 @@
 
 This is what ``jaxninja train`` / ``eval`` / ``sample`` call. A run directory holds
 ``checkpoint.npz`` (see :mod:`jaxninja.checkpoint`), ``losses.npy`` (the loss of every
-step, NaN where not yet run), ``metrics.json`` and, with matplotlib, ``loss.png``.
+step, NaN where not yet run), ``metrics.json``, with matplotlib ``loss.png``, and the lock
+file that keeps a second process out while a run is in progress (:mod:`jaxninja.rundir`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxninja import checkpoint, data, fileio, parallel, sample, train
+from jaxninja import checkpoint, data, fileio, parallel, rundir, sample, train
+from jaxninja.rundir import Interrupted, RunError
 from jaxninja.train import TrainConfig
 
-Log = Callable[[str], None]
+__all__ = ["Interrupted", "RunError", "eval_run", "load_run", "train_run"]
 
 
 def print_flush(line: str) -> None:
@@ -31,55 +30,40 @@ def print_flush(line: str) -> None:
     print(line, flush=True)
 
 
-class RunError(RuntimeError):
-    """A run that cannot start or continue; the message says why and what to do."""
+def _resume_state(cfg: TrainConfig, out: Path, splits: data.Splits, other_data: bool):
+    """The checkpoint's state, after checking it is this run's (config, vocab, data)."""
+    ckpt = checkpoint.load(out)
+    theirs, ours = {**ckpt.config.to_dict(), "steps": None}, {**cfg.to_dict(), "steps": None}
+    diff = [f"{k}={theirs[k]!r} (asked {ours[k]!r})" for k in ours if theirs[k] != ours[k]]
+    if diff:
+        raise RunError(f"{out} holds a run with a different config: {', '.join(diff)}")
+    _check_same_data(out, ckpt, splits, other_data)
+    if int(ckpt.state.step) > cfg.steps:
+        raise RunError(f"{out} is already at step {int(ckpt.state.step)} > --steps {cfg.steps}")
+    return ckpt.state
 
 
-class Interrupted(RunError):
-    """Ctrl-C during training: a checkpoint was saved first."""
-
-
-@contextmanager
-def _deferred_sigint() -> Iterator[list[bool]]:
-    """Turn Ctrl-C into a flag checked between chunks, so a chunk is never cut in half."""
-    flag = [False]
-
-    def handler(signum, frame):
-        flag[0] = True
-
-    try:
-        previous = signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread: leave Ctrl-C alone
-        yield flag
-        return
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _prepare_out_dir(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool, vocab):
-    ckpt_file = out / checkpoint.FILENAME
-    if resume:
-        if not ckpt_file.exists():
-            raise RunError(f"{out}: nothing to resume (no {checkpoint.FILENAME})")
-        ckpt = checkpoint.load(out)
-        theirs = {**ckpt.config.to_dict(), "steps": None}
-        ours = {**cfg.to_dict(), "steps": None}
-        diff = [f"{k}={theirs[k]!r} (asked {ours[k]!r})" for k in ours if theirs[k] != ours[k]]
-        if diff:
-            raise RunError(f"{out} holds a run with a different config: {', '.join(diff)}")
-        if ckpt.vocab != vocab:
-            raise RunError(f"{out} holds a run trained on a different vocabulary")
-        if int(ckpt.state.step) > cfg.steps:
-            raise RunError(f"{out} is already at step {int(ckpt.state.step)} > --steps {cfg.steps}")
-        return ckpt.state
-    if ckpt_file.exists() and not overwrite:
+def _check_same_data(out: Path, ckpt: checkpoint.Checkpoint, splits, other_data: bool) -> None:
+    if ckpt.vocab != splits.vocab:
+        raise RunError(f"{out} holds a run trained on a different vocabulary")
+    if not other_data and ckpt.data_sha256 not in (None, splits.sha256):
         raise RunError(
-            f"{out} already holds a run; pass --resume to continue it, --overwrite to "
-            f"replace it, or --out to choose another directory"
+            f"{out} was trained on another data file (sha256 {ckpt.data_sha256[:12]}..., "
+            f"this one {splits.sha256[:12]}...); pass --other-data to use it anyway"
         )
-    return None
+
+
+def _old_losses(path: Path, steps: int, log) -> np.ndarray:
+    """The loss history so far; a damaged file costs the history, never the run."""
+    losses = np.full(steps, np.nan, np.float32)
+    try:
+        old = np.asarray(np.load(path, allow_pickle=False), np.float32).reshape(-1)
+        losses[: min(len(old), steps)] = old[:steps]
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, EOFError) as e:
+        log(f"warning: {path} is unreadable ({e}); the loss history restarts here")
+    return losses
 
 
 def train_run(
@@ -89,7 +73,8 @@ def train_run(
     *,
     resume: bool = False,
     overwrite: bool = False,
-    log: Log = print_flush,
+    other_data: bool = False,
+    log=print_flush,
     num_samples: int = 10,
     devices: int | None = None,
 ) -> dict[str, Any]:
@@ -100,113 +85,122 @@ def train_run(
     three splits, writes ``metrics.json`` (and ``loss.png``) and returns the metrics.
     ``devices`` (default: all) splits every batch over that many devices
     (:mod:`jaxninja.parallel`); it is not part of ``cfg``: a run may resume on another
-    device count.
+    device count. Ctrl-C or SIGTERM stop after the current chunk with a checkpoint.
     """
     t_start = time.perf_counter()
     cfg.validate()
-    mesh = parallel.data_mesh(cfg, devices)  # None: one device
+    mesh = parallel.data_mesh(cfg, devices)
+    splits = data.load_splits(data_path, block_size=cfg.block_size)
+    n_train = len(splits.data["train"][1])
+    if n_train == 0:
+        raise RunError(f"{data_path or 'the data file'}: the training split is empty")
+    rundir.check_memory(cfg, n_train, splits.vocab.size)
     out = Path(out)
-    data_file = data.resolve_data_path(data_path)
-    vocab, splits = data.load_splits(data_file, block_size=cfg.block_size)
-    Xtr, Ytr = (jnp.asarray(a) for a in splits["train"])
-    if Xtr.shape[0] == 0:
-        raise RunError(f"{data_file}: the training split is empty (the file needs more words)")
-    state = _prepare_out_dir(cfg, out, resume, overwrite, vocab)
-    if state is None:
-        state = train.init_state(cfg, vocab.size)
-    out.mkdir(parents=True, exist_ok=True)
-    losses_file = out / "losses.npy"
-    losses = np.full(cfg.steps, np.nan, np.float32)
-    if resume and losses_file.exists():
-        old = np.load(losses_file, allow_pickle=False)
-        losses[: min(len(old), cfg.steps)] = old[: cfg.steps]
+    with rundir.claim(out, resume=resume, overwrite=overwrite), rundir.deferred_stop() as stop:
+        state = train.init_state(cfg, splits.vocab.size)
+        losses = np.full(cfg.steps, np.nan, np.float32)
+        if resume:
+            state = _resume_state(cfg, out, splits, other_data)
+            losses = _old_losses(out / "losses.npy", cfg.steps, log)
+        start = int(state.step)
+        state, timing = _train_loop(cfg, out, splits, state, losses, mesh, stop, log, start)
+        timing.update(
+            steps_this_run=cfg.steps - start,
+            seconds=round(time.perf_counter() - t_start, 3),
+            devices=1 if mesh is None else mesh.size,
+        )
+        return _finish(cfg, out, splits, state, losses, timing, log, num_samples)
 
-    start = int(state.step)
-    saved = start if resume else None  # step of the newest checkpoint of this run
-    compiled: dict[int, Any] = {}
+
+def _train_loop(cfg, out, splits, state, losses, mesh, stop, log, start: int):
+    """Chunks until ``cfg.steps``: finiteness check, progress lines, checkpoint."""
+    Xtr, Ytr = (jnp.asarray(a) for a in splits.data["train"])
+    saved = start if start > 0 else None  # step of the newest checkpoint of this run
     compile_seconds = run_seconds = 0.0
-    with _deferred_sigint() as interrupted:
-        step = start
-        while step < cfg.steps:
-            n = min(cfg.chunk_steps, cfg.steps - step)
-            if n not in compiled:  # ahead-of-time, so compile time is measured apart
-                t = time.perf_counter()
-                if mesh is None:
-                    fn = train.make_train_chunk(cfg, n)
-                else:
-                    fn = parallel.make_sharded_train_chunk(cfg, n, mesh)
-                compiled[n] = fn.lower(state, Xtr, Ytr).compile()
-                compile_seconds += time.perf_counter() - t
-            t = time.perf_counter()
-            state, chunk_losses = compiled[n](state, Xtr, Ytr)
-            chunk_losses = np.asarray(chunk_losses)
-            run_seconds += time.perf_counter() - t
-            bad = ~np.isfinite(chunk_losses)
-            if bad.any() or not _all_finite(state):
-                what = (
-                    f"loss became non-finite at step {step + int(bad.argmax())}"
-                    if bad.any()
-                    else f"parameters became non-finite in steps {step}..{step + n - 1}"
-                )
-                kept = (
-                    f"the last good checkpoint (step {saved}) is kept in {out}"
-                    if saved is not None
-                    else "no checkpoint of this run was written"
-                )
-                raise RunError(f"{what}; stopped, {kept}")
-            losses[step : step + n] = chunk_losses
-            for i in range(n):
-                if (step + i) % cfg.chunk_steps == 0:
-                    log(f"{step + i:7d}/{cfg.steps:7d}: {chunk_losses[i]:.4f}")
-            step += n
-            checkpoint.save(out, cfg, vocab, state)
-            saved = step
-            fileio.write_atomic(losses_file, lambda f: np.save(f, losses))
-            if interrupted[0] and step < cfg.steps:
-                raise Interrupted(
-                    f"interrupted at step {step}; checkpoint saved in {out}. "
-                    f"Continue with the same command plus --resume"
-                )
-
-    params = state.params
-    bn_stats = train.calibrate_bn(params, Xtr)
-    checkpoint.save(out, cfg, vocab, state, bn_stats)
-    split_losses = split_losses_of(params, bn_stats, splits)
+    chunks = train.run_chunks(
+        lambda n: train.make_train_chunk(cfg, n, mesh),
+        state,
+        Xtr,
+        Ytr,
+        start=int(state.step),
+        steps=cfg.steps,
+        chunk_steps=cfg.chunk_steps,
+    )
+    for chunk in chunks:
+        first = chunk.step - len(chunk.losses)
+        compile_seconds += chunk.compile_seconds
+        run_seconds += chunk.run_seconds
+        _check_finite(chunk, first, out, saved)
+        state = chunk.state
+        losses[first : chunk.step] = chunk.losses
+        for i in range(first, chunk.step):
+            if i % cfg.chunk_steps == 0:
+                log(f"{i:7d}/{cfg.steps:7d}: {losses[i]:.4f}")
+        checkpoint.save(out, cfg, splits.vocab, state, data_sha256=splits.sha256)
+        saved = chunk.step
+        fileio.write_atomic(out / "losses.npy", lambda f: np.save(f, losses))
+        if stop.requested and chunk.step < cfg.steps:
+            raise Interrupted(
+                f"{stop.requested}: stopped at step {chunk.step}; checkpoint saved in {out}. "
+                f"Continue with the same command plus --resume",
+                stop.signum,
+            )
     steps_run = cfg.steps - start
+    return state, {
+        "compile_seconds": round(compile_seconds, 3),
+        "steps_per_second": round(steps_run / run_seconds, 1) if run_seconds else None,
+    }
+
+
+def _check_finite(chunk: train.Chunk, first: int, out: Path, saved: int | None) -> None:
+    bad = ~np.isfinite(chunk.losses)
+    leaves = (np.asarray(x) for x in jax.tree.leaves(chunk.state))
+    if not bad.any() and all(np.isfinite(a).all() for a in leaves if a.dtype.kind == "f"):
+        return
+    what = (
+        f"loss became non-finite at step {first + int(bad.argmax())}"
+        if bad.any()
+        else f"parameters became non-finite in steps {first}..{chunk.step - 1}"
+    )
+    kept = (
+        f"the last good checkpoint (step {saved}) is kept in {out}"
+        if saved is not None
+        else "no checkpoint of this run was written"
+    )
+    raise RunError(f"{what}; stopped, {kept}")
+
+
+def _finish(cfg, out, splits, state, losses, timing, log, num_samples: int) -> dict[str, Any]:
+    """Calibrate, checkpoint, evaluate, write metrics, plot, sample: the end of a run."""
+    params = state.params
+    bn_stats = train.calibrate_bn(params, jnp.asarray(splits.data["train"][0]))
+    checkpoint.save(out, cfg, splits.vocab, state, bn_stats, data_sha256=splits.sha256)
+    split_losses = split_losses_of(params, bn_stats, splits.data)
     metrics: dict[str, Any] = {
         **{f"{k}_loss": v for k, v in split_losses.items()},
         "steps": cfg.steps,
-        "steps_this_run": steps_run,
         "backend": cfg.backend,
-        "seconds": round(time.perf_counter() - t_start, 3),
-        "compile_seconds": round(compile_seconds, 3),
-        "steps_per_second": round(steps_run / run_seconds, 1) if run_seconds else None,
         "device": str(jax.devices()[0].device_kind),
-        "devices": 1 if mesh is None else mesh.size,
         "config": cfg.to_dict(),
+        "data_sha256": splits.sha256,
+        **timing,
     }
     if cfg.running_stats:
-        running = split_losses_of(params, state.bn_running, splits)
+        running = split_losses_of(params, state.bn_running, splits.data)
         metrics.update({f"{k}_loss_running_stats": v for k, v in running.items()})
     fileio.write_atomic(out / "metrics.json", lambda f: json.dump(metrics, f, indent=2), "w")
     for split, value in split_losses.items():
         log(f"{split:5s} {value:.4f}")
     if plot_losses(losses, out / "loss.png"):
         log(f"loss curve: {out / 'loss.png'}")
-    key = jax.random.key(cfg.seed + 10)
+    key = jax.random.fold_in(jax.random.key(cfg.seed), 2)  # not the init or data key
     if num_samples:  # --samples 0 prints none
-        for name in sample.sample_names(params, bn_stats, vocab, key, num_samples):
+        for name in sample.sample_names(params, bn_stats, splits.vocab, key, num_samples):
             log(name)
     return metrics
 
 
-def _all_finite(tree) -> bool:
-    """Whether every floating-point leaf of ``tree`` is finite (what a checkpoint needs)."""
-    leaves = (np.asarray(x) for x in jax.tree.leaves(tree))
-    return all(np.isfinite(a).all() for a in leaves if a.dtype.kind == "f")
-
-
-def split_losses_of(params, bn_stats, splits) -> dict[str, float]:
+def split_losses_of(params, bn_stats, splits: dict) -> dict[str, float]:
     """Eval-mode mean loss of each split that has examples."""
     return {
         name: round(float(train.evaluate(params, bn_stats, jnp.asarray(X), jnp.asarray(Y))), 4)
@@ -250,10 +244,9 @@ def load_run(out: str | os.PathLike[str]) -> checkpoint.Checkpoint:
     return ckpt
 
 
-def eval_run(out: str | os.PathLike[str], data_path=None) -> dict[str, float]:
+def eval_run(out: str | os.PathLike[str], data_path=None, other_data: bool = False):
     """The split losses of a saved run, recomputed from its checkpoint."""
     ckpt = load_run(out)
-    vocab, splits = data.load_splits(data_path, block_size=ckpt.config.block_size)
-    if vocab != ckpt.vocab:
-        raise RunError(f"{out}: the data's vocabulary differs from the run's")
-    return split_losses_of(ckpt.state.params, ckpt.bn_stats, splits)
+    splits = data.load_splits(data_path, block_size=ckpt.config.block_size)
+    _check_same_data(Path(out), ckpt, splits, other_data)
+    return split_losses_of(ckpt.state.params, ckpt.bn_stats, splits.data)

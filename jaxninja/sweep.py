@@ -16,16 +16,18 @@ us for one plain run): there, train the members one after another.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxninja import data, train
+from jaxninja import data, fileio, train
 from jaxninja.train import ConfigError, TrainConfig, TrainState
 
 Array = jax.Array
@@ -62,10 +64,9 @@ def make_sweep_chunk(cfg: TrainConfig, n_steps: int, unroll: int = 1) -> jax.sta
     """A jitted ``(states, seeds[M], lrs[M], Xtr, Ytr) -> (states, losses[M, n_steps])``:
     :func:`jaxninja.train.make_train_chunk` vmapped over members. ``cfg.seed`` and
     ``cfg.lr`` are unused (each member brings its own); the states are donated."""
-    grad_fn = train.gradient_fn(cfg.backend)
 
     def member_chunk(state: TrainState, seed: Array, lr: Array, Xtr: Array, Ytr: Array):
-        step = train.train_step(cfg, grad_fn, train.make_optimizer(cfg, lr))
+        step = train.train_step(cfg, train.make_optimizer(cfg, lr))
         steps = state.step + jnp.arange(n_steps)
         idx = train.batch_indices(cfg, steps, Xtr.shape[0], seed)
         return jax.lax.scan(step, state, (Xtr[idx], Ytr[idx]), unroll=min(unroll, n_steps))
@@ -85,16 +86,27 @@ def _evaluate_members(params, Xtr, splits_xy):
     return jax.lax.map(one, params)
 
 
+def _check_writable(out: str | os.PathLike[str] | None) -> None:
+    """Refuse an output file that cannot be written before any work is done."""
+    if out is None:
+        return
+    parent = Path(out).parent
+    if Path(out).is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ConfigError(f"--out {out}: cannot write a file there")
+
+
 def sweep_run(
     cfg: TrainConfig,
     seeds: Sequence[int] | None = None,
     lrs: Sequence[float] | None = None,
     data_path: str | os.PathLike[str] | None = None,
     *,
+    out: str | os.PathLike[str] | None = None,
     log: Log = print,
 ) -> dict[str, Any]:
     """Train the ``seeds x lrs`` grid of ``cfg`` in one vmapped program and report each
-    member's final train/val loss (batch norm calibrated per member on the training set).
+    member's final train/val loss (batch norm calibrated per member on the training set);
+    with ``out``, also write them there as JSON (checked writable before training).
 
     Returns ``{"members": [{"seed", "lr", "train_loss", "val_loss"}, ...], "seconds",
     "compile_seconds", "model_steps_per_second", "config"}``.
@@ -102,36 +114,52 @@ def sweep_run(
     t_start = time.perf_counter()
     cfg.validate()
     grid = members(seeds, lrs, cfg)
-    vocab, splits = data.load_splits(data_path, block_size=cfg.block_size)
-    Xtr, Ytr = (jnp.asarray(a) for a in splits["train"])
+    _check_writable(out)
+    splits = data.load_splits(data_path, block_size=cfg.block_size)
+    Xtr, Ytr = (jnp.asarray(a) for a in splits.data["train"])
     if Xtr.shape[0] == 0:
         raise ConfigError("the training split is empty: the data file needs more words")
     m_seeds = jnp.asarray([s for s, _ in grid], jnp.int32)
     m_lrs = jnp.asarray([lr for _, lr in grid], jnp.float32)
-    states = init_states(cfg, [s for s, _ in grid], vocab.size)
-    log(f"sweep: {len(grid)} members x {cfg.steps} steps (H={cfg.n_hidden}, "
-        f"batch {cfg.batch_size}, backend {cfg.backend})")  # fmt: skip
-    compiled: dict[int, Any] = {}
+    states = init_states(cfg, [s for s, _ in grid], splits.vocab.size)
+    log(
+        f"sweep: {len(grid)} members x {cfg.steps} steps (H={cfg.n_hidden}, "
+        f"batch {cfg.batch_size}, backend {cfg.backend})"
+    )
     compile_s = run_s = 0.0
-    step = 0
     last = np.full(len(grid), np.nan)
-    while step < cfg.steps:
-        n = min(cfg.chunk_steps, cfg.steps - step)
-        if n not in compiled:
-            t = time.perf_counter()
-            fn = make_sweep_chunk(cfg, n)
-            compiled[n] = fn.lower(states, m_seeds, m_lrs, Xtr, Ytr).compile()
-            compile_s += time.perf_counter() - t
-        t = time.perf_counter()
-        states, losses = compiled[n](states, m_seeds, m_lrs, Xtr, Ytr)
-        losses = np.asarray(losses)
-        run_s += time.perf_counter() - t
-        last = losses[:, -1]
-        step += n
-        log(f"{step:7d}/{cfg.steps:7d}: " + " ".join(f"{v:.4f}" for v in last))
+    for chunk in train.run_chunks(
+        lambda n: make_sweep_chunk(cfg, n),
+        states,
+        m_seeds,
+        m_lrs,
+        Xtr,
+        Ytr,
+        start=0,
+        steps=cfg.steps,
+        chunk_steps=cfg.chunk_steps,
+    ):
+        states, last = chunk.state, chunk.losses[:, -1]
+        compile_s, run_s = compile_s + chunk.compile_seconds, run_s + chunk.run_seconds
+        log(f"{chunk.step:7d}/{cfg.steps:7d}: " + " ".join(f"{v:.4f}" for v in last))
+    rows = _member_rows(grid, states.params, Xtr, splits.data, last, log)
+    result = {
+        "members": rows,
+        "seconds": round(time.perf_counter() - t_start, 3),
+        "compile_seconds": round(compile_s, 3),
+        "model_steps_per_second": round(len(grid) * cfg.steps / run_s, 1) if run_s else None,
+        "config": cfg.to_dict(),
+    }
+    if out is not None:
+        fileio.write_atomic(Path(out), lambda f: json.dump(result, f, indent=2), "w")
+    return result
+
+
+def _member_rows(grid, params, Xtr, splits, last, log: Log) -> list[dict[str, Any]]:
+    """Each member's calibrated train/val loss, printed as a table and returned."""
     names = [k for k in ("train", "val") if len(splits[k][1])]
     split_xy = [(jnp.asarray(splits[k][0]), jnp.asarray(splits[k][1])) for k in names]
-    evals = np.asarray(_evaluate_members(states.params, Xtr, split_xy))  # (splits, M)
+    evals = np.asarray(_evaluate_members(params, Xtr, split_xy))  # (splits, M)
     rows = []
     for i, (seed, lr) in enumerate(grid):
         row: dict[str, Any] = {"seed": seed, "lr": lr}
@@ -141,12 +169,6 @@ def sweep_run(
     log("| member | seed | lr | train | val |")
     log("|---:|---:|---:|---:|---:|")
     for i, r in enumerate(rows):
-        log(f"| {i} | {r['seed']} | {r['lr']:g} | {r.get('train_loss', float('nan')):.4f} | "
-            f"{r.get('val_loss', float('nan')):.4f} |")  # fmt: skip
-    return {
-        "members": rows,
-        "seconds": round(time.perf_counter() - t_start, 3),
-        "compile_seconds": round(compile_s, 3),
-        "model_steps_per_second": round(len(grid) * cfg.steps / run_s, 1) if run_s else None,
-        "config": cfg.to_dict(),
-    }
+        train_loss, val_loss = r.get("train_loss", float("nan")), r.get("val_loss", float("nan"))
+        log(f"| {i} | {r['seed']} | {r['lr']:g} | {train_loss:.4f} | {val_loss:.4f} |")
+    return rows

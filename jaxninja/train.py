@@ -11,19 +11,61 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxninja import model, ninja, ops
+from jaxninja.errors import JaxninjaError
 
 Array = jax.Array
-BACKENDS = ("custom_vjp", "manual", "autodiff")
 FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)
+FLOAT32_TINY = float(jnp.finfo(jnp.float32).tiny)  # smaller becomes 0 or denormal
+INT32_MAX = 2**31 - 1
+AXIS = "data"
+"""The mesh axis a data-parallel batch is split over (:mod:`jaxninja.parallel`)."""
+
+
+class ConfigError(JaxninjaError):
+    """A training configuration that cannot run; the message names the field."""
+
+
+# ------------------------------------------------------------------------ backends
+GradFn = Callable[..., tuple[tuple[Array, model.BNStats], model.Params]]
+"""``(params, X, Y, axis_name=None) -> ((loss, batch_stats), grads)``."""
+
+
+def _manual(params: model.Params, X: Array, Y: Array, axis_name: Any = None):
+    loss, grads = ninja.manual_grads(params, X, Y)
+    mean, var = ops.batch_stats(model.hidden_preactivation(params, X))  # unused: pruned
+    return (loss, {"mean": mean, "var": var}), grads
+
+
+def _autodiff(reference: bool) -> GradFn:
+    grad = jax.value_and_grad(model.loss_with_stats, has_aux=True)
+    return lambda p, X, Y, axis_name=None: grad(p, X, Y, axis_name=axis_name, reference=reference)
+
+
+class Backend(NamedTuple):
+    grad: GradFn
+    data_parallel: bool  # has a cross-device (``axis_name``) rule
+    about: str
+
+
+BACKENDS: dict[str, Backend] = {
+    "custom_vjp": Backend(_autodiff(False), True, "jax.grad through the hand-written VJPs"),
+    "manual": Backend(_manual, False, "ninja.manual_grads: no autodiff at all (Exercise 4)"),
+    "autodiff": Backend(_autodiff(True), True, "jax.grad of the plain-jnp references"),
+}
+"""The one table of training backends: a new backend is one entry."""
 
 
 def _is_int(value: Any) -> bool:
@@ -31,8 +73,20 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-class ConfigError(ValueError):
-    """A training configuration that cannot run; the message names the field."""
+def _check_int(name: str, value: Any, low: int, what: str = "") -> None:
+    if not _is_int(value) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}{what}, got {value!r}")
+
+
+def _check_positive_float(name: str, value: Any) -> None:
+    number = isinstance(value, float) or _is_int(value)
+    if not number or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+    if not FLOAT32_TINY <= value <= FLOAT32_MAX:  # float32 would make it 0 or inf
+        raise ConfigError(
+            f"{name} must be between {FLOAT32_TINY:.3g} and {FLOAT32_MAX:.3g} (float32), "
+            f"got {value!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -49,31 +103,21 @@ class TrainConfig:
     lr_decay: float = 0.1
     seed: int = 42
     backend: str = "custom_vjp"
-    running_stats: bool = False  # track batch-norm running averages (momentum 0.001)
+    running_stats: bool = False  # track batch-norm running averages (momentum 0.999)
     chunk_steps: int = 10_000  # steps per compiled chunk: progress lines, checkpoints
 
     def validate(self) -> TrainConfig:
         """Return self, or raise :class:`ConfigError` naming the bad field."""
         for name in ("n_embd", "n_hidden", "block_size", "steps", "chunk_steps"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if not _is_int(self.batch_size) or self.batch_size < 2:
-            raise ConfigError(
-                f"batch_size must be at least 2 (batch norm divides by n-1), "
-                f"got {self.batch_size!r}"
-            )
-        for name in ("lr", "lr_decay"):
-            value = getattr(self, name)
-            number = isinstance(value, float) or _is_int(value)
-            if not number or not math.isfinite(value) or value <= 0:
-                raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
-            if value > FLOAT32_MAX:  # it would become inf in the float32 update
-                raise ConfigError(f"{name} must be at most {FLOAT32_MAX:.3g}, got {value!r}")
-        if not _is_int(self.lr_decay_step) or self.lr_decay_step < 0:
-            raise ConfigError(f"lr_decay_step must be >= 0, got {self.lr_decay_step!r}")
-        if not _is_int(self.seed) or self.seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+            _check_int(name, getattr(self, name), 1)
+        _check_int("batch_size", self.batch_size, 2, " (batch norm divides by n-1)")
+        _check_int("lr_decay_step", self.lr_decay_step, 0)
+        _check_int("seed", self.seed, 0)
+        if self.seed > INT32_MAX:  # seeds travel as int32 (sweeps vmap over them)
+            raise ConfigError(f"seed must be at most {INT32_MAX}, got {self.seed!r}")
+        _check_positive_float("lr", self.lr)
+        _check_positive_float("lr_decay", self.lr_decay)
+        _check_positive_float("lr * lr_decay", self.lr * self.lr_decay)
         if not isinstance(self.running_stats, bool):
             raise ConfigError(f"running_stats must be true or false, got {self.running_stats!r}")
         if self.backend not in BACKENDS:
@@ -87,12 +131,15 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Build and validate a config from (untrusted) JSON data."""
+        """Build and validate a config from (untrusted) JSON data: every field required."""
         if not isinstance(d, dict):
             raise ConfigError(f"config must be a JSON object, got {type(d).__name__}")
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown, missing = sorted(set(d) - fields), sorted(fields - set(d))
         if unknown:
             raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+        if missing:
+            raise ConfigError(f"missing config field(s): {', '.join(missing)}")
         return cls(**d).validate()
 
 
@@ -101,25 +148,6 @@ class TrainState(NamedTuple):
     opt_state: optax.OptState
     step: Array  # int32 scalar: number of updates done
     bn_running: model.BNStats  # running mean/var (unused unless running_stats)
-
-
-GradFn = Callable[[model.Params, Array, Array], tuple[Array, model.Params]]
-
-
-def gradient_fn(backend: str) -> GradFn:
-    """``(params, X, Y) -> (loss, grads)`` for a backend name.
-
-    * ``custom_vjp``: ``jax.grad`` of :func:`jaxninja.model.loss` (our VJP rules);
-    * ``manual``: :func:`jaxninja.ninja.manual_grads` (no autodiff at all);
-    * ``autodiff``: ``jax.grad`` of the plain-``jnp`` :func:`jaxninja.model.reference_loss`.
-    """
-    if backend == "custom_vjp":
-        return jax.value_and_grad(model.loss)
-    if backend == "manual":
-        return ninja.manual_grads
-    if backend == "autodiff":
-        return jax.value_and_grad(model.reference_loss)
-    raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
 def make_optimizer(
@@ -158,48 +186,104 @@ def batch_indices(
 
 
 def train_step(
-    cfg: TrainConfig,
-    grad_fn: GradFn,
-    optimizer: optax.GradientTransformation,
-    axis_name: Any = None,
+    cfg: TrainConfig, optimizer: optax.GradientTransformation, axis_name: Any = None
 ) -> Callable[[TrainState, tuple[Array, Array]], tuple[TrainState, Array]]:
-    """One SGD step on a gathered minibatch ``(Xb, Yb)``: the body of the chunk's scan
-    (``axis_name``: the batch is split over that mesh axis, see :mod:`jaxninja.parallel`)."""
+    """One SGD step on a gathered minibatch ``(Xb, Yb)``: the body of the chunk's scan.
+
+    ``axis_name``: the batch is split over that mesh axis (the backend's loss, batch norm
+    and gradients are then global). With ``cfg.running_stats`` the lecture's running
+    averages ``0.999 * running + 0.001 * batch`` follow the statistics of the step's own
+    forward pass (``has_aux``)."""
+    grad_fn = BACKENDS[cfg.backend].grad
 
     def step(state: TrainState, batch: tuple[Array, Array]) -> tuple[TrainState, Array]:
         Xb, Yb = batch
-        loss, grads = grad_fn(state.params, Xb, Yb)
+        (loss, stats), grads = grad_fn(state.params, Xb, Yb, axis_name=axis_name)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         running = state.bn_running
-        if cfg.running_stats:  # the lecture's running averages, momentum 0.001
-            hprebn = model.hidden_preactivation(state.params, Xb)
-            mean, var = ops.batch_stats(hprebn, axis_name=axis_name)
-            running = jax.tree.map(
-                lambda r, b: 0.999 * r + 0.001 * b, running, {"mean": mean, "var": var}
-            )
+        if cfg.running_stats:
+            running = ops.running_average(running, stats, momentum=0.999)
         return TrainState(params, opt_state, state.step + 1, running), loss
 
     return step
 
 
-def make_train_chunk(cfg: TrainConfig, n_steps: int, unroll: int = 1) -> jax.stages.Wrapped:
+def make_train_chunk(
+    cfg: TrainConfig, n_steps: int, mesh: Mesh | None = None, unroll: int = 1
+) -> jax.stages.Wrapped:
     """A jitted ``(state, Xtr, Ytr) -> (state, losses[n_steps])`` running ``n_steps``
     SGD steps in one ``lax.scan``. The state's buffers are donated (updated in place).
 
-    Speed notes (measured with ``jaxninja bench``, see :mod:`jaxninja.bench`): the
-    minibatches of the whole chunk are drawn and gathered *before* the scan, as one
-    vectorised gather (``n_steps * batch_size * (block_size + 1)`` int32s, 5 MB for the
-    default 10,000-step chunk), so the loop body holds only the training step; two
-    scalar gathers of random rows per step cost more than the step's small kernels.
-    ``unroll=1`` is the fastest on CPU (unrolling only adds buffer copies)."""
-    step = train_step(cfg, gradient_fn(cfg.backend), make_optimizer(cfg))
+    With a ``mesh`` (:func:`jaxninja.parallel.data_mesh`) the state and the training set
+    are replicated, step ``s`` draws the same global batch as on one device, and each
+    device trains on its contiguous slice of it: the whole scan runs inside one
+    ``shard_map``, whose only communication is the all-reduces of batch norm, the loss
+    and the gradients (see :mod:`jaxninja.parallel`).
+
+    Speed notes (measured with ``jaxninja bench``): the minibatches of the whole chunk
+    are drawn and gathered *before* the scan, as one vectorised gather
+    (``n_steps * batch_size * (block_size + 1)`` int32s, 5 MB for the default
+    10,000-step chunk), so the loop body holds only the training step; two scalar gathers
+    of random rows per step cost more than the step's small kernels. ``unroll=1`` is the
+    fastest on CPU (unrolling only adds buffer copies)."""
+    axis_name = None if mesh is None else AXIS
+    step = train_step(cfg, make_optimizer(cfg), axis_name)
+
+    def scan(state: TrainState, batches: tuple[Array, Array]) -> tuple[TrainState, Array]:
+        return jax.lax.scan(step, state, batches, unroll=min(unroll, n_steps))
 
     def chunk(state: TrainState, Xtr: Array, Ytr: Array) -> tuple[TrainState, Array]:
         idx = batch_indices(cfg, state.step + jnp.arange(n_steps), Xtr.shape[0])
-        return jax.lax.scan(step, state, (Xtr[idx], Ytr[idx]), unroll=min(unroll, n_steps))
+        return scan(state, (Xtr[idx], Ytr[idx]))
 
-    return jax.jit(chunk, donate_argnums=0)
+    if mesh is None:
+        return jax.jit(chunk, donate_argnums=0)
+    # batches are (n_steps, batch, ...): split the batch axis, replicate the rest
+    scan = jax.shard_map(scan, mesh=mesh, in_specs=(P(), P(None, AXIS)), out_specs=(P(), P()))
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(chunk, donate_argnums=0, in_shardings=replicated, out_shardings=replicated)
+
+
+class Chunk(NamedTuple):
+    """What :func:`run_chunks` yields after each chunk."""
+
+    step: int  # steps done, after this chunk
+    state: Any
+    losses: np.ndarray  # the chunk's per-step losses (leading axes: members, if any)
+    compile_seconds: float  # spent compiling before this chunk (0 when reused)
+    run_seconds: float
+
+
+def run_chunks(
+    make_chunk: Callable[[int], jax.stages.Wrapped],
+    state: Any,
+    *args: Any,
+    start: int,
+    steps: int,
+    chunk_steps: int,
+) -> Iterator[Chunk]:
+    """The one training loop: run steps ``start..steps`` in chunks of ``chunk_steps``.
+
+    ``make_chunk(n)`` builds the jitted ``(state, *args) -> (state, losses)`` of ``n``
+    steps; it is compiled once per chunk length, ahead of time, so compile time is
+    measured apart from run time.
+    """
+    compiled: dict[int, Any] = {}
+    step = start
+    while step < steps:
+        n = min(chunk_steps, steps - step)
+        t = time.perf_counter()
+        if n not in compiled:
+            compiled[n] = make_chunk(n).lower(state, *args).compile()
+        compile_seconds = time.perf_counter() - t
+        t = time.perf_counter()
+        state, losses = compiled[n](state, *args)
+        while not losses.is_ready():  # wait in Python, so signal handlers run meanwhile
+            time.sleep(0.005)
+        losses = np.asarray(losses)
+        step += n
+        yield Chunk(step, state, losses, compile_seconds, time.perf_counter() - t)
 
 
 @jax.jit

@@ -172,8 +172,8 @@ def model_case(backend: str) -> dict[str, float]:
 
 def train_compare(dtype, steps: int = 50) -> dict[str, float]:
     """``steps`` steps on one device and on N_DEV devices, same config, same batches."""
-    vocab, splits = data.load_splits(os.environ.get("JAXNINJA_DATA"))
-    Xtr, Ytr = (jnp.asarray(a) for a in splits["train"])
+    splits = data.load_splits(os.environ.get("JAXNINJA_DATA"))
+    Xtr, Ytr = (jnp.asarray(a) for a in splits.data["train"])
     cfg = train.TrainConfig(
         batch_size=32, n_hidden=64, steps=steps, chunk_steps=steps, running_stats=True
     )
@@ -188,9 +188,7 @@ def train_compare(dtype, steps: int = 50) -> dict[str, float]:
     one = init()
     one, losses_one = train.make_train_chunk(cfg, steps, unroll=1)(one, Xtr, Ytr)
     many = init()
-    many, losses_many = parallel.make_sharded_train_chunk(cfg, steps, MESH, unroll=1)(
-        many, Xtr, Ytr
-    )
+    many, losses_many = train.make_train_chunk(cfg, steps, MESH, unroll=1)(many, Xtr, Ytr)
     assert int(many.step) == steps
     assert many.params["W1"].sharding.is_fully_replicated
     scale = max(float(np.max(np.abs(np.asarray(v)))) for v in one.params.values())
