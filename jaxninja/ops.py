@@ -29,11 +29,13 @@ Axis = int | Sequence[int]
 
 __all__ = [
     "batch_norm",
+    "batch_norm_eval",
     "batch_norm_reference",
     "batch_norm_with_stats",
     "batch_stats",
     "cross_entropy",
     "cross_entropy_reference",
+    "running_average",
 ]
 
 
@@ -42,7 +44,10 @@ __all__ = [
 
 def _compute_dtype(dtype: Any) -> Any:
     """float16/bfloat16 are computed in float32; float32/float64 in themselves."""
-    return jnp.promote_types(dtype, jnp.float32)
+    # Not jnp.promote_types: it refuses bfloat16 + float32 under strict promotion.
+    dtype = jnp.dtype(dtype)
+    wide = jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits >= 32
+    return dtype if wide else jnp.dtype(jnp.float32)
 
 
 def _check_floating(name: str, x: Array) -> None:
@@ -195,10 +200,35 @@ def cross_entropy(
 # ------------------------------------------------------------------------ batch norm
 
 
-def _count(x: Array, axes: tuple[int, ...], axis_name: Any) -> Any:
-    """Number of rows the statistics are taken over: global when ``axis_name`` is set."""
-    n = math.prod(x.shape[a] for a in axes)
-    return n if axis_name is None else lax.psum(n, axis_name)
+def _check_eps(eps: Any) -> float:
+    """``eps`` is a static, finite, non-negative float (it is added to a variance)."""
+    try:
+        value = float(eps)
+    except (TypeError, ValueError):
+        raise TypeError(f"eps must be a number, got {eps!r}") from None
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"eps must be finite and >= 0, got {eps!r}")
+    return value
+
+
+def _lift(p: Array, ndim: int, dtype: Any) -> Array:
+    """``p`` reshaped to rank ``ndim`` (leading 1s) and cast: explicit, so that
+    ``jax_numpy_rank_promotion="raise"`` and ``jax_numpy_dtype_promotion="strict"``
+    accept a ``(features,)`` gain or a float32 statistic next to bfloat16 ``x``."""
+    p = jnp.asarray(p, dtype)
+    return p.reshape((1,) * (ndim - p.ndim) + p.shape)
+
+
+def _mapped_size(axis_name: Any) -> int:
+    """Number of devices (or vmapped instances) along ``axis_name``: a static int."""
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    return math.prod(int(lax.axis_size(a)) for a in names)
+
+
+def _count(shape: tuple[int, ...], axes: tuple[int, ...], axis_name: Any) -> int:
+    """Number of rows the statistics are taken over (global with ``axis_name``): static."""
+    n = math.prod(shape[a] for a in axes)
+    return n if axis_name is None else n * _mapped_size(axis_name)
 
 
 def _sum(x: Array, axes: tuple[int, ...], axis_name: Any) -> Array:
@@ -206,25 +236,34 @@ def _sum(x: Array, axes: tuple[int, ...], axis_name: Any) -> Array:
     return s if axis_name is None else lax.psum(s, axis_name)
 
 
-def _check_batch_norm(
-    x: Array, gain: Array, bias: Array, axis: Axis, unbiased: bool, axis_name: Any
-) -> tuple[int, ...]:
+def _masked(where: Array | None, a: Array) -> Array:
+    """``a`` where the mask is True, 0 elsewhere (whatever ``a`` holds there)."""
+    return a if where is None else jnp.where(where, a, jnp.zeros((), a.dtype))
+
+
+def _check_broadcast(name: str, p: Array, shape: tuple[int, ...]) -> None:
+    try:
+        ok = jnp.broadcast_shapes(jnp.shape(p), shape) == shape
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} shape {jnp.shape(p)} does not broadcast to x shape {shape}")
+
+
+def _check_batch_norm(x, gain, bias, axes, unbiased, axis_name, where) -> None:
     _check_floating("x", x)
-    axes = _normalize_axes(axis, x.ndim)
     for name, p in (("gain", gain), ("bias", bias)):
         _check_floating(name, p)
-        try:
-            shape = jnp.broadcast_shapes(p.shape, x.shape)
-        except ValueError:
-            shape = None
-        if shape != x.shape:
-            raise ValueError(f"{name} shape {p.shape} does not broadcast to x shape {x.shape}")
-    if unbiased and _count(x, axes, None) < 2 and axis_name is None:
+        _check_broadcast(name, p, x.shape)
+    if where is not None:
+        _check_broadcast("where", where, x.shape)
+    # With a mask the count is data-dependent: too few kept rows give NaN (documented).
+    if unbiased and where is None and _count(x.shape, axes, axis_name) < 2:
         raise ValueError(
-            f"batch_norm with unbiased=True needs at least 2 rows to normalise over "
-            f"(Bessel's correction divides by n-1), got x shape {x.shape} with axis={axis}"
+            f"batch norm with unbiased=True needs at least 2 rows to normalise over "
+            f"(Bessel's correction divides by n-1), got x shape {x.shape} with axis={axes}"
+            + ("" if axis_name is None else f" on each of {_mapped_size(axis_name)} devices")
         )
-    return axes
 
 
 def _match_varying(x: Array, p: Array, axis_name: Any) -> Array:
@@ -250,33 +289,59 @@ def _match_varying(x: Array, p: Array, axis_name: Any) -> Array:
     return lax.pcast(p, missing, to="varying") if missing else p
 
 
-def _prepare_batch_norm(x, gain, bias, axis, unbiased, axis_name):
-    """Arrays, checked shapes and dtypes, and the normalised axes for the batch norms."""
+def _prepare_batch_norm(x, gain, bias, axis, eps, unbiased, axis_name, where):
+    """Validated arrays and static arguments, in the order the custom VJPs take them."""
     x, gain, bias = jnp.asarray(x), jnp.asarray(gain), jnp.asarray(bias)
-    axes = _check_batch_norm(x, gain, bias, axis, unbiased, axis_name)
+    axes = _normalize_axes(axis, x.ndim)
+    if where is not None:
+        where = jnp.asarray(where, dtype=bool)
+    _check_batch_norm(x, gain, bias, axes, unbiased, axis_name, where)
+    if where is not None:
+        where = jnp.broadcast_to(where, x.shape)
     gain, bias = _match_varying(x, gain, axis_name), _match_varying(x, bias, axis_name)
-    return x, gain, bias, axes
+    return x, gain, bias, where, axes, _check_eps(eps), bool(unbiased), axis_name
+
+
+def _stats(x, where, axes, unbiased, axis_name):
+    """``(mean, var, n)`` of ``x`` (already in the compute dtype) over ``axes``."""
+    if where is None:
+        n: Any = _count(x.shape, axes, axis_name)
+        mean = _sum(x, axes, axis_name) / n
+    else:
+        n = _sum(where.astype(x.dtype), axes, axis_name)
+        mean = _sum(_masked(where, x), axes, axis_name) / n
+    dev = _masked(where, x - mean)
+    var = _sum(jnp.square(dev), axes, axis_name) / (n - 1 if unbiased else n)
+    return mean, var, n
 
 
 def batch_stats(
-    x: Array, *, axis: Axis = 0, unbiased: bool = True, axis_name: Any = None
+    x: Array,
+    *,
+    axis: Axis = 0,
+    unbiased: bool = True,
+    axis_name: Any = None,
+    where: Array | None = None,
 ) -> tuple[Array, Array]:
     """Batch mean and variance over ``axis`` (kept as size-1 dims), in at least float32.
 
     With ``axis_name`` the statistics are over the global batch of a ``shard_map`` /
-    ``pmap`` axis. ``unbiased=True`` divides the squared deviations by ``n - 1``.
+    ``pmap`` axis. ``unbiased=True`` divides the squared deviations by ``n - 1`` (and
+    needs ``n >= 2`` rows in the global batch: fewer is a ``ValueError``). ``where``
+    (boolean, broadcastable to ``x``, like flax's ``mask``) keeps only the True entries.
 
     >>> import jax.numpy as jnp
     >>> mean, var = batch_stats(jnp.array([[1.0], [2.0], [3.0]]))
     >>> mean.tolist(), var.tolist()
     ([[2.0]], [[1.0]])
+    >>> batch_stats(jnp.array([[1.0], [2.0], [9.0]]), where=jnp.array([[1], [1], [0]]))[0]
+    Array([[1.5]], dtype=float32)
     """
-    axes = _normalize_axes(axis, jnp.ndim(x))
-    x = jnp.asarray(x).astype(_compute_dtype(x.dtype))
-    n = _count(x, axes, axis_name)
-    mean = _sum(x, axes, axis_name) / n
-    var = _sum(jnp.square(x - mean), axes, axis_name) / (n - 1 if unbiased else n)
-    return mean, var
+    x = jnp.asarray(x)
+    x, _, _, where, axes, _, unbiased, _ = _prepare_batch_norm(
+        x.astype(_compute_dtype(x.dtype)), 1.0, 0.0, axis, 0.0, unbiased, axis_name, where
+    )
+    return _stats(x, where, axes, unbiased, axis_name)[:2]
 
 
 def _reduce_to(x: Array, shape: tuple[int, ...]) -> Array:
@@ -288,13 +353,13 @@ def _reduce_to(x: Array, shape: tuple[int, ...]) -> Array:
     return jnp.sum(x, axis=axes).reshape(shape) if axes else x
 
 
-def _bn_forward(x, gain, bias, axes, eps, unbiased, axis_name):
-    mean, var = batch_stats(x, axis=axes, unbiased=unbiased, axis_name=axis_name)
-    xc = x.astype(mean.dtype)
+def _bn_forward(x, gain, bias, where, axes, eps, unbiased, axis_name):
+    xc = x.astype(_compute_dtype(x.dtype))
+    mean, var, n = _stats(xc, where, axes, unbiased, axis_name)
     var_inv = lax.rsqrt(var + eps)
     xhat = (xc - mean) * var_inv
-    y = gain.astype(xhat.dtype) * xhat + bias.astype(xhat.dtype)
-    return y.astype(x.dtype), mean, var, xhat, var_inv
+    y = _lift(gain, x.ndim, xc.dtype) * xhat + _lift(bias, x.ndim, xc.dtype)
+    return y.astype(x.dtype), mean, var, (xhat, var_inv, gain, bias, where, n)
 
 
 def _constant_over(p: Array, axes: tuple[int, ...], ndim: int) -> bool:
@@ -303,56 +368,58 @@ def _constant_over(p: Array, axes: tuple[int, ...], ndim: int) -> bool:
     return all(a < lead or p.shape[a - lead] == 1 for a in axes)
 
 
-def _bn_backward(axes, unbiased, axis_name, res, dy, dmean=None, dvar=None):
-    xhat, var_inv, gain, bias = res
-    x_dtype = dy.dtype  # y has the dtype of x
-    dy = dy.astype(xhat.dtype)
-    n = _count(xhat, axes, axis_name)
-    ddof = 1 if unbiased else 0
-    # The two batch sums of the rule; dgain and dbias reuse them (speed: each reduction
-    # is a separate kernel launch on CPU, so the rule computes just these two).
+def _bn_param_grads(axes, res, dy):
+    """``dgain, dbias`` (this device's contributions) and the local sums of dy, dy*xhat."""
+    xhat, _, gain, bias, _, _ = res
+    # The two batch sums of the rule; dgain and dbias reuse them (each reduction is a
+    # separate kernel launch on CPU, so the rule computes just these two).
     sum_dy = jnp.sum(dy, axis=axes, keepdims=True)
     sum_dy_xhat = jnp.sum(dy * xhat, axis=axes, keepdims=True)
-    # dgain, dbias are this device's contributions (taken before the psum below). Under
-    # shard_map with check_vma, _match_varying's cast makes jax.grad sum them over
-    # devices; under check_vma=False or pmap callers psum them with the other gradients.
     dgain = _reduce_to(sum_dy_xhat if _constant_over(gain, axes, dy.ndim) else dy * xhat,
                        gain.shape).astype(gain.dtype)  # fmt: skip
     dbias = _reduce_to(sum_dy if _constant_over(bias, axes, dy.ndim) else dy,
                        bias.shape).astype(bias.dtype)  # fmt: skip
-    gain = gain.astype(xhat.dtype)
-    # The fused rule of Exercise 3, generalised to ddof and to device-global sums:
-    # dx = var_inv/n * (n*dxhat - sum(dxhat) - n/(n-ddof) * xhat * sum(dxhat*xhat))
+    return dgain, dbias, sum_dy, sum_dy_xhat
+
+
+def _bn_backward(axes, unbiased, axis_name, res, dy, dmean=None, dvar=None):
+    xhat, var_inv, gain, _, where, n = res
+    x_dtype = dy.dtype  # y has the dtype of x
+    dy = dy.astype(xhat.dtype)
+    ddof = 1 if unbiased else 0
+    # dgain, dbias are this device's contributions (taken before the psum below). Under
+    # shard_map with check_vma, _match_varying's cast makes jax.grad sum them over
+    # devices; under check_vma=False or pmap callers psum them with the other gradients.
+    dgain, dbias, sum_dy, sum_dy_xhat = _bn_param_grads(axes, res, dy)
+    g = _lift(gain, dy.ndim, xhat.dtype)
+    # The fused rule of Exercise 3, generalised to ddof, masks m and device-global sums:
+    # dx = var_inv/n * (n*dxhat - m*(sum(dxhat) + n/(n-ddof) * xhat * sum(dxhat*xhat)))
     # with dxhat = gain * dy. When gain is constant over the batch axes (the usual
     # (1, features) case) the sums of dxhat are gain times the sums of dy above.
     if _constant_over(gain, axes, dy.ndim):
         if axis_name is not None:
             sum_dy, sum_dy_xhat = lax.psum((sum_dy, sum_dy_xhat), axis_name)
-        dx = (gain * var_inv / n) * (n * dy - sum_dy - (n / (n - ddof)) * xhat * sum_dy_xhat)
+        centred = sum_dy + (n / (n - ddof)) * xhat * sum_dy_xhat
+        dx = (g * var_inv / n) * (n * dy - _masked(where, centred))
     else:
-        dxhat = dy * gain
-        dx = (
-            var_inv
-            / n
-            * (
-                n * dxhat
-                - _sum(dxhat, axes, axis_name)
-                - (n / (n - ddof)) * xhat * _sum(dxhat * xhat, axes, axis_name)
-            )
+        dxhat = dy * g
+        centred = _sum(dxhat, axes, axis_name) + (n / (n - ddof)) * xhat * _sum(
+            dxhat * xhat, axes, axis_name
         )
+        dx = var_inv / n * (n * dxhat - _masked(where, centred))
     if dmean is not None:  # cotangents of the returned statistics, if anyone used them
-        dx = dx + dmean / n + dvar * (2.0 / (n - ddof)) * xhat / var_inv
-    return dx.astype(x_dtype), dgain, dbias
+        dx = dx + _masked(where, dmean / n + dvar * (2.0 / (n - ddof)) * xhat / var_inv)
+    return dx.astype(x_dtype), dgain, dbias, None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _batch_norm(x, gain, bias, axes, eps, unbiased, axis_name):
-    return _bn_forward(x, gain, bias, axes, eps, unbiased, axis_name)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _batch_norm(x, gain, bias, where, axes, eps, unbiased, axis_name):
+    return _bn_forward(x, gain, bias, where, axes, eps, unbiased, axis_name)[0]
 
 
-def _batch_norm_fwd(x, gain, bias, axes, eps, unbiased, axis_name):
-    y, _, _, xhat, var_inv = _bn_forward(x, gain, bias, axes, eps, unbiased, axis_name)
-    return y, (xhat, var_inv, gain, bias)
+def _batch_norm_fwd(x, gain, bias, where, axes, eps, unbiased, axis_name):
+    y, _, _, res = _bn_forward(x, gain, bias, where, axes, eps, unbiased, axis_name)
+    return y, res
 
 
 def _batch_norm_bwd(axes, eps, unbiased, axis_name, res, dy):
@@ -362,15 +429,14 @@ def _batch_norm_bwd(axes, eps, unbiased, axis_name, res, dy):
 _batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _batch_norm_with_stats(x, gain, bias, axes, eps, unbiased, axis_name):
-    y, mean, var, _, _ = _bn_forward(x, gain, bias, axes, eps, unbiased, axis_name)
-    return y, mean, var
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _batch_norm_with_stats(x, gain, bias, where, axes, eps, unbiased, axis_name):
+    return _bn_forward(x, gain, bias, where, axes, eps, unbiased, axis_name)[:3]
 
 
-def _batch_norm_with_stats_fwd(x, gain, bias, axes, eps, unbiased, axis_name):
-    y, mean, var, xhat, var_inv = _bn_forward(x, gain, bias, axes, eps, unbiased, axis_name)
-    return (y, mean, var), (xhat, var_inv, gain, bias)
+def _batch_norm_with_stats_fwd(x, gain, bias, where, axes, eps, unbiased, axis_name):
+    y, mean, var, res = _bn_forward(x, gain, bias, where, axes, eps, unbiased, axis_name)
+    return (y, mean, var), res
 
 
 def _batch_norm_with_stats_bwd(axes, eps, unbiased, axis_name, res, cotangents):
@@ -390,6 +456,7 @@ def batch_norm(
     unbiased: bool = True,
     axis: Axis = 0,
     axis_name: Any = None,
+    where: Array | None = None,
 ) -> Array:
     r"""Batch normalisation with the batch's statistics and a fused, hand-written VJP.
 
@@ -398,11 +465,12 @@ def batch_norm(
 
     with :math:`\mu, \sigma^2` the mean and variance over ``axis`` (``n`` rows);
     ``unbiased=True`` divides by ``n - 1`` (Bessel's correction, as in the lecture),
-    ``unbiased=False`` by ``n``. The VJP is the closed form of Exercise 3,
+    ``unbiased=False`` by ``n`` (flax's ``BatchNorm``). The VJP is the closed form of
+    Exercise 3, with a mask :math:`m` (1 for the rows that count, ``n = \sum m``),
 
     .. math::
-        dx = \frac{\gamma (\sigma^2+\epsilon)^{-1/2}}{n}\Big(n\,dy - \textstyle\sum dy
-             - \frac{n}{n-\mathrm{ddof}}\,\hat x \sum (dy\,\hat x)\Big),\quad
+        dx = \frac{\gamma (\sigma^2+\epsilon)^{-1/2}}{n}\Big(n\,dy - m\big(\textstyle\sum dy
+             + \frac{n}{n-\mathrm{ddof}}\,\hat x \sum (dy\,\hat x)\big)\Big),\quad
         d\gamma = \textstyle\sum dy\,\hat x,\quad d\beta = \sum dy
 
     (sums over ``axis``), not autodiff of the forward. With ``axis_name`` (inside
@@ -415,13 +483,23 @@ def batch_norm(
     (``lax.psum``) with the other parameter gradients. float16/bfloat16 inputs are normalised
     with float32 statistics and come back in their own dtype.
 
+    Unlike flax, whose ``axis`` is the *feature* axis, ``axis`` here names the axes
+    *reduced over* (the batch axes), as in ``jnp.mean``. ``jax.grad`` outside a
+    ``jax.vmap(..., axis_name=...)`` of this op raises ``NameError: unbound axis name``:
+    JAX runs a custom-VJP backward rule after the vmap that bound the name has returned.
+    Use ``jax.shard_map``/``pmap`` (which work), or put the ``jax.grad`` inside the vmap.
+
     Args:
       x: ``(n, ...)`` activations (any rank; ``axis`` says which axes are the batch).
       gain, bias: arrays that broadcast to ``x``, e.g. ``(1, features)`` or ``(features,)``.
-      eps: added to the variance.
-      unbiased: Bessel's correction (needs ``n >= 2``).
+      eps: added to the variance; finite and ``>= 0``.
+      unbiased: Bessel's correction (needs ``n >= 2``; a ``ValueError`` otherwise, also
+        for a global batch of 1 under ``shard_map``).
       axis: int or tuple of ints, the axes to normalise over.
       axis_name: a mapped axis name for cross-device statistics, or ``None``.
+      where: optional boolean mask broadcastable to ``x`` (flax's ``mask``), e.g.
+        ``(n, 1)`` for padded rows: statistics use only the True entries; every entry is
+        normalised with them. Fewer than ``1 + unbiased`` kept rows give NaN.
 
     Returns:
       ``y``, shape and dtype of ``x``.
@@ -439,8 +517,8 @@ def batch_norm(
     ``jax.jvp``/``jax.jacfwd`` of this op raise ``TypeError`` (``custom_vjp`` has no
     forward mode); for second derivatives use ``jax.jacrev(jax.grad(f))``.
     """
-    x, gain, bias, axes = _prepare_batch_norm(x, gain, bias, axis, unbiased, axis_name)
-    return _batch_norm(x, gain, bias, axes, float(eps), bool(unbiased), axis_name)
+    args = _prepare_batch_norm(x, gain, bias, axis, eps, unbiased, axis_name, where)
+    return _batch_norm(*args)
 
 
 def batch_norm_with_stats(
@@ -452,6 +530,7 @@ def batch_norm_with_stats(
     unbiased: bool = True,
     axis: Axis = 0,
     axis_name: Any = None,
+    where: Array | None = None,
 ) -> tuple[Array, Array, Array]:
     """:func:`batch_norm` that also returns the batch ``(mean, var)`` it used.
 
@@ -468,8 +547,8 @@ def batch_norm_with_stats(
     >>> mean.tolist(), var.tolist()
     ([[1.0]], [[2.0]])
     """
-    x, gain, bias, axes = _prepare_batch_norm(x, gain, bias, axis, unbiased, axis_name)
-    return _batch_norm_with_stats(x, gain, bias, axes, float(eps), bool(unbiased), axis_name)
+    args = _prepare_batch_norm(x, gain, bias, axis, eps, unbiased, axis_name, where)
+    return _batch_norm_with_stats(*args)
 
 
 def batch_norm_reference(
@@ -481,6 +560,7 @@ def batch_norm_reference(
     unbiased: bool = True,
     axis: Axis = 0,
     axis_name: Any = None,
+    where: Array | None = None,
 ) -> Array:
     """Plain-``jnp`` batch norm, differentiated by autodiff: the baseline for tests.
 
@@ -492,5 +572,63 @@ def batch_norm_reference(
     >>> np.asarray(y, np.float64).round(4).tolist()  # +-1/sqrt(2): var is 2 with n-1
     [[-0.7071], [0.7071]]
     """
-    x, gain, bias, axes = _prepare_batch_norm(x, gain, bias, axis, unbiased, axis_name)
-    return _bn_forward(x, gain, bias, axes, eps, unbiased, axis_name)[0]
+    args = _prepare_batch_norm(x, gain, bias, axis, eps, unbiased, axis_name, where)
+    return _bn_forward(*args)[0]
+
+
+def batch_norm_eval(
+    x: Array, gain: Array, bias: Array, mean: Array, var: Array, *, eps: float = 1e-5
+) -> Array:
+    r"""Batch norm with given statistics: evaluation and sampling (any batch size).
+
+    .. math::
+        y = \gamma\,(x - \mu)\,(\sigma^2 + \epsilon)^{-1/2} + \beta
+
+    with ``mean``/``var`` e.g. running averages (:func:`running_average`) or the
+    statistics of the whole training set. Plain ``jnp`` (autodiff is already the fused
+    rule here: nothing depends on the batch). Computed in at least float32, returned in
+    ``x``'s dtype. ``gain``, ``bias``, ``mean``, ``var`` must broadcast to ``x``.
+
+    >>> import jax.numpy as jnp
+    >>> x = jnp.array([[1.0, 2.0], [3.0, 4.0]])
+    >>> batch_norm_eval(x, 2.0, 1.0, jnp.array([[1.0, 2.0]]), 4.0, eps=0.0).tolist()
+    [[1.0, 1.0], [3.0, 3.0]]
+    """
+    x = jnp.asarray(x)
+    _check_floating("x", x)
+    dtype = _compute_dtype(x.dtype)
+    params = {"gain": gain, "bias": bias, "mean": mean, "var": var}
+    for name, p in params.items():
+        _check_broadcast(name, p, x.shape)
+    g, b, mu, v = (_lift(p, x.ndim, dtype) for p in params.values())
+    y = g * (x.astype(dtype) - mu) * lax.rsqrt(v + _check_eps(eps)) + b
+    return y.astype(x.dtype)
+
+
+def running_average(running: Any, batch: Any, momentum: Any = 0.999) -> Any:
+    """``momentum * running + (1 - momentum) * batch``, leaf by leaf over two pytrees.
+
+    flax's convention: ``momentum`` is the weight kept on the running value, so the
+    lecture's ``0.999 * running + 0.001 * batch`` is ``momentum=0.999``. Each result
+    has its running leaf's shape and dtype. A Python ``momentum`` must be in ``[0, 1]``.
+
+    >>> import jax.numpy as jnp
+    >>> running_average({"mean": jnp.zeros(2)}, {"mean": jnp.ones(2)}, momentum=0.75)
+    {'mean': Array([0.25, 0.25], dtype=float32)}
+    """
+    if isinstance(momentum, int | float) and not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+
+    def update(path, r, b):
+        r, b = jnp.asarray(r), jnp.asarray(b)
+        if r.shape != b.shape:
+            raise ValueError(
+                f"running{jax.tree_util.keystr(path)} has shape {r.shape} but the batch "
+                f"statistic has shape {b.shape}"
+            )
+        # A Python momentum stays a (weakly typed) Python float: 1 - 0.999 is then exact
+        # to float64 before the one rounding to r's dtype.
+        m = momentum if isinstance(momentum, int | float) else jnp.asarray(momentum, r.dtype)
+        return (m * r + (1 - m) * b.astype(r.dtype)).astype(r.dtype)
+
+    return jax.tree_util.tree_map_with_path(update, running, batch)

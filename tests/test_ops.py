@@ -14,6 +14,7 @@ import pytest
 from jax.test_util import check_grads
 
 from jaxninja import ops
+from jaxninja.testing import assert_vjp_matches
 
 TOL = 1e-12
 
@@ -538,3 +539,99 @@ def test_batch_norm_with_stats_gradients_through_the_statistics(
     assert r["outputs"][1].shape == stat_shape
     assert maxdiff(r["got"], r["want"]) <= TOL
     assert maxdiff(r["aux_only"], r["plain"]) <= TOL
+
+
+# ------------------------------------------------ masks, evaluation mode, running averages
+
+
+@pytest.mark.parametrize("gain_shape", [(5,), (9, 5)])
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_batch_norm_where_mask_matches_reference(x64, gain_shape, unbiased):
+    x, gain, bias, _ = bn_inputs((9, 5), gain_shape, seed=23)
+    where = jnp.asarray(np.random.default_rng(23).random((9, 1)) < 0.6).at[:2].set(True)
+    kw = dict(unbiased=unbiased, where=where)
+    maxdiff = assert_vjp_matches(
+        lambda x, g, b: ops.batch_norm_with_stats(x, g, b, **kw),
+        lambda x, g, b: (ops.batch_norm_reference(x, g, b, **kw), *ops.batch_stats(x, **kw)),
+        x, gain, bias, argnums=(0, 1, 2),
+    )  # fmt: skip
+    assert maxdiff <= TOL
+    assert_vjp_matches(
+        lambda x: ops.batch_norm(x, gain, bias, **kw),
+        lambda x: ops.batch_norm_reference(x, gain, bias, **kw),
+        x,
+    )
+    # the statistics are those of the kept rows only
+    keep = np.asarray(where)[:, 0]
+    mean, var = ops.batch_stats(x, **kw)
+    xs = np.asarray(x)[keep]
+    np.testing.assert_allclose(mean[0], xs.mean(0), rtol=0, atol=TOL)
+    np.testing.assert_allclose(var[0], xs.var(0, ddof=int(unbiased)), rtol=0, atol=TOL)
+
+
+def test_batch_norm_where_ignores_what_masked_rows_hold(x64):
+    x, gain, bias, _ = bn_inputs((6, 3), (3,), seed=24)
+    where = jnp.array([True, True, True, True, False, False])[:, None]
+    y = ops.batch_norm(x, gain, bias, where=where)
+    y_huge = ops.batch_norm(x.at[4:].set(1e300), gain, bias, where=where)
+    np.testing.assert_array_equal(y[:4], y_huge[:4])
+    np.testing.assert_allclose(y[:4], ops.batch_norm(x[:4], gain, bias), rtol=0, atol=TOL)
+
+
+def test_batch_norm_eval_against_numpy(x64):
+    x, gain, bias, _ = bn_inputs((5, 4), (4,), seed=25)
+    rng = np.random.default_rng(25)
+    mean, var = rng.standard_normal((1, 4)), rng.random((1, 4)) + 0.5
+    want = np.asarray(gain) * (np.asarray(x) - mean) / np.sqrt(var + 1e-3) + np.asarray(bias)
+    got = jax.jit(lambda *a: ops.batch_norm_eval(*a, eps=1e-3))(x, gain, bias, mean, var)
+    np.testing.assert_allclose(got, want, rtol=0, atol=TOL)
+    # with the batch's own statistics it is the training-mode op
+    bmean, bvar = ops.batch_stats(x)
+    np.testing.assert_allclose(
+        ops.batch_norm_eval(x, gain, bias, bmean, bvar), ops.batch_norm(x, gain, bias), atol=TOL
+    )
+
+
+def test_batch_norm_eval_low_precision_and_strict_configs():
+    """equinox's test settings: strict dtype promotion, rank promotion raises."""
+    x = jnp.asarray(np.random.default_rng(26).standard_normal((8, 3)), jnp.bfloat16)
+    with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
+        mean, var = ops.batch_stats(x)
+        y = ops.batch_norm_eval(x, jnp.ones(3), jnp.zeros(3), mean, var)
+        y_train, dx = jax.value_and_grad(
+            lambda x: ops.batch_norm(x, jnp.ones(3), jnp.zeros(3)).astype(jnp.float32).sum()
+        )(x)
+    assert y.dtype == jnp.bfloat16 and dx.dtype == jnp.bfloat16
+    ref = ops.batch_norm(x.astype(jnp.float32), jnp.ones(3), jnp.zeros(3))
+    np.testing.assert_allclose(np.asarray(y, np.float32), ref, atol=2e-2)
+
+
+def test_running_average_is_flax_momentum():
+    running = {"mean": jnp.zeros((1, 3)), "var": jnp.ones((1, 3))}
+    batch = {"mean": jnp.full((1, 3), 2.0), "var": jnp.full((1, 3), 5.0)}
+    out = jax.jit(ops.running_average)(running, batch)
+    np.testing.assert_allclose(out["mean"], 0.001 * 2.0, rtol=1e-6)  # the lecture's 0.999
+    np.testing.assert_allclose(out["var"], 0.999 + 0.001 * 5.0, rtol=1e-6)
+    half = ops.running_average(running, batch, momentum=0.5)
+    np.testing.assert_allclose(half["var"], 3.0)
+    with pytest.raises(ValueError, match="momentum"):
+        ops.running_average(running, batch, momentum=1.5)
+    with pytest.raises(ValueError, match=r"\['var'\] has shape \(1, 3\)"):
+        ops.running_average(running, {**batch, "var": jnp.ones(3)})
+
+
+@pytest.mark.parametrize("eps", [-1e-5, float("nan"), float("inf")])
+def test_bad_eps_is_refused(eps):
+    x = np.ones((4, 3), np.float32)
+    for f in (ops.batch_norm, ops.batch_norm_with_stats, ops.batch_norm_reference):
+        with pytest.raises(ValueError, match="eps must be finite and >= 0"):
+            f(x, 1.0, 0.0, eps=eps)
+    with pytest.raises(ValueError, match="eps must be finite and >= 0"):
+        ops.batch_norm_eval(x, 1.0, 0.0, 0.0, 1.0, eps=eps)
+
+
+def test_batch_stats_one_row_unbiased_is_a_value_error():
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        ops.batch_stats(np.ones((1, 4), np.float32))
+    with pytest.raises(ValueError, match="where shape"):
+        ops.batch_stats(np.ones((4, 3), np.float32), where=np.ones((3, 4), bool))
