@@ -73,9 +73,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_int(name: str, value: Any, low: int, what: str = "") -> None:
+def _check_int(name: str, value: Any, low: int) -> None:
     if not _is_int(value) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}{what}, got {value!r}")
+        kind = "a positive integer" if low else "a non-negative integer"
+        raise ConfigError(f"{name} must be {kind}, got {value!r}")
 
 
 def _check_positive_float(name: str, value: Any) -> None:
@@ -110,7 +111,9 @@ class TrainConfig:
         """Return self, or raise :class:`ConfigError` naming the bad field."""
         for name in ("n_embd", "n_hidden", "block_size", "steps", "chunk_steps"):
             _check_int(name, getattr(self, name), 1)
-        _check_int("batch_size", self.batch_size, 2, " (batch norm divides by n-1)")
+        if not _is_int(self.batch_size) or self.batch_size < 2:
+            what = "at least 2 (batch norm divides by n-1)"
+            raise ConfigError(f"batch_size must be {what}, got {self.batch_size!r}")
         _check_int("lr_decay_step", self.lr_decay_step, 0)
         _check_int("seed", self.seed, 0)
         if self.seed > INT32_MAX:  # seeds travel as int32 (sweeps vmap over them)
