@@ -71,7 +71,7 @@ def _check_owned(out: Path, resume: bool, overwrite: bool) -> None:
 def claim(out: Path, *, resume: bool, overwrite: bool) -> Iterator[None]:
     """Create (if needed), check and lock run directory ``out`` for this process."""
     try:
-        if out.exists() or out.is_symlink():
+        if resume or out.exists() or out.is_symlink():
             _check_owned(out, resume, overwrite)  # before creating anything in it
         out.mkdir(parents=True, exist_ok=True)
         fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
