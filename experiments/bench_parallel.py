@@ -2,7 +2,8 @@
 
 Each device count runs in its own process, so that on CPU the forced device count
 (``XLA_FLAGS=--xla_force_host_platform_device_count=N``, fixed when jax starts) is exactly
-the mesh size; the timing itself is :func:`jaxninja.parallel.bench_data_parallel`.
+the mesh size; the timing itself is :func:`bench_data_parallel` below, on the training
+split of names.txt (``--data``: another word list).
 
     python experiments/bench_parallel.py                        # 1 2 4 8, batch 4096, H 1024
     python experiments/bench_parallel.py --devices 1 2 --batch-size 1024 --n-hidden 256
@@ -19,18 +20,66 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxninja import data, parallel, train
+
+
+def bench_data_parallel(
+    device_counts: Sequence[int],
+    *,
+    batch_size: int,
+    n_hidden: int,
+    steps: int,
+    repeats: int,
+    data_path: str | None = None,
+) -> list[dict[str, Any]]:
+    """Training steps per second for each device count, in this process: one compiled
+    chunk of ``steps`` steps per count, the best of ``repeats`` timed runs."""
+    splits = data.load_splits(data_path)
+    Xtr, Ytr = (jnp.asarray(a) for a in splits.data["train"])
+    cfg = train.TrainConfig(
+        batch_size=batch_size, n_hidden=n_hidden, steps=steps, chunk_steps=steps
+    ).validate()
+    results = []
+    for n in device_counts:
+        t = time.perf_counter()
+        state = train.init_state(cfg, splits.vocab.size)
+        compiled = train.make_train_chunk(cfg, steps, mesh=parallel.data_mesh(cfg, n))
+        compiled = compiled.lower(state, Xtr, Ytr).compile()
+        compile_s = time.perf_counter() - t
+        best, losses = float("inf"), None
+        for _ in range(repeats):
+            state = jax.block_until_ready(train.init_state(cfg, splits.vocab.size))
+            t = time.perf_counter()
+            state, losses = jax.block_until_ready(compiled(state, Xtr, Ytr))
+            best = min(best, time.perf_counter() - t)
+        results.append(
+            {
+                "devices": n,
+                "steps_per_second": round(steps / best, 2),
+                "ms_per_step": round(1e3 * best / steps, 3),
+                "compile_seconds": round(compile_s, 2),
+                "final_loss": round(float(np.asarray(losses)[-1]), 4),
+            }
+        )
+    return results
 
 
 def _one(args: argparse.Namespace, counts: list[int]) -> list[dict]:
-    from jaxninja.parallel import bench_data_parallel
-
     return bench_data_parallel(
         counts,
         batch_size=args.batch_size,
         n_hidden=args.n_hidden,
         steps=args.steps,
         repeats=args.repeats,
-        log=None,
+        data_path=args.data,
     )
 
 
@@ -41,8 +90,12 @@ def main() -> None:
     p.add_argument("--n-hidden", type=int, default=1024)
     p.add_argument("--steps", type=int, default=20, help="steps per timed chunk")
     p.add_argument("--repeats", type=int, default=3, help="timed chunks; the best is kept")
-    p.add_argument("--in-process", action="store_true",
-                   help="time all counts in this process (on the devices jax finds)")  # fmt: skip
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="time all counts in this process (on the devices jax finds)",
+    )
+    p.add_argument("--data", help="word list (default: names.txt)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
 
@@ -61,12 +114,11 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", "--devices", str(n)]
             cmd += ["--batch-size", str(args.batch_size), "--n-hidden", str(args.n_hidden)]
             cmd += ["--steps", str(args.steps), "--repeats", str(args.repeats)]
+            cmd += ["--data", args.data] if args.data else []
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
             if done.returncode:
                 sys.exit(f"devices {n} failed:\n{done.stderr[-3000:]}")
             rows += json.loads(done.stdout.strip().splitlines()[-1])
-
-    import jax
 
     print(
         f"batch {args.batch_size}, H {args.n_hidden}, {args.steps} steps per chunk, best of "

@@ -1,29 +1,59 @@
-"""jaxninja bench: a smoke test of the benchmark's plumbing and bench.json. No timing is
-asserted anywhere (timings on a shared machine are noise); only structure."""
+"""jaxninja bench: smoke tests of the benchmarks' plumbing and bench.json. No timing is
+asserted anywhere (timings on a shared machine are noise); only structure, finiteness and
+the refusal of an output that cannot be written."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
+import os
+import subprocess
+import sys
 
 import pytest
+from helpers import REPO, one_error_line, run_cli
 
-from jaxninja import bench, cli
+from jaxninja import bench
 from jaxninja.train import BACKENDS, ConfigError
 
 SUMMARY_KEYS = {"median", "min", "max", "spread", "n"}
 
 
+def strict_json(text: str):
+    """``json.loads`` that refuses NaN and Infinity (not JSON, though Python writes them)."""
+
+    def refuse(name: str):
+        raise ValueError(f"{name} in bench.json")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 def test_bench_writes_bench_json(tmp_path, names_file, capsys):
     out = tmp_path / "bench.json"
-    argv = ["bench", "--quick", "--settings", "16x8", "--steps", "20", "--repeats", "2",
-            "--members", "1,2", "--no-torch", "--out", str(out),
-            "--data", str(names_file)]  # fmt: skip
-    assert cli.main(argv) == 0
-    printed = capsys.readouterr().out
-    result = json.loads(out.read_text())
-    assert set(result) >= {"machine", "versions", "options", "rows", "summary", "table"}
+    rc, printed, _ = run_cli(
+        capsys,
+        "bench",
+        "--quick",
+        "--settings",
+        "16x8",
+        "--steps",
+        "20",
+        "--repeats",
+        "2",
+        "--members",
+        "1,2",
+        "--no-torch",
+        "--out",
+        out,
+        "--data",
+        names_file,
+    )
+    assert rc == 0
+    result = strict_json(out.read_text())
+    assert set(result) >= {"tool", "machine", "versions", "options", "rows", "summary", "table"}
     assert result["machine"]["peak"]["gflops"] > 0
+    assert result["options"]["vocab_size"] == 27  # read from names.txt
     rows = result["rows"]
     assert [r["row"] for r in rows] == [*BACKENDS, "sweep M=1", "sweep M=2"]
     for r in rows:
@@ -40,14 +70,22 @@ def test_bench_writes_bench_json(tmp_path, names_file, capsys):
     assert "| 16x8 | custom_vjp |" in printed
 
 
-def test_bench_torch_rows_follow_torch_availability(tmp_path, names_file):
-    """With torch installed (``pip install torch==2.13.0``), the three PyTorch baselines
-    train the very same model; without it the bench says so and has no torch rows.
-    Either way the result is asserted: nothing is skipped."""
+def test_bench_torch_rows_follow_torch_availability(names_file):
+    """With torch installed (``pip install 'jaxninja[bench]'``), the three PyTorch
+    baselines train the very same model; without it the bench says so and has no torch
+    rows. Either way the result is asserted: nothing is skipped."""
     lines: list[str] = []
-    result = bench.run_bench([(16, 8)], backends=["custom_vjp"], repeats=1, steps=10,
-                             torch_steps=3, members=(), data_path=names_file, out=None,
-                             log=lines.append)  # fmt: skip
+    result = bench.run_bench(
+        [(16, 8)],
+        backends=["custom_vjp"],
+        repeats=1,
+        steps=10,
+        torch_steps=3,
+        members=(),
+        data_path=names_file,
+        out=None,
+        log=lines.append,
+    )
     names = [r["row"] for r in result["rows"]]
     if importlib.util.find_spec("torch") is None:
         assert names == ["custom_vjp"] and result["versions"]["torch"] is None
@@ -67,3 +105,117 @@ def test_bad_settings(text):
 
 def test_parse_settings():
     assert bench.parse_settings("200x32, 1024X256") == [(200, 32), (1024, 256)]
+
+
+# ------------------------------------------------------------------------- bench ops
+
+OPS_IMPLS = {
+    "cross_entropy": ["jaxninja", "optax", "reference"],
+    "batch_norm": ["jaxninja", "flax", "reference"],  # flax: a test extra, always in CI
+    "linear_cross_entropy": ["linear_cross_entropy", "unfused"],
+}
+
+
+def test_bench_ops_quick_rows_and_json(tmp_path):
+    """Every op has rows with every implementation, finite positive times, a temp size
+    in bytes and the ratios; bench.json is strict JSON and keeps the training rows."""
+    out = tmp_path / "bench.json"
+    out.write_text(json.dumps({"tool": bench.TOOL, "rows": ["training rows"]}))
+    lines: list[str] = []
+    result = bench.run_ops_bench(quick=True, out=out, log=lines.append)
+    saved = strict_json(out.read_text())
+    assert saved["rows"] == ["training rows"]  # the other benchmark's part is kept
+    assert saved["ops"]["rows"] == strict_json(json.dumps(result["rows"]))
+    rows = saved["ops"]["rows"]
+    assert {r["op"] for r in rows} == set(OPS_IMPLS)
+    for r in rows:
+        assert list(r["impls"]) == OPS_IMPLS[r["op"]] and r["missing"] == {}
+        for stats in r["impls"].values():
+            ms = stats["ms"]
+            assert set(ms) == SUMMARY_KEYS and ms["n"] == 2
+            assert math.isfinite(ms["median"]) and ms["min"] > 0
+            assert isinstance(stats["temp_bytes"], int) and stats["temp_bytes"] >= 0
+        assert r["ratios"] and all(v is None or math.isfinite(v) for v in r["ratios"].values())
+    # one markdown table per op: its title, header and one line per row; printed too
+    table = saved["ops"]["table"]
+    for op in OPS_IMPLS:
+        assert f"`{op}`: grad" in table
+    assert sum(ln.startswith("| 64 |") for ln in table.splitlines()) == len(rows)
+    assert result["table"] in "\n".join(lines)
+
+
+def test_bench_ops_peer_missing_is_a_note(monkeypatch):
+    """Without flax the batch-norm row has no peer column and says why; no crash."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "flax" else real(name, *a)
+    )
+    case = bench.batch_norm_case(16, 4, "float32")
+    assert list(case.impls) == ["jaxninja", "reference"] and "flax" in case.missing
+    row = bench.measure_case(case, repeats=1)
+    assert "flax not installed" in bench.ops_table([row], "batch_norm")
+    assert row["ratios"]["time jaxninja/reference"] > 0
+
+
+def _bad_outs(tmp_path):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("the user's notes\n")
+    (tmp_path / "dir").mkdir()
+    return {
+        "under a file": (a_file / "bench.json", "not a directory"),
+        "a directory": (tmp_path / "dir", "not a regular file"),
+        "a user's file": (a_file, "not a jaxninja bench results file"),
+        "missing parent": (tmp_path / "no" / "bench.json", "not a directory"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["under a file", "a directory", "a user's file", "missing parent"])
+@pytest.mark.parametrize("ops", [False, True])
+def test_unwritable_out_fails_before_any_work(tmp_path, names_file, kind, ops):
+    """The check comes first: no line of progress, one error naming the path, and the
+    user's file untouched."""
+    out, message = _bad_outs(tmp_path)[kind]
+    lines: list[str] = []
+    with pytest.raises(bench.BenchError, match=message) as e:
+        if ops:
+            bench.run_ops_bench(quick=True, out=out, log=lines.append)
+        else:
+            bench.run_bench([(16, 8)], quick=True, data_path=names_file, out=out, log=lines.append)
+    assert lines == [] and str(out) in str(e.value) and "\n" not in str(e.value)
+    assert (tmp_path / "file.txt").read_text() == "the user's notes\n"
+
+
+def test_unwritable_out_cli_one_line(tmp_path, names_file, capsys):
+    out = tmp_path / "file.txt" / "bench.json"
+    (tmp_path / "file.txt").write_text("x")
+    rc, printed, err = run_cli(capsys, "bench", "--quick", "--out", out, "--data", names_file)
+    assert rc == 2 and printed == ""
+    assert str(out) in one_error_line(err)
+
+
+def test_bench_parallel_experiment_runs_sharded(tmp_path, names_file):
+    """experiments/bench_parallel.py, one process per device count (1, then 2 forced CPU
+    devices): the sharded training chunk compiles and trains on names.txt."""
+    env = {**os.environ, "JAXNINJA_DATA": str(names_file)}
+    env.pop("XLA_FLAGS", None)
+    cmd = [
+        sys.executable,
+        str(REPO / "experiments" / "bench_parallel.py"),
+        "--devices",
+        "1",
+        "2",
+        "--batch-size",
+        "64",
+        "--n-hidden",
+        "16",
+        "--steps",
+        "5",
+        "--repeats",
+        "1",
+    ]
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = done.stdout.splitlines()
+    rows = [ln.split() for ln in table if ln.split() and ln.split()[0] in ("1", "2")]
+    assert [r[0] for r in rows] == ["1", "2"]
+    assert all(float(r[1]) > 0 and math.isfinite(float(r[1])) for r in rows)
