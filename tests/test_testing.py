@@ -291,3 +291,77 @@ def test_layer_norm_example_float32():
     ln = load_experiment("custom_op_layernorm")
     x, gain, bias = ln.example_inputs(jnp.float32, shape=(32, 64))
     assert_vjp_matches(ln.layer_norm, ln.layer_norm_reference, x, gain, bias, argnums=(0, 1, 2))
+
+
+# ------------------------------------------ refuses what it cannot compare (issue 13)
+
+
+@pytest.mark.parametrize(
+    ("args", "argnums", "match"),
+    [
+        ((jnp.ones((3, 2)), jnp.zeros(3, jnp.int32)), 1, r"argument 1 'labels'.*dtype int32"),
+        ((jnp.ones((3, 2)), None), 1, r"argument 1 'labels', which holds no array \(None\)"),
+        ((jnp.ones((3, 2)), 2), 1, r"argument 1 'labels'.*dtype int"),
+        ((jnp.ones((3, 2)), jnp.zeros(3, bool)), 1, r"argument 1 'labels'.*dtype bool"),
+        (({"w": jnp.ones(2), "n": 3},), 0, r"argument 0 'p' at path \['n'\].*dtype int"),
+    ],
+    ids=["int-array", "None", "python-int", "bool", "int-leaf-in-pytree"],
+)
+def test_assert_vjp_matches_refuses_non_floating_arguments(args, argnums, match):
+    """Differentiating an integer or None argument compares nothing: it is an error,
+    never a silent pass with maxdiff 0."""
+
+    def f(p, labels=None):
+        return jnp.sum(jax.tree.leaves(p)[0])
+
+    with pytest.raises(TypeError, match=match) as info:
+        assert_vjp_matches(f, f, *args, argnums=argnums)
+    assert "assert_vjp_matches differentiates" in str(info.value)
+    with pytest.raises(TypeError, match=match):
+        check_finite_differences(f, *args, argnums=argnums)
+
+
+def test_float_arguments_next_to_integer_ones_still_work(x64):
+    logits, labels = ce_inputs(jnp.float64, n=5, k=4)
+    assert (
+        assert_vjp_matches(cross_entropy, cross_entropy_reference, logits, labels, argnums=0)
+        < 1e-14
+    )
+
+
+def test_no_arguments_is_refused():
+    with pytest.raises(ValueError, match="argnums"):
+        assert_vjp_matches(lambda: 0.0, lambda: 0.0)
+    with pytest.raises(ValueError, match="argnums"):
+        check_finite_differences(lambda: 0.0)
+
+
+def test_complex_leaves_use_their_parts_tolerance(x64):
+    assert default_tolerances(jnp.complex128) == default_tolerances(jnp.float64)
+    assert default_tolerances(jnp.complex64) == default_tolerances(jnp.float32)
+    z = jnp.array([1.0 + 2.0j, -0.5 + 0.25j])
+    assert_vjp_matches(lambda z: z * z, lambda z: z**2, z)
+    with pytest.raises(AssertionError, match=r"2 of 2 elements differ"):
+        assert_vjp_matches(lambda z: z * z, lambda z: z**2 * (1 + 1e-6), z)
+
+
+def test_integer_outputs_must_be_equal(x64):
+    x = jnp.linspace(-1.0, 1.0, 5, dtype=jnp.float64)
+
+    def f(x):
+        return softplus_ref(x), jnp.argmax(x)
+
+    assert_vjp_matches(f, f, x)
+    with pytest.raises(AssertionError, match=r"output at path \[1\].*1 of 1 elements differ"):
+        assert_vjp_matches(f, lambda x: (softplus_ref(x), jnp.argmin(x)), x, atol=10.0)
+
+
+def test_nan_and_inf_compare_as_documented(x64):
+    x = jnp.array([0.0, 1.0, 2.0])
+
+    def with_special(x):
+        return x * jnp.array([jnp.nan, jnp.inf, 1.0])
+
+    assert_vjp_matches(with_special, with_special, x)  # NaN matches NaN, inf matches inf
+    with pytest.raises(AssertionError, match=r"worst element at index \(0,\)"):
+        assert_vjp_matches(with_special, lambda x: x * jnp.array([1.0, jnp.inf, 1.0]), x)
