@@ -2,18 +2,26 @@
 
 The file holds every array of the :class:`~jaxninja.train.TrainState` (params, optimizer
 state leaves, step, batch-norm running averages), the calibrated batch-norm statistics
-when there are any, and a JSON ``meta`` entry with the config and the vocabulary. It is
-written to a temporary file in the same directory, flushed to disk and renamed over the
-old one, so a run killed at any moment leaves either the old or the new checkpoint.
-Loading uses ``allow_pickle=False`` and checks every array's shape and dtype against
-what the stored config implies: a tampered or truncated file is refused, never run.
+when there are any, and a JSON ``meta`` entry: the format, the full config, the
+vocabulary and the sha256 of the data file the run was trained on (``null`` if unknown).
+It is written with :func:`jaxninja.fileio.write_atomic`, so a run killed at any moment
+leaves either the old or the new checkpoint.
+
+Loading trusts nothing in the file: ``allow_pickle=False``; the number of entries, their
+unpacked size and the metadata's fields are checked before any array is used; the
+expected arrays, shapes and dtypes come from the stored config (``jax.eval_shape`` of
+:func:`~jaxninja.train.init_state`), never from the file; every float must be finite and
+every variance positive. A tampered or truncated file is refused with one line.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import zipfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,6 +31,7 @@ import numpy as np
 
 from jaxninja import fileio
 from jaxninja.data import Vocab
+from jaxninja.errors import JaxninjaError
 from jaxninja.model import BNStats
 from jaxninja.train import ConfigError, TrainConfig, TrainState, init_state
 
@@ -31,9 +40,13 @@ FORMAT = "jaxninja-checkpoint-1"
 # Refuse archives that would unpack to more than this (a zip bomb); the lecture's model
 # is ~50 kB, so this leaves room for networks thousands of times larger.
 MAX_BYTES = 256 << 20
+# A checkpoint has a dozen arrays; far more is junk, refused before any is read.
+MAX_ENTRIES = 1000
+META_FIELDS = ("format", "config", "vocab", "data_sha256")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(JaxninjaError):
     """A checkpoint that is missing, unreadable or inconsistent; the message names it."""
 
 
@@ -42,6 +55,7 @@ class Checkpoint(NamedTuple):
     vocab: Vocab
     state: TrainState
     bn_stats: BNStats | None  # calibrated statistics, once training has finished
+    data_sha256: str | None  # sha256 of the data file trained on (None: not recorded)
 
 
 def _flatten(state: TrainState, bn_stats: BNStats | None) -> dict[str, np.ndarray]:
@@ -59,11 +73,22 @@ def save(
     vocab: Vocab,
     state: TrainState,
     bn_stats: BNStats | None = None,
+    *,
+    data_sha256: str | None = None,
 ) -> Path:
-    """Write ``run_dir/checkpoint.npz`` atomically (temp file, fsync, rename)."""
+    """Write ``run_dir/checkpoint.npz`` atomically; a failed write raises
+    :class:`~jaxninja.fileio.WriteError` (``cannot write PATH: REASON``)."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT, "config": config.to_dict(), "vocab": list(vocab.itos)}
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise fileio.WriteError(f"cannot create {run_dir}: {e.strerror or e}") from e
+    meta = {
+        "format": FORMAT,
+        "config": config.to_dict(),
+        "vocab": list(vocab.itos),
+        "data_sha256": data_sha256,
+    }
     arrays: dict[str, Any] = _flatten(state, bn_stats)
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     dest = run_dir / FILENAME
@@ -71,63 +96,106 @@ def save(
     return dest
 
 
-def load(run_dir: str | os.PathLike[str], dtype: Any = jnp.float32) -> Checkpoint:
-    """Read and validate ``run_dir/checkpoint.npz``; raise :class:`CheckpointError`."""
-    path = Path(run_dir) / FILENAME
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no checkpoint (is {run_dir} a training run?)")
+def _listing(names: Collection[str], limit: int = 5, as_list: bool = False) -> str:
+    """At most ``limit`` names, escaped, so that 200,000 junk keys give one short line."""
+    first = sorted(names)[:limit]
+    shown = repr(first) if as_list else ", ".join(k if k.isprintable() else repr(k) for k in first)
+    return shown if len(names) <= limit else f"{shown} ... ({len(names)} in all)"
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every entry of the archive, after checking how many there are and their size."""
     try:
         npz = np.load(path, allow_pickle=False)
         if not isinstance(npz, np.lib.npyio.NpzFile):
             raise ValueError("a single .npy array, not an .npz archive")
         with npz:
             archive: Any = npz.zip  # numpy's stubs declare it Optional
-            size = sum(info.file_size for info in archive.infolist())
+            infos = archive.infolist()
+            if len(infos) > MAX_ENTRIES:
+                raise ValueError(f"{len(infos)} entries, over the limit of {MAX_ENTRIES}")
+            size = sum(info.file_size for info in infos)
             if size > MAX_BYTES:
                 raise ValueError(f"unpacks to {size} bytes, over the {MAX_BYTES}-byte limit")
-            stored = {k: npz[k] for k in npz.files}
+            return {k: npz[k] for k in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError, MemoryError) as e:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({e})") from None
+        reason = " ".join(str(e).split())
+        if "pickle" in reason:  # numpy's words would suggest turning the protection off
+            reason = "it holds pickled Python objects, which are never loaded"
+        raise CheckpointError(f"{path}: unreadable checkpoint ({reason})") from None
+
+
+def _parse_meta(stored: dict[str, np.ndarray]) -> tuple[TrainConfig, Vocab, str | None]:
+    """The config, vocabulary and data hash of the ``meta`` entry; ``ValueError`` if any
+    field is missing, unknown or malformed (nothing is defaulted)."""
+    meta = json.loads(bytes(stored.pop("meta")).decode())
+    if not isinstance(meta, dict):
+        raise ValueError(f"meta must be a JSON object, got {type(meta).__name__}")
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"unknown format {meta.get('format')!r:.80}")
+    missing = [k for k in META_FIELDS if k not in meta]
+    if missing:
+        raise ValueError(f"missing field(s): {_listing(missing)}")
+    if set(meta) - set(META_FIELDS):
+        raise ValueError(f"unknown field(s): {_listing(set(meta) - set(META_FIELDS))}")
+    config = meta["config"]
+    if isinstance(config, dict):
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        if set(config) - fields:
+            raise ValueError(f"unknown config field(s): {_listing(set(config) - fields)}")
+        if fields - set(config):
+            raise ValueError(f"missing config field(s): {_listing(fields - set(config))}")
+    sha = meta["data_sha256"]
+    if sha is not None and not (isinstance(sha, str) and _SHA256.fullmatch(sha)):
+        raise ValueError(f"data_sha256 must be null or 64 hex digits, got {sha!r:.80}")
+    vocab = meta["vocab"]
+    if not isinstance(vocab, list):
+        raise ValueError(f"vocab must be a list, got {type(vocab).__name__}")
+    return TrainConfig.from_dict(config), Vocab(tuple(vocab)), sha
+
+
+def load(run_dir: str | os.PathLike[str], dtype: Any = jnp.float32) -> Checkpoint:
+    """Read and validate ``run_dir/checkpoint.npz``; raise :class:`CheckpointError`."""
+    path = Path(run_dir) / FILENAME
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no checkpoint (is {run_dir} a training run?)")
+    stored = _read_arrays(path)
     try:
-        meta = json.loads(bytes(stored.pop("meta")).decode())
-        if meta.get("format") != FORMAT:
-            raise CheckpointError(f"{path}: unknown format {meta.get('format')!r}")
-        config = TrainConfig.from_dict(meta["config"])
-        vocab = Vocab.from_json(json.dumps(meta["vocab"]))
-    except CheckpointError:
-        raise
+        config, vocab, data_sha256 = _parse_meta(stored)
     except (KeyError, TypeError, ValueError, AttributeError, RecursionError, ConfigError) as e:
-        raise CheckpointError(f"{path}: bad metadata ({e})") from None
+        raise CheckpointError(f"{path}: bad metadata ({' '.join(str(e).split())})") from None
 
     # The expected structure, shapes and dtypes come from the config, never the file.
     template = jax.eval_shape(lambda: init_state(config, vocab.size, dtype))
     leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
-    values = []
-    for key_path, spec in leaves:
-        name = "state" + jax.tree_util.keystr(key_path)
-        values.append(_take(path, stored, name, spec.shape, spec.dtype))
+    values = [_take(path, stored, "state" + jax.tree_util.keystr(k), s) for k, s in leaves]
     state = jax.tree_util.tree_unflatten(treedef, values)
     bn_stats = None
     if "bn_stats/mean" in stored or "bn_stats/var" in stored:
         stat = template.bn_running["mean"]
-        bn_stats = {
-            k: _take(path, stored, f"bn_stats/{k}", stat.shape, stat.dtype) for k in ("mean", "var")
-        }
+        bn_stats = {k: _take(path, stored, f"bn_stats/{k}", stat) for k in ("mean", "var")}
     if stored:
-        raise CheckpointError(f"{path}: unexpected arrays {sorted(stored)}")
+        raise CheckpointError(f"{path}: unexpected arrays {_listing(stored, as_list=True)}")
     if not 0 <= int(state.step) <= config.steps:
         raise CheckpointError(f"{path}: step {int(state.step)} outside 0..{config.steps}")
-    return Checkpoint(config, vocab, state, bn_stats)
+    variances = {"state.bn_running['var']": state.bn_running["var"]}
+    if bn_stats is not None:
+        variances["bn_stats/var"] = bn_stats["var"]
+    for name, var in variances.items():  # batch norm divides by sqrt(var + eps)
+        if not np.all(np.asarray(var) > 0):
+            raise CheckpointError(f"{path}: array {name!r} holds variances that are not > 0")
+    return Checkpoint(config, vocab, state, bn_stats, data_sha256)
 
 
-def _take(path: Path, stored: dict[str, np.ndarray], name: str, shape, dtype) -> jax.Array:
+def _take(path: Path, stored: dict[str, np.ndarray], name: str, spec: Any) -> jax.Array:
+    """``stored[name]``, removed from ``stored``, checked against ``spec`` and for NaN/inf."""
     if name not in stored:
         raise CheckpointError(f"{path}: missing array {name!r}")
     a = stored.pop(name)
-    if a.shape != tuple(shape) or a.dtype != dtype:
+    if a.shape != tuple(spec.shape) or a.dtype != spec.dtype:
         raise CheckpointError(
             f"{path}: array {name!r} has shape {a.shape} dtype {a.dtype}, "
-            f"expected {tuple(shape)} {np.dtype(dtype)}"
+            f"expected {tuple(spec.shape)} {np.dtype(spec.dtype)}"
         )
     if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
         raise CheckpointError(f"{path}: array {name!r} holds non-finite values")

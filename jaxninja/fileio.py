@@ -8,27 +8,76 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from jaxninja.errors import JaxninjaError
 
-def write_atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+
+class WriteError(JaxninjaError):
+    """A file the tool could not write: ``cannot write PATH: REASON`` (full disk, read-only
+    directory, missing parent, ...); nothing was left behind."""
+
+
+def current_umask() -> int:
+    """The process's umask (``os.umask`` can only be read by setting it, so it is set back).
+
+    >>> 0 <= current_umask() <= 0o777
+    True
+    """
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(
+    path: str | os.PathLike[str], write: Callable[[Any], None], mode: str = "wb"
+) -> None:
     """Write ``path`` so that it is always either the old file or the whole new one:
-    ``write(f)`` into a temporary file beside it, flush and fsync, then rename. If
-    ``write`` raises (a failed download, a failed check), the temporary file is removed
-    and ``path`` is untouched.
+    ``write(f)`` into a temporary file beside it, flush and fsync, give it the permissions
+    a plain ``open`` would (``0o666 & ~umask``: ``mkstemp`` makes it ``0o600``), then
+    rename it over ``path`` and fsync the directory.
 
-    >>> import tempfile
+    If anything fails the temporary file is removed and ``path`` is untouched. An
+    ``OSError`` (``ENOSPC``, ``EROFS``, ``EACCES``, ...) becomes a :class:`WriteError`
+    naming ``path`` and the reason; any other exception of ``write`` passes through.
+
     >>> with tempfile.TemporaryDirectory() as tmp:
     ...     p = Path(tmp, "a.txt")
     ...     write_atomic(p, lambda f: f.write("done"), "w")
     ...     p.read_text(), sorted(q.name for q in Path(tmp).iterdir())
     ('done', ['a.txt'])
+    >>> try:
+    ...     write_atomic("/nonexistent/a.txt", lambda f: None)
+    ... except WriteError as e:
+    ...     print(e)
+    cannot write /nonexistent/a.txt: No such file or directory
     """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    path = Path(path)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        tmp = None
+        _fsync_dir(path.parent)
+    except OSError as e:
+        raise WriteError(f"cannot write {path}: {e.strerror or e}") from e
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable; a directory that cannot be opened is left as is."""
+    try:
+        dfd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass  # some file systems cannot fsync a directory; the data itself is synced
+    finally:
+        os.close(dfd)
