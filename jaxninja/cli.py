@@ -16,6 +16,7 @@ traceback. Ctrl-C or SIGTERM during training save a checkpoint and exit 130 / 14
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -24,6 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from jaxninja import rundir
 from jaxninja.errors import JaxninjaError
 from jaxninja.train import BACKENDS, FLOAT32_TINY, INT32_MAX, ConfigError, TrainConfig
 
@@ -62,6 +64,15 @@ _positive_float = _number(
     float, f"a finite number >= {FLOAT32_TINY:.3g} (float32)", lambda v: v >= FLOAT32_TINY
 )
 _temperature = _number(float, "a positive finite number", lambda v: v > 0)
+
+
+def _int_in(low: int, high: int) -> Callable[[str], Any]:
+    """An argparse ``type``: an integer in ``low..high`` (a bound on time and memory)."""
+    return _number(int, f"an integer in {low}..{high}", lambda v: low <= v <= high)
+
+
+# sample -n x --max-len: at most 1e8 int32 ids (400 MB); larger asks are typos
+MAX_NAMES, MAX_LEN = 100_000, 1_000
 
 
 def _numbers(text: str, kind: type, flag: str) -> list[Any]:
@@ -105,7 +116,9 @@ def _config(args: argparse.Namespace, **more: Any) -> TrainConfig:
     """The validated config of :func:`_add_config_args`'s options (plus ``more``)."""
     names = ("n_embd", "n_hidden", "block_size", "batch_size", "steps", "lr_decay_step")
     fields = {name: getattr(args, name) for name in names}
-    return TrainConfig(**fields, backend=args.backend, chunk_steps=args.chunk_steps, **more)
+    cfg = TrainConfig(**fields, backend=args.backend, chunk_steps=args.chunk_steps, **more)
+    rundir.check_memory(cfg.validate(), 0)  # before any data is read: a lower bound
+    return cfg
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -153,7 +166,7 @@ def _add_train(sub: Any) -> None:
         action="store_true",
         help="resume although --data differs from the file the run was trained on",
     )
-    t.add_argument("--samples", type=_non_negative_int, default=10, help="names printed at end")
+    t.add_argument("--samples", type=_int_in(0, MAX_NAMES), default=10, help="names printed at end")
     t.set_defaults(func=_train)
 
 
@@ -181,7 +194,7 @@ def _sample(args: argparse.Namespace) -> int:
 def _add_sample(sub: Any) -> None:
     s = sub.add_parser("sample", help="sample names from a trained run")
     s.add_argument("--out", required=True, help="run directory")
-    s.add_argument("-n", "--num", type=_positive_int, default=20, help="how many names")
+    s.add_argument("-n", "--num", type=_int_in(1, MAX_NAMES), default=20, help="how many names")
     s.add_argument("--seed", type=_seed, default=0, help="sampling seed")
     s.add_argument(
         "--temperature",
@@ -189,7 +202,7 @@ def _add_sample(sub: Any) -> None:
         default=1.0,
         help="softmax temperature; tiny values are exact greedy decoding",
     )
-    s.add_argument("--max-len", type=_positive_int, default=32, help="longest name")
+    s.add_argument("--max-len", type=_int_in(1, MAX_LEN), default=32, help="longest name")
     s.set_defaults(func=_sample)
 
 
@@ -224,10 +237,26 @@ def _check(args: argparse.Namespace) -> int:
 def _add_check(sub: Any) -> None:
     c = sub.add_parser("check", help="the lecture's gradient-check table (Exercises 1-4)")
     c.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="dtype")
-    c.add_argument("--n-hidden", type=_positive_int, default=64, help="hidden units")
+    c.add_argument("--n-hidden", type=_int_in(1, 100_000), default=64, help="hidden units")
     c.add_argument("--seed", type=_seed, default=42, help="init and batch seed")
     c.add_argument("--data", help="text file, one word per line (default: bundled names.txt)")
     c.set_defaults(func=_check)
+
+
+def _not_the_users(out: str | None, key: str) -> None:
+    """Refuse an existing ``out`` unless it is an earlier result (a JSON object with
+    ``key``): a results file never replaces a file of the user's, FIFO or device."""
+    if out is None or not os.path.lexists(out):
+        return
+    ours = False
+    if os.path.isfile(out):  # never open a FIFO (it blocks) or a device
+        try:
+            with open(out, "rb") as f:
+                ours = key in json.loads(f.read(1 << 20))
+        except (OSError, ValueError, TypeError):
+            pass
+    if not ours:
+        raise ConfigError(f"--out {out}: exists and is not a results file; choose another path")
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -235,6 +264,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
     cfg = _config(args).validate()
     seeds, lrs = _numbers(args.seeds, int, "--seeds"), _numbers(args.lrs, float, "--lrs")
+    _not_the_users(args.out, "members")
     sweep_run(cfg, seeds, lrs, args.data, out=args.out)
     return 0
 
@@ -253,8 +283,8 @@ def _bench(args: argparse.Namespace) -> int:
     from jaxninja.bench import parse_settings, run_bench
 
     members = _numbers(args.members, int, "--members")
-    if any(m < 1 for m in members):
-        raise ConfigError(f"--members: sizes must be >= 1, got {args.members!r}")
+    if any(not 1 <= m <= 1024 for m in members):
+        raise ConfigError(f"--members: sizes must be in 1..1024, got {args.members!r}")
     run_bench(
         parse_settings(args.settings),
         repeats=args.repeats,
@@ -273,10 +303,10 @@ def _add_bench(sub: Any) -> None:
     b = sub.add_parser("bench", help="time the training step: backends, PyTorch, sweeps")
     b.add_argument("--quick", action="store_true", help="tiny run: a smoke test, no measurement")
     b.add_argument("--out", default="bench.json", help="JSON results file ('' for none)")
-    b.add_argument("--repeats", type=_positive_int, default=5, help="timed chunks per row")
+    b.add_argument("--repeats", type=_int_in(1, 1000), default=5, help="timed chunks per row")
     b.add_argument("--settings", default="200x32,1024x256", help="HxB list (hidden x batch)")
-    b.add_argument("--steps", type=_positive_int, help="JAX steps per timed chunk")
-    b.add_argument("--torch-steps", type=_positive_int, help="PyTorch steps per repeat")
+    b.add_argument("--steps", type=_int_in(1, 100_000), help="JAX steps per timed chunk")
+    b.add_argument("--torch-steps", type=_int_in(1, 100_000), help="PyTorch steps per repeat")
     b.add_argument("--members", default="1,8,32", help="sweep sizes M ('' for none)")
     b.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
     b.add_argument("--data", help="text file, one word per line (default: bundled names.txt)")

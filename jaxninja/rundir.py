@@ -62,9 +62,12 @@ def _check_owned(out: Path, resume: bool, overwrite: bool) -> None:
             f"{out} holds {', '.join(foreign)} but no jaxninja run; pass --overwrite to "
             f"replace them, or --out to choose another directory"
         )
-    if overwrite:  # no file of the old run may outlive it next to the new one
-        for name in FILES:
-            (out / name).unlink(missing_ok=True)
+
+
+def _clear(out: Path) -> None:
+    """``--overwrite``: no file of the old run may outlive it next to the new one."""
+    for name in FILES:
+        (out / name).unlink(missing_ok=True)
 
 
 @contextmanager
@@ -74,7 +77,7 @@ def claim(out: Path, *, resume: bool, overwrite: bool) -> Iterator[None]:
         if resume or out.exists() or out.is_symlink():
             _check_owned(out, resume, overwrite)  # before creating anything in it
         out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     except OSError as e:
         raise RunError(f"cannot use {out} as a run directory: {e.strerror or e}") from None
     try:
@@ -86,6 +89,8 @@ def claim(out: Path, *, resume: bool, overwrite: bool) -> Iterator[None]:
                 f"or choose another --out"
             ) from None
         _check_owned(out, resume, overwrite)  # again, now that nobody else can change it
+        if overwrite:  # only now: never delete the files of a run that holds the lock
+            _clear(out)
         yield
     finally:
         os.close(fd)

@@ -77,6 +77,8 @@ def _check_int(name: str, value: Any, low: int) -> None:
     if not _is_int(value) or value < low:
         kind = "a positive integer" if low else "a non-negative integer"
         raise ConfigError(f"{name} must be {kind}, got {value!r}")
+    if value > INT32_MAX:  # steps and schedule boundaries travel as int32
+        raise ConfigError(f"{name} must be at most {INT32_MAX}, got {value!r}")
 
 
 def _check_positive_float(name: str, value: Any) -> None:

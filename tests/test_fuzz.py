@@ -1,0 +1,336 @@
+"""Table-driven fuzz of the ``jaxninja`` command: every option of every command, with
+boundary and hostile values and every kind of path.
+
+Each case is one in-process call of :func:`jaxninja.cli.main` (the code ``python -m
+jaxninja`` runs) with a tiny, valid base command line plus ONE fuzzed ``--option=value``
+(the last occurrence wins in argparse). Whatever the value, the promise is:
+
+* exit status 0 or 2 (``check`` may also say 1: a gradient row out of tolerance);
+* no ``Traceback`` on stdout or stderr, and for exit 2 at most 3 stderr lines, one of them
+  ``error: ...``;
+* nothing of the user's changed: every file, directory, FIFO, device node and symlink the
+  test created (and the shared data file and finished run) has the same type, mode,
+  mtime, size and bytes afterwards. The only exception is the ``--out`` of a command that
+  writes (``train``, ``sweep``, ``bench``): a run directory may gain the tool's own file
+  names, and a new results file may appear when the command succeeded; an existing file
+  of the user's is never replaced.
+
+Values that pass validation run for real, so they must neither hang nor allocate huge
+memory (a run is 2 steps of a 4-unit model: compiling is most of its time, and every
+compiled chunk is reused across cases). ``test_every_option_is_fuzzed`` fails when a
+command gains an option this table does not cover. The number of cases is printed by
+``python -m pytest tests/test_fuzz.py -q -s -k count`` (README, "Reliability").
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+import shutil
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import run_cli
+
+from jaxninja import rundir, sweep, train
+
+ROOT = os.geteuid() == 0
+BIG, I64 = str(10**30), str(2**63)
+# numbers at and past every boundary, non-numbers, a unicode digit (int("٣") == 3),
+# unicode text, empty and blank
+VALUES = ["0", "-1", BIG, I64, "nan", "inf", "-inf", "1e-300", "1.5", "ten", "٣", "ünïcødé",
+          "", " "]  # fmt: skip
+LISTS = [*VALUES, ",", "0,0", "1,-1", "4x2x2", "0x0"]  # comma lists and HxB settings
+FLAG = ["", "=yes"]  # a store_true flag alone, and with a value it does not take
+PATHS = ["missing", "file", "dir", "foreign-run", "fifo", "dev-zero", "dev-null",
+         "symlink-loop", "dangling-symlink", "unreadable", "read-only-dir", "under-file",
+         "unwritable-parent", "unicode", "empty"]  # fmt: skip
+
+NUM, TEXT, IN, OUT = "number", "text", "input path", "output path"
+CONFIG = {"--data": IN, "--steps": NUM, "--batch-size": NUM, "--n-embd": NUM,
+          "--n-hidden": NUM, "--block-size": NUM, "--lr-decay-step": NUM, "--backend": TEXT,
+          "--chunk-steps": NUM}  # fmt: skip
+OPTIONS: dict[str, dict[str, str]] = {
+    "train": {**CONFIG, "--out": OUT, "--lr": NUM, "--seed": NUM, "--running-stats": FLAG[0],
+              "--devices": NUM, "--coordinator": TEXT, "--num-processes": NUM,
+              "--process-id": NUM, "--heartbeat-timeout": NUM, "--resume": FLAG[0],
+              "--overwrite": FLAG[0], "--other-data": FLAG[0], "--samples": NUM},
+    "sample": {"--out": IN, "--num": NUM, "--seed": NUM, "--temperature": NUM,
+               "--max-len": NUM},
+    "eval": {"--out": IN, "--data": IN, "--other-data": FLAG[0]},
+    "check": {"--dtype": TEXT, "--n-hidden": NUM, "--seed": NUM, "--data": IN},
+    "sweep": {**CONFIG, "--seeds": TEXT, "--lrs": TEXT, "--out": OUT},
+    "bench": {"--quick": FLAG[0], "--out": OUT, "--repeats": NUM, "--settings": TEXT,
+              "--steps": NUM, "--torch-steps": NUM, "--members": TEXT, "--no-torch": FLAG[0],
+              "--data": IN},
+}  # fmt: skip
+TINY = ["--steps=2", "--chunk-steps=1", "--n-hidden=4"]
+BASE = {  # a valid, tiny command line for each command ({w}: words file, {r}: finished run)
+    "train": ["--data={w}", "--out={new}", *TINY, "--samples=0"],
+    "sample": ["--out={r}", "--num=2", "--max-len=4"],
+    "eval": ["--out={r}", "--data={w}"],
+    "check": ["--n-hidden=4", "--data={w}"],
+    "sweep": ["--data={w}", *TINY],
+    "bench": [
+        "--quick",
+        "--no-torch",
+        "--members=",
+        "--settings=4x2",
+        "--repeats=1",
+        "--steps=1",
+        "--out=",
+        "--data={w}",
+    ],  # fmt: skip
+}
+WRITES = {"train", "sweep", "bench"}  # commands whose --out is written
+RUN_FILES = {*rundir.FILES, rundir.LOCK}  # the only names the tool may add to a run dir
+
+
+def _values(kind: str) -> list[str]:
+    return {NUM: VALUES, TEXT: LISTS, IN: PATHS, OUT: PATHS}.get(kind, FLAG)
+
+
+CASES = [
+    (cmd, opt, value)
+    for cmd, options in OPTIONS.items()
+    for opt, kind in options.items()
+    for value in _values(kind)
+]
+# A few combinations a single option cannot reach.
+COMBOS = {
+    "overwrite-foreign-run": ("train", ["--out={foreign-run}", "--overwrite"]),
+    "resume-foreign-run": ("train", ["--out={foreign-run}", "--resume"]),
+    "resume-finished-run-copy": ("train", ["--out={run-copy}", "--resume"]),
+    "resume-other-data": ("train", ["--out={run-copy}", "--resume", "--data={file}"]),
+    "eval-other-data": ("eval", ["--data={file}", "--other-data"]),
+    "sample-huge-product": ("sample", ["--num=100000", "--max-len=100000"]),
+    "job-flags-incomplete": ("train", ["--coordinator=localhost:1", "--num-processes=2"]),
+}
+
+
+def _case_id(case: tuple[str, str, str]) -> str:
+    cmd, opt, value = case
+    return f"{cmd}{opt}={ascii(value)[1:-1]}"
+
+
+# ----------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compile_once():
+    """Each (config, n) chunk is compiled once in this process, whatever case asks."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "make_train_chunk", functools.cache(train.make_train_chunk))
+        mp.setattr(sweep, "make_sweep_chunk", functools.cache(sweep.make_sweep_chunk))
+        yield
+
+
+@pytest.fixture(scope="module")
+def shared(names_file, tmp_path_factory) -> dict[str, Path]:
+    """A small words file (all 27 characters) and a finished tiny run trained on it."""
+    root = tmp_path_factory.mktemp("shared")
+    words = names_file.read_text().split()[:80]
+    words += [next(w for w in names_file.read_text().split() if c in w) for c in "qxzjuvwy"]
+    w = root / "words.txt"
+    w.write_text("\n".join(words) + "\n")
+    run = root / "run"
+    rc = run_main("train", f"--data={w}", f"--out={run}", *TINY, "--samples=0")
+    assert rc == 0
+    return {"root": root, "w": w, "r": run}
+
+
+def run_main(*argv: str) -> int:
+    from jaxninja import cli
+
+    try:
+        return cli.main(list(argv))
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+@pytest.fixture(scope="module")
+def read_only(tmp_path_factory) -> Iterator[Path]:
+    """A read-only directory holding one user file. For root, who may write anywhere,
+    a read-only tmpfs where mounting is allowed; else (or failing that) mode 0o555."""
+    d = tmp_path_factory.mktemp("ro") / "readonly"
+    d.mkdir()
+    mounted = ROOT and _mount(d)
+    (d / "keep.txt").write_text("the user's\n")
+    d.chmod(0o555)
+    if mounted and not _mount(d, "remount,ro"):
+        subprocess.run(["umount", str(d)], check=True)
+        mounted = False
+    yield d
+    if mounted:
+        subprocess.run(["umount", str(d)], check=True)
+    d.chmod(0o755)
+
+
+def _mount(d: Path, options: str = "size=1m") -> bool:
+    cmd = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(d)]
+    return subprocess.run(cmd, capture_output=True).returncode == 0
+
+
+def make_user_files(user: Path, ro: Path) -> dict[str, str]:
+    """Every path kind, made fresh for one case; returns ``kind -> path`` (as passed)."""
+    user.mkdir()
+    (user / "notes.txt").write_text("the user's notes\n")  # one "word": no training split
+    (user / "docs").mkdir()
+    (user / "docs" / "a.txt").write_text("keep me\n")
+    results = user / "results"  # a directory of the user's with the tool's file names
+    results.mkdir()
+    for name in ("metrics.json", "losses.npy", "loss.png"):
+        (results / name).write_text(f"the user's own {name}\n")
+    os.mkfifo(user / "pipe")
+    devices = {"dev-zero": "/dev/zero", "dev-null": "/dev/null"}
+    if ROOT:  # copies of the device nodes: a bug that replaced one harms nothing here
+        for kind, minor in (("dev-zero", 5), ("dev-null", 3)):
+            node = user / kind
+            os.mknod(node, 0o666 | stat.S_IFCHR, os.makedev(1, minor))
+            devices[kind] = str(node)
+    (user / "loop").symlink_to("loop")
+    (user / "dangling").symlink_to("nowhere")
+    secret = user / "secret.txt"
+    secret.write_text("secret\n")
+    secret.chmod(0)  # root still reads it: then it is just another file of the user's
+    return {
+        "missing": str(user / "missing"),
+        "file": str(user / "notes.txt"),
+        "dir": str(user / "docs"),
+        "foreign-run": str(results),
+        "fifo": str(user / "pipe"),
+        **devices,
+        "symlink-loop": str(user / "loop"),
+        "dangling-symlink": str(user / "dangling"),
+        "unreadable": str(secret),
+        "read-only-dir": str(ro),
+        "under-file": str(user / "notes.txt" / "sub"),
+        "unwritable-parent": str(ro / "new"),
+        "unicode": str(user / "ünï cødé 名前"),
+        "empty": "",
+    }
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """``path -> (mode, mtime, size, what it holds)`` for everything under ``root``
+    (symlinks are not followed; FIFOs and devices are never opened)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for p in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
+            st = os.lstat(p)
+            held: object = None
+            if stat.S_ISREG(st.st_mode):
+                try:
+                    held = hashlib.sha256(Path(p).read_bytes()).hexdigest()
+                except PermissionError:
+                    held = "unreadable"
+            elif stat.S_ISDIR(st.st_mode):
+                held = tuple(sorted(os.listdir(p)))
+            elif stat.S_ISLNK(st.st_mode):
+                held = os.readlink(p)
+            out[p] = (st.st_mode, st.st_mtime_ns, st.st_size, held)
+    return out
+
+
+# -------------------------------------------------------------------------- checks
+
+
+def assert_nothing_of_the_users_changed(before, after, cmd, argv, rc) -> None:
+    """Compare snapshots; only the tool's own writes to a written ``--out`` may differ."""
+    outs = [a.split("=", 1)[1] for a in argv if a.startswith("--out=")]
+    target = os.path.abspath(outs[-1]) if outs and cmd in WRITES and outs[-1] else None
+    changed = [
+        f"{p}: {before.get(p)} -> {after.get(p)}"
+        for p in sorted(before.keys() | after.keys())
+        if before.get(p) != after.get(p)
+        and not _allowed(p, before, after, cmd, target, "--overwrite" in argv, rc)
+    ]
+    assert not changed, f"{cmd} {' '.join(argv)} (exit {rc}) changed " + "; ".join(changed)
+
+
+def _allowed(p, before, after, cmd, target, overwrite: bool, rc: int) -> bool:
+    """Whether the change of ``p`` is the tool's own business: files of the run directory
+    ``target`` (new ones; old ones only with ``--overwrite``; the lock), the run
+    directory itself, a new results file of a successful sweep/bench, and the parent
+    of a new ``target`` gaining just that entry."""
+    if target is None:
+        return False
+    parent, name = os.path.split(os.path.abspath(p))
+    if cmd == "train" and parent == target and name in RUN_FILES:
+        return p not in before or overwrite or name == rundir.LOCK
+    if os.path.abspath(p) == target:
+        is_dir = p in after and stat.S_ISDIR(after[p][0])
+        return (cmd == "train" and is_dir) or (p not in before and rc == 0)
+    if p in before and p in after and stat.S_ISDIR(before[p][0]):
+        gained = set(after[p][3]) - set(before[p][3])
+        lost = set(before[p][3]) - set(after[p][3])
+        new_target = os.path.dirname(target) == os.path.abspath(p) and target not in before
+        return new_target and not lost and gained <= {os.path.basename(target)}
+    return False
+
+
+def check_case(cmd, extra, capsys, tmp_path, shared, read_only, monkeypatch):
+    user = tmp_path / "user"
+    paths = make_user_files(user, read_only)
+    run_copy = tmp_path / "run-copy"
+    shutil.copytree(shared["r"], run_copy)
+    fill = {**paths, "w": str(shared["w"]), "r": str(shared["r"]), "new": str(tmp_path / "new"),
+            "run-copy": str(run_copy)}  # fmt: skip
+    argv = [cmd, *(a.format(**fill) for a in BASE[cmd]), *(a.format(**fill) for a in extra)]
+    roots = (user, read_only, shared["root"])
+    before = {k: v for root in roots for k, v in snapshot(root).items()}
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # default outputs (runs/, bench.json) land here
+    rc, out, err = run_cli(capsys, *argv)
+    assert rc in ((0, 1, 2) if cmd == "check" else (0, 2)), (rc, err)
+    assert "Traceback" not in out + err, err
+    if rc == 2:
+        lines = err.splitlines()
+        assert 1 <= len(lines) <= 3 and any(ln.startswith("error: ") for ln in lines), err
+    after = {k: v for root in roots for k, v in snapshot(root).items()}
+    assert_nothing_of_the_users_changed(before, after, cmd, argv[1:], rc)
+    return rc, out, err
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_fuzz_option(case, capsys, tmp_path, shared, read_only, monkeypatch):
+    cmd, opt, value = case
+    kind = OPTIONS[cmd][opt]
+    if kind in (IN, OUT):
+        extra = [f"{opt}={{{value}}}"]
+    elif kind == FLAG[0]:
+        extra = [opt + value]
+    else:
+        extra = [f"{opt}={value}"]
+    check_case(cmd, extra, capsys, tmp_path, shared, read_only, monkeypatch)
+
+
+@pytest.mark.parametrize("name", sorted(COMBOS))
+def test_fuzz_combination(name, capsys, tmp_path, shared, read_only, monkeypatch):
+    cmd, extra = COMBOS[name]
+    check_case(cmd, extra, capsys, tmp_path, shared, read_only, monkeypatch)
+
+
+def test_every_option_is_fuzzed(capsys):
+    """The table covers every long option ``--help`` lists, for every command."""
+    for cmd, options in OPTIONS.items():
+        rc, usage, _ = run_cli(capsys, cmd, "--help")
+        assert rc == 0
+        listed = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", usage)) - {"--help"}
+        assert listed == set(options), (cmd, listed ^ set(options))
+
+
+def test_count(capsys):
+    """The figure the README quotes: cases tried (``-s`` shows it)."""
+    n = len(CASES) + len(COMBOS)
+    with capsys.disabled():
+        print(f"\nfuzz: {len(CASES)} option cases + {len(COMBOS)} combinations = {n} CLI calls")
+    assert n >= 300
