@@ -172,9 +172,13 @@ def start_experiments() -> dict[str, tuple[Path, subprocess.Popen]]:
             argv = [sys.executable, str(REPO / "experiments" / script)]
             argv += [a.format(out=out) for a in args]
             proc = subprocess.Popen(
-                argv, cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                argv,
+                cwd=out,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
                 text=True,
-            )  # fmt: skip
+            )
             _experiments[name] = out, proc
     return _experiments
 

@@ -429,6 +429,16 @@ def test_packaged_names_is_byte_identical_to_the_reference(names_file: Path) -> 
     assert packaged == names_file.read_bytes()
 
 
+def test_names_txt_is_declared_package_data() -> None:
+    """The wheel carries it: pyproject's package-data names it, .gitignore lets it in."""
+    import tomllib
+
+    repo = Path(__file__).resolve().parents[1]
+    pyproject = tomllib.loads((repo / "pyproject.toml").read_text())
+    assert "names.txt" in pyproject["tool"]["setuptools"]["package-data"]["jaxninja"]
+    assert "!jaxninja/names.txt" in (repo / ".gitignore").read_text().splitlines()
+
+
 @pytest.mark.parametrize("env", [None, ""])
 def test_default_is_the_packaged_file(env, monkeypatch: pytest.MonkeyPatch) -> None:
     """No path and no (or an empty) $JAXNINJA_DATA: the copy inside the package, offline."""
@@ -976,3 +986,31 @@ def test_bad_sizes_are_refused(tiny_model, kw, name) -> None:
     params, stats = tiny_model
     with pytest.raises(JaxninjaError, match=f"{name} must be a positive integer"):
         sample.sample_names(params, stats, VOCAB, jax.random.key(0), **{"num_samples": 2, **kw})
+
+
+def test_full_disk_in_a_real_training_process(tmp_path: Path, names_file: Path) -> None:
+    """The second checkpoint write of a real ``jaxninja train`` hits ENOSPC
+    (tests/_fault_helpers.py): exit 2, one ``error:`` line, the first checkpoint intact."""
+    import subprocess
+    import sys
+
+    words = tmp_path / "w.txt"
+    words.write_text("\n".join(names_file.read_text().split()[:200]))
+    out = tmp_path / "run"
+    argv = ["train", "--data", words, "--out", out, "--n-hidden", "8", "--steps", "4"]
+    argv += ["--chunk-steps", "2", "--samples", "0"]
+    helper = Path(__file__).parent / "_fault_helpers.py"
+    proc = subprocess.run(
+        [sys.executable, str(helper), "enospc-save", "2", "--", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    dest = out / checkpoint.FILENAME
+    assert proc.stderr == f"error: cannot write {dest}: No space left on device\n"
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    ck = checkpoint.load(out)
+    assert (
+        int(ck.state.step) == 2 and ck.data_sha256 == hashlib.sha256(words.read_bytes()).hexdigest()
+    )
