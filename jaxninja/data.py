@@ -63,7 +63,7 @@ def resolve_data_path(path: str | os.PathLike[str] | None = None) -> Path:
     env = os.environ.get("JAXNINJA_DATA")
     if env:
         return Path(env)
-    return Path(os.fspath(resources.files("jaxninja") / "names.txt"))
+    return Path(str(resources.files("jaxninja") / "names.txt"))
 
 
 def _read_bytes(p: Path) -> bytes:
