@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -70,26 +70,99 @@ def _normalize_axes(axis: Axis, ndim: int, name: str = "axis") -> tuple[int, ...
 # --------------------------------------------------------------------- cross-entropy
 
 
-def _check_cross_entropy(logits: Array, labels: Array, axis: int, where: Array | None) -> int:
-    _check_floating("logits", logits)
+class _Rows(NamedTuple):
+    """Cross-entropy inputs in the layout the rules use: classes last, masks resolved."""
+
+    x: Array  # (..., V) logits, classes last (a transposed copy only if they were not)
+    labels: Array  # (...) integer labels, any integer dtype
+    rows: Array | None  # (...) bool: rows that count (None: all)
+    classes: Array | None  # (..., V) bool: classes in the normaliser (None: all)
+
+
+def _check_labels(labels: Array) -> None:
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(f"labels must be integer class ids, got dtype {labels.dtype}")
+
+
+def _class_axes(axis: Any, ndim: int) -> tuple[int, ...]:
+    """The class axes in the caller's order (optax's flat-index order for a tuple)."""
+    if not isinstance(axis, int | tuple | list):
+        raise TypeError(f"axis must be an int or a tuple of ints, got {axis!r}")
+    _normalize_axes(axis, ndim)  # range and repeats
+    return tuple(a % ndim for a in ((axis,) if isinstance(axis, int) else axis))
+
+
+def _to_rows(a: Array, batch: tuple[int, ...], classes: tuple[int, ...]) -> Array:
+    """Transpose ``a`` to (batch axes, class axes) and flatten the class axes."""
+    if batch + classes != tuple(range(a.ndim)):
+        a = jnp.transpose(a, batch + classes)
+    return a.reshape(a.shape[: len(batch)] + (-1,))
+
+
+def _cross_entropy_rows(logits: Any, labels: Any, axis: Any, where: Any) -> _Rows:
+    """Validate once at the edge and bring the inputs to the :class:`_Rows` layout."""
+    logits, labels = jnp.asarray(logits), jnp.asarray(labels)
+    _check_floating("logits", logits)
+    _check_labels(labels)
     if logits.ndim == 0:
         raise ValueError("logits must have at least one axis (the classes), got a scalar")
-    (axis,) = _normalize_axes(axis, logits.ndim)
-    expected = logits.shape[:axis] + logits.shape[axis + 1 :]
+    axes = _class_axes(axis, logits.ndim)
+    batch = tuple(a for a in range(logits.ndim) if a not in axes)
+    expected = tuple(logits.shape[a] for a in batch)
     if labels.shape != expected:
         raise ValueError(
             f"labels shape {labels.shape} does not match logits shape {logits.shape} "
             f"without the class axis {axis} (expected {expected})"
         )
-    if where is not None and jnp.shape(where) != expected:
-        raise ValueError(f"where shape {jnp.shape(where)} must equal labels shape {expected}")
-    return axis
+    rows = classes = None
+    if where is not None:
+        where = jnp.asarray(where, dtype=bool)
+        if where.shape == logits.shape:  # optax's per-logit mask
+            classes = _to_rows(where, batch, axes)
+            rows = jnp.any(classes, axis=-1)
+            classes = classes | ~rows[..., None]  # an all-masked row stays finite
+        elif where.shape == expected:
+            rows = where
+        else:
+            raise ValueError(
+                f"where shape {where.shape} must equal labels shape {expected} "
+                f"(a row mask) or logits shape {logits.shape} (a per-logit mask)"
+            )
+    return _Rows(_to_rows(logits, batch, axes), labels, rows, classes)
+
+
+def _label_index(labels: Array, num_classes: int) -> tuple[Array, Array]:
+    """``(index, valid)``: int32 class index (0 where invalid) and ``0 <= label < V``.
+
+    Compared in the labels' own dtype against a bound that fits it, so a uint8 label
+    never wraps against 300 classes; the cast to int32 happens only to valid labels.
+    """
+    info = jnp.iinfo(labels.dtype)
+    valid = jnp.ones(labels.shape, bool) if num_classes > info.max else labels < num_classes
+    if info.min < 0:
+        valid = valid & (labels >= 0)
+    return jnp.where(valid, labels, 0).astype(jnp.int32), valid
+
+
+def _masked_logits(r: _Rows) -> Array:
+    """Logits with masked rows set to 0 (whatever they held: inf, NaN) and masked
+    classes to -inf. Elementwise: XLA fuses it into the passes that read it."""
+    x = r.x
+    if r.rows is not None:
+        x = jnp.where(r.rows[..., None], x, jnp.zeros((), x.dtype))
+    if r.classes is not None:
+        x = jnp.where(r.classes, x, jnp.asarray(-jnp.inf, x.dtype))
+    return x
+
+
+def _label_logit(r: _Rows, index: Array) -> Array:
+    """``z[..., y]`` (taken even if a per-logit mask leaves class ``y`` out, as optax)."""
+    x = _masked_logits(r._replace(classes=None))
+    return jnp.take_along_axis(x, index[..., None], axis=-1)[..., 0]
 
 
 def cross_entropy_reference(
-    logits: Array, labels: Array, *, axis: int = -1, where: Array | None = None
+    logits: Array, labels: Array, axis: Axis = -1, where: Array | None = None
 ) -> Array:
     """Plain-``jnp`` cross-entropy, differentiated by autodiff: the baseline for tests.
 
@@ -100,59 +173,64 @@ def cross_entropy_reference(
     >>> np.asarray(losses, np.float64).round(4).tolist()  # log(4) each
     [1.3863, 1.3863]
     """
-    axis = _check_cross_entropy(logits, labels, axis, where)
-    x = logits.astype(_compute_dtype(logits.dtype))
-    logprobs = jax.nn.log_softmax(x, axis=axis)
-    label_logprob = jnp.take_along_axis(logprobs, jnp.expand_dims(labels, axis), axis=axis)
-    losses = -jnp.squeeze(label_logprob, axis)
-    # take_along_axis wraps negative labels like numpy: out of range must give NaN here too.
-    losses = jnp.where((labels >= 0) & (labels < x.shape[axis]), losses, jnp.nan)
-    if where is not None:
-        losses = jnp.where(where, losses, 0.0)
-    return losses.astype(logits.dtype)
+    r = _cross_entropy_rows(logits, labels, axis, where)
+    x = _masked_logits(r).astype(_compute_dtype(r.x.dtype))
+    index, valid = _label_index(r.labels, x.shape[-1])
+    logprobs = jax.nn.log_softmax(x, axis=-1)
+    if r.classes is None:
+        label_logprob = jnp.take_along_axis(logprobs, index[..., None], axis=-1)[..., 0]
+    else:  # the label's own logit, even if the per-logit mask leaves its class out
+        label_logprob = _label_logit(r, index).astype(x.dtype) - jax.nn.logsumexp(x, -1)
+    losses = jnp.where(valid, -label_logprob, jnp.nan)
+    if r.rows is not None:
+        losses = jnp.where(r.rows, losses, 0.0)
+    return losses.astype(r.x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _cross_entropy(logits: Array, labels: Array, where: Array | None, axis: int) -> Array:
-    return _cross_entropy_fwd(logits, labels, where, axis)[0]
+@jax.custom_vjp
+def _cross_entropy(r: _Rows) -> Array:
+    return _cross_entropy_fwd(r)[0]
 
 
-def _cross_entropy_fwd(logits, labels, where, axis):
-    x = logits.astype(_compute_dtype(logits.dtype))
-    num_classes = x.shape[axis]
-    # logsumexp subtracts the row max: exp never overflows, whatever the logits' scale.
-    lse = jax.nn.logsumexp(x, axis=axis, keepdims=True)
-    labels_k = jnp.expand_dims(labels, axis)
-    # An out-of-range label must not be clamped to a real class: it gives NaN instead.
-    valid = (labels_k >= 0) & (labels_k < num_classes)
-    label_logit = jnp.take_along_axis(x, jnp.clip(labels_k, 0, num_classes - 1), axis=axis)
-    losses = jnp.where(valid, lse - label_logit, jnp.nan)
-    if where is not None:
-        losses = jnp.where(jnp.expand_dims(where, axis), losses, 0.0)
-    probs = jnp.exp(x - lse)
-    return jnp.squeeze(losses, axis).astype(logits.dtype), (probs, labels_k, valid, where)
+def _cross_entropy_fwd(r: _Rows):
+    x = _masked_logits(r)
+    dtype = _compute_dtype(x.dtype)
+    # The max is exact in any dtype: take it before the cast, so no float32 copy of
+    # 16-bit logits is ever needed. It only shifts exp's argument: no gradient.
+    m = lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True)).astype(dtype)
+    s = jnp.sum(jnp.exp(x.astype(dtype) - m), axis=-1, keepdims=True)
+    index, valid = _label_index(r.labels, x.shape[-1])
+    label_logit = _label_logit(r, index).astype(dtype)
+    losses = jnp.where(valid, jnp.log(s[..., 0]) + m[..., 0] - label_logit, jnp.nan)
+    if r.rows is not None:
+        losses = jnp.where(r.rows, losses, 0.0)
+    # Residuals: the logits the caller holds anyway, and two numbers per row. The
+    # backward pass recomputes exp (faster on CPU than writing and re-reading an (N, V)
+    # residual, and no (N, V) temporary in float32).
+    return losses.astype(x.dtype), (r, m, s, index, valid)
 
 
-def _cross_entropy_bwd(axis, residuals, g):
-    probs, labels_k, valid, where = residuals
-    out_dtype = g.dtype  # the loss, hence the logits, dtype
-    classes = lax.broadcasted_iota(labels_k.dtype, probs.shape, axis)
-    onehot = (classes == labels_k).astype(probs.dtype)
-    g = jnp.expand_dims(g.astype(probs.dtype), axis)
-    if where is not None:
-        g = jnp.where(jnp.expand_dims(where, axis), g, 0.0)
-    # The fused rule of Exercise 2: d loss_i / d logits_ij = softmax_ij - [j == y_i].
-    # A masked-out row (e.g. padding with label -1) gets zero gradient, not NaN.
-    bad = ~valid if where is None else ~valid & jnp.expand_dims(where, axis)
-    dlogits = jnp.where(bad, jnp.nan, g * (probs - onehot))
-    return dlogits.astype(out_dtype), None, None
+def _cross_entropy_bwd(residuals, g):
+    r, m, s, index, valid = residuals
+    bad = ~valid if r.rows is None else ~valid & r.rows
+    # A masked row gets g = 0 (and finite logits): exactly 0. A bad label gets g = NaN:
+    # a NaN row, never a silently clamped answer.
+    g = jnp.where(bad, jnp.nan, _masked(r.rows, g.astype(m.dtype)))[..., None]
+    x = _masked_logits(r)
+    # The fused rule of Exercise 2, d loss / d z_j = softmax_j - [j = y], with softmax
+    # normalised as exp(z - max) / sum (as optax): exp(z - lse) would carry the rounding
+    # of lse, wrong at logits of 1e8 in float32.
+    p = jnp.exp(x.astype(m.dtype) - m) * (g / s)
+    onehot = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1) == index[..., None]
+    dx = jnp.where(onehot, p - g, p).astype(x.dtype)
+    return (_Rows(dx, None, None, None),)
 
 
 _cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 
 
 def cross_entropy(
-    logits: Array, labels: Array, *, axis: int = -1, where: Array | None = None
+    logits: Array, labels: Array, axis: Axis = -1, where: Array | None = None
 ) -> Array:
     r"""Per-example softmax cross-entropy with integer labels, with a fused VJP.
 
@@ -160,19 +238,30 @@ def cross_entropy(
         \ell_i = \log \sum_j e^{z_{ij}} - z_{i, y_i}, \qquad
         \frac{\partial \ell_i}{\partial z_{ij}} = \mathrm{softmax}(z_i)_j - [j = y_i]
 
-    The forward pass is a max-subtracted ``logsumexp``; the backward pass is the single
-    expression ``g * (softmax - onehot)`` (the lecture's Exercise 2), not autodiff of the
-    forward. float16/bfloat16 logits are computed in float32; the loss and the gradient
-    come back in the logits' dtype. A label outside ``[0, num_classes)`` gives a NaN loss
-    and NaN gradient for its row (never a silently clamped answer). Callers reduce: use
+    The forward pass is one max pass and one ``exp``-and-sum pass (``m = max_j z_j``,
+    ``s = sum_j exp(z_j - m)``, loss ``log s + m - z_y``); it keeps two numbers per row.
+    The backward pass is the single expression ``g * (exp(z - m) / s - onehot)`` (the
+    lecture's Exercise 2), recomputing ``exp`` rather than storing an ``(N, V)`` softmax.
+    float16/bfloat16 logits are computed in float32 and the loss and gradient come back
+    in their dtype. Measured at N=4096, V=32768 on the 2-core CPU (``jax.jit(jax.grad(
+    mean loss))``, interleaved medians; see the module docstring): float32 0.8-0.9x
+    optax's time with 0 temp memory (optax 0.1 MiB, the plain reference 512 MiB);
+    bfloat16 0.55-0.6x optax's time with 512 MiB temp (optax 1024 MiB, reference 512 MiB).
+
+    A label outside ``[0, num_classes)`` gives a NaN loss and NaN gradient for its row
+    (never a silently clamped answer); labels of any integer dtype (uint8 with 300
+    classes included) give the int32 answer. Callers reduce: use
     ``cross_entropy(...).mean()`` for the lecture's loss.
 
     Args:
       logits: ``(..., num_classes)`` floating scores (the class axis is ``axis``).
       labels: integer class ids, the shape of ``logits`` without ``axis``.
-      axis: the class axis.
-      where: optional boolean mask, the shape of ``labels``; rows where it is ``False``
-        get zero loss and zero gradient.
+      axis: the class axis, or a tuple of axes (then a label is a flat index into
+        ``logits``' slice over those axes, in the tuple's order, as in optax).
+      where: optional boolean mask: the shape of ``labels`` (rows where it is ``False``
+        get loss 0 and gradient exactly 0, whatever their logits or labels hold: -1
+        padding, inf, NaN), or the shape of ``logits`` (optax's per-logit mask: False
+        classes are left out of the normaliser; a row with none gets 0).
 
     Returns:
       losses, the shape of ``labels``, dtype of ``logits``.
@@ -190,11 +279,7 @@ def cross_entropy(
     ``jax.jvp``/``jax.jacfwd`` of this op raise ``TypeError`` (``custom_vjp`` has no
     forward mode); for second derivatives use ``jax.jacrev(jax.grad(f))``.
     """
-    logits = jnp.asarray(logits)
-    labels = jnp.asarray(labels)
-    where = None if where is None else jnp.asarray(where, dtype=bool)
-    axis = _check_cross_entropy(logits, labels, axis, where)
-    return _cross_entropy(logits, labels, where, axis)
+    return _cross_entropy(_cross_entropy_rows(logits, labels, axis, where))
 
 
 # ------------------------------------------------------------------------ batch norm
@@ -484,10 +569,10 @@ def batch_norm(
     with float32 statistics and come back in their own dtype.
 
     Unlike flax, whose ``axis`` is the *feature* axis, ``axis`` here names the axes
-    *reduced over* (the batch axes), as in ``jnp.mean``. ``jax.grad`` outside a
-    ``jax.vmap(..., axis_name=...)`` of this op raises ``NameError: unbound axis name``:
-    JAX runs a custom-VJP backward rule after the vmap that bound the name has returned.
-    Use ``jax.shard_map``/``pmap`` (which work), or put the ``jax.grad`` inside the vmap.
+    *reduced over* (the batch axes), as in ``jnp.mean``. ``axis_name`` works under
+    ``jax.shard_map``, ``pmap`` and ``jax.vmap(..., axis_name=...)``, with ``jax.grad``
+    inside or outside the map (the global count is static, so the backward rule needs no
+    collective beyond its two sums).
 
     Args:
       x: ``(n, ...)`` activations (any rank; ``axis`` says which axes are the batch).

@@ -635,3 +635,160 @@ def test_batch_stats_one_row_unbiased_is_a_value_error():
         ops.batch_stats(np.ones((1, 4), np.float32))
     with pytest.raises(ValueError, match="where shape"):
         ops.batch_stats(np.ones((4, 3), np.float32), where=np.ones((3, 4), bool))
+
+
+# ------------------------------------------- cross-entropy: drop-in details (issues 11, 13)
+
+
+def test_cross_entropy_axis_and_where_positional_like_optax(x64):
+    z, y, ct, where = ce_inputs((3, 6, 4), 1, seed=27, with_where=True)
+    got = ops.cross_entropy(z, y, 1, where)
+    np.testing.assert_array_equal(got, ops.cross_entropy(z, y, axis=1, where=where))
+    np.testing.assert_allclose(got, ops.cross_entropy_reference(z, y, 1, where), rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("axis", [(1, 3), (3, 2), (-1, -2), (0, 1, 3)])
+def test_cross_entropy_tuple_axis_is_a_flat_index_in_tuple_order(x64, axis):
+    """A label indexes the slice over ``axis`` flattened in the tuple's order (optax)."""
+    rng = np.random.default_rng(28)
+    z = jnp.asarray(rng.standard_normal((2, 3, 4, 5)))
+    axes = tuple(a % 4 for a in axis)
+    batch = tuple(a for a in range(4) if a not in axes)
+    flat = jnp.transpose(z, batch + axes).reshape(tuple(z.shape[a] for a in batch) + (-1,))
+    y = jnp.asarray(rng.integers(0, flat.shape[-1], flat.shape[:-1]), jnp.int32)
+    np.testing.assert_allclose(ops.cross_entropy(z, y, axis), ops.cross_entropy(flat, y), atol=TOL)
+    assert_vjp_matches(
+        lambda z: ops.cross_entropy(z, y, axis),
+        lambda z: ops.cross_entropy_reference(z, y, axis),
+        z,
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int64])
+def test_cross_entropy_any_label_dtype_gives_the_int32_answer(dtype):
+    """300 classes: more than uint8/int8 hold. The class index must never wrap."""
+    z = jnp.asarray(np.random.default_rng(29).standard_normal((6, 300)), jnp.float32)
+    values = np.array([0, 1, 100, np.iinfo(dtype).max, -1, 299], np.int64)
+    labels = values.astype(dtype)  # what the narrow dtype holds (e.g. 255, not 299)
+    held = labels.astype(np.int64)
+    with jax.enable_x64(dtype == np.int64):
+        got, g = jax.jit(jax.value_and_grad(lambda z: ops.cross_entropy(z, labels).sum()))(z)
+        ref = ops.cross_entropy_reference(z, labels)
+    i32 = np.where((held >= 0) & (held < 300), held, -1).astype(np.int32)  # same meaning
+    want, g_want = jax.jit(jax.value_and_grad(lambda z: ops.cross_entropy(z, i32).sum()))(z)
+    per_row = np.asarray(ops.cross_entropy(z, i32))
+    np.testing.assert_array_equal(np.asarray(ops.cross_entropy(z, labels)), per_row)
+    np.testing.assert_array_equal(np.asarray(ref), np.asarray(ops.cross_entropy_reference(z, i32)))
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(g_want))
+    assert np.isnan(float(got)) == np.isnan(float(want))
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_masked_non_finite_rows_give_exactly_zero_loss_and_gradient(x64, bad):
+    z, y, ct, _ = ce_inputs((5, 7), -1, seed=30)
+    z = z.at[1].set(bad).at[3, 2].set(bad)
+    y = y.at[3].set(-1)  # and a padding label
+    where = jnp.array([True, False, True, False, True])
+    for op in (ops.cross_entropy, ops.cross_entropy_reference):
+
+        def loss(z, op=op):
+            return (op(z, y, where=where) * ct).sum()
+
+        value, dz = jax.jit(jax.value_and_grad(loss))(z)
+        d2 = jax.jit(jax.grad(lambda z: (jax.grad(loss)(z) ** 2).sum()))(z)
+        assert np.isfinite(float(value))
+        for d in (np.asarray(dz), np.asarray(d2)):
+            assert np.all(d[[1, 3]] == 0.0) and np.all(np.isfinite(d))
+    kept = np.asarray(where)
+    assert_vjp_matches(
+        lambda z: ops.cross_entropy(z, y, where=where)[kept],
+        lambda z: ops.cross_entropy_reference(z, y, where=where)[kept],
+        z,
+    )
+
+
+def test_large_logit_gradient_is_normalised_like_optax():
+    """exp(z - lse) carries lse's rounding (ulp 8 at 1e8); exp(z - max) / sum does not."""
+    z = jnp.array([[1e8, 1e8 - 16.0, 1e8 - 64.0, 0.0], [1e4, 1e4 + 1.0, 0.0, 0.0]], jnp.float32)
+    y = jnp.array([1, 0])
+    dz = np.asarray(jax.jit(jax.grad(lambda z: ops.cross_entropy(z, y).sum()))(z), np.float64)
+    zz = np.asarray(z, np.float64)
+    p = np.exp(zz - zz.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    p[[0, 1], [1, 0]] -= 1.0
+    np.testing.assert_allclose(dz, p, rtol=1e-6, atol=1e-30)
+
+
+def _strict_case(z, x, y):
+    with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
+        dz = jax.grad(lambda z: ops.cross_entropy(z, y, where=y > 0).astype(jnp.float32).sum())(z)
+        ref = ops.cross_entropy_reference(z, y)
+        g = jnp.ones(3, x.dtype)
+        dx = jax.grad(lambda x: ops.batch_norm(x, g, g).astype(jnp.float32).sum())(x)
+        y2, mean, _ = ops.batch_norm_with_stats(x, g, g, unbiased=False)
+    return dz, ref, dx, y2, mean
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_ops_under_strict_dtype_and_rank_promotion(dtype):
+    """equinox's test configuration: 16-bit inputs and a (features,) gain still work."""
+    rng = np.random.default_rng(31)
+    z = jnp.asarray(rng.standard_normal((4, 9)), dtype)
+    x = jnp.asarray(rng.standard_normal((6, 3)), dtype)
+    dz, ref, dx, y2, mean = _strict_case(z, x, jnp.asarray([0, 8, 3, 2], jnp.uint8))
+    assert dz.dtype == dtype and ref.dtype == dtype and dx.dtype == dtype
+    assert y2.dtype == dtype and mean.dtype == jnp.float32
+    assert np.all(np.asarray(dz[0], np.float32) == 0.0) and np.all(np.isfinite(dz[1:]))
+
+
+def test_per_logit_where_leaves_classes_out_of_the_normaliser(x64):
+    z, y, ct, _ = ce_inputs((4, 6), -1, seed=32)
+    mask = jnp.asarray(np.random.default_rng(32).random((4, 6)) < 0.5).at[0].set(False)
+    mask = mask.at[1:, 0].set(True)
+    losses = ops.cross_entropy(z, y, where=mask)
+    assert float(losses[0]) == 0.0  # no class kept: the row is masked
+    zz = np.where(np.asarray(mask), np.asarray(z), -np.inf)
+    lse = np.log(np.exp(zz - zz.max(1, keepdims=True)).sum(1)) + zz.max(1)
+    want = lse - np.asarray(z)[np.arange(4), np.asarray(y)]
+    np.testing.assert_allclose(losses[1:], want[1:], rtol=0, atol=TOL)
+    assert_vjp_matches(
+        lambda z: ops.cross_entropy(z, y, where=mask),
+        lambda z: ops.cross_entropy_reference(z, y, where=mask),
+        z,
+    )
+
+
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_synced_batch_norm_grad_through_vmap_axis_name(x64, unbiased):
+    """flax/equinox's pattern: jax.grad outside jax.vmap(..., axis_name=...) of the
+    synchronised op (once a NameError: unbound axis name), and grad inside the vmap."""
+    x, gain, bias, dy = bn_inputs((6, 3), (3,), seed=33)
+
+    def local(xi, dyi, g, b):
+        y = ops.batch_norm(xi[None], g, b, axis_name="b", unbiased=unbiased)
+        return (y[0] * dyi).sum()
+
+    def total(x, g, b):
+        return jax.vmap(local, in_axes=(0, 0, None, None), axis_name="b")(x, dy, g, b).sum()
+
+    def ref(x, g, b):
+        return (ops.batch_norm_reference(x, g, b, unbiased=unbiased) * dy).sum()
+
+    got = jax.jit(jax.grad(total, argnums=(0, 1, 2)))(x, gain, bias)
+    want = jax.jit(jax.grad(ref, argnums=(0, 1, 2)))(x, gain, bias)
+    chex.assert_trees_all_close(got, want, atol=TOL, rtol=0)
+    inside = jax.vmap(jax.grad(local), in_axes=(0, 0, None, None), axis_name="b")
+    np.testing.assert_allclose(inside(x, dy, gain, bias), want[0], rtol=0, atol=TOL)
+
+
+def test_global_batch_of_one_under_shard_map_is_a_value_error():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",))
+    spec = jax.sharding.PartitionSpec("d")
+    x = np.ones((1, 3), np.float32)
+    for f in (
+        lambda x: ops.batch_stats(x, axis_name="d")[1],
+        lambda x: ops.batch_norm(x, 1.0, 0.0, axis_name="d"),
+        lambda x: ops.batch_norm_with_stats(x, 1.0, 0.0, axis_name="d")[0],
+    ):
+        with pytest.raises(ValueError, match="at least 2 rows"):
+            jax.jit(jax.shard_map(f, mesh=mesh, in_specs=spec, out_specs=spec))(x)
