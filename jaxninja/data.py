@@ -38,6 +38,9 @@ _KINDS = {"d": "a directory", "p": "a FIFO", "c": "a character device", "s": "a 
 class DataError(JaxninjaError):
     """A problem with the data file; the one-line message names it (and the line)."""
 
+    def __str__(self) -> str:  # a path may hold ESC & co.: escaped, never sent to a terminal
+        return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in super().__str__())
+
 
 class UnknownCharError(KeyError, ValueError):
     """A character that is not in the vocabulary (both a ``KeyError`` and a ``ValueError``)."""
@@ -98,15 +101,17 @@ def _parse_words(p: Path, data: bytes) -> list[str]:
     """Words of ``data`` (the contents of ``p``), one per line; see :func:`load_words`."""
     if not data:
         raise DataError(f"{p}: file is empty")
-    data = data.removeprefix(b"\xef\xbb\xbf")
+    # LF, CRLF and CR end lines (never part of a multi-byte character, so byte offsets and
+    # the byte named in an error stay right).
+    data = data.removeprefix(b"\xef\xbb\xbf").replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = len(_split_lines(data[: e.start].decode("utf-8")))
+        line = data.count(b"\n", 0, e.start) + 1
         raise DataError(f"{p}: line {line} is not valid UTF-8 (byte 0x{data[e.start]:02x})") from e
     refused = {c for c in set(text) if c == "." or is_control(c)}  # one look-up per character
     words = []
-    for lineno, raw in enumerate(_split_lines(text), start=1):
+    for lineno, raw in enumerate(text.split("\n"), start=1):
         word = raw.strip()
         bad = next((c for c in word if c in refused), None)
         if bad is not None:
@@ -117,11 +122,6 @@ def _parse_words(p: Path, data: bytes) -> list[str]:
     if not words:
         raise DataError(f"{p}: file has no words (only blank lines)")
     return words
-
-
-def _split_lines(text: str) -> list[str]:
-    """Universal-newline split (LF, CRLF, CR) that keeps line numbers honest."""
-    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
 def load_words(path: str | os.PathLike[str] | None = None) -> list[str]:

@@ -1014,3 +1014,13 @@ def test_full_disk_in_a_real_training_process(tmp_path: Path, names_file: Path) 
     assert (
         int(ck.state.step) == 2 and ck.data_sha256 == hashlib.sha256(words.read_bytes()).hexdigest()
     )
+
+
+def test_control_characters_in_a_path_are_escaped(tmp_path: Path) -> None:
+    p = tmp_path / "evil\x1b[2J\u202e.txt"
+    with pytest.raises(DataError) as exc:
+        load_words(p)
+    assert str(exc.value) == f"{tmp_path}/evil\\x1b[2J\\u202e.txt: no such file"
+    p.write_text("emma\n")
+    with pytest.raises(DataError, match=r"evil\\x1b\[2J\\u202e\.txt: the training split is empty"):
+        load_splits(p)
