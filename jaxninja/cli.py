@@ -27,6 +27,7 @@ from typing import Any
 
 from jaxninja import rundir
 from jaxninja.errors import JaxninjaError
+from jaxninja.parallel import HEARTBEAT_TIMEOUT, leave_job
 from jaxninja.train import BACKENDS, FLOAT32_TINY, INT32_MAX, ConfigError, TrainConfig
 
 USAGE_ERROR = 2
@@ -122,12 +123,16 @@ def _config(args: argparse.Namespace, **more: Any) -> TrainConfig:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from jaxninja import parallel
     from jaxninja.run import train_run
 
     cfg = _config(args, lr=args.lr, seed=args.seed, running_stats=args.running_stats).validate()
+    job = (args.coordinator, args.num_processes, args.process_id)
+    parallel.initialize(*job, heartbeat_timeout=args.heartbeat_timeout)  # alone: no-op
     # the pid makes two runs started in the same second two directories
     out = args.out or str(Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-    print(f"run directory: {out}", flush=True)
+    if parallel.is_main():
+        print(f"run directory: {out}", flush=True)
     train_run(
         cfg,
         out,
@@ -159,6 +164,7 @@ def _add_train(sub: Any) -> None:
         default=None,
         help="split each batch over this many devices (default: all)",
     )
+    _add_job_args(t)
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--overwrite", action="store_true", help="replace what is in --out")
     t.add_argument(
@@ -168,6 +174,21 @@ def _add_train(sub: Any) -> None:
     )
     t.add_argument("--samples", type=_int_in(0, MAX_NAMES), default=10, help="names printed at end")
     t.set_defaults(func=_train)
+
+
+def _add_job_args(t: argparse.ArgumentParser) -> None:
+    """A multi-process job (README "Many machines"): all three flags, or none of them for
+    a single process or the job a launcher (srun, mpirun) started."""
+    g = t.add_argument_group("multi-process job (jaxninja.parallel.initialize)")
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
+    g.add_argument("--num-processes", type=_positive_int, help="processes in the job")
+    g.add_argument("--process-id", type=_non_negative_int, help="this process: 0..N-1")
+    g.add_argument(
+        "--heartbeat-timeout",
+        type=_positive_int,
+        default=HEARTBEAT_TIMEOUT,
+        help="seconds after which a silent process ends the job",
+    )
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -345,10 +366,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.exit_code
     except JaxninjaError as e:
         print(f"error: {e}", file=sys.stderr)
-        return USAGE_ERROR
+        return leave_job(USAGE_ERROR)  # a job's other processes must not wait for this one
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return leave_job(130)
     except Exception as e:  # only allocation failures are expected here
         message = _resource_error(e)
         if message is None:

@@ -23,23 +23,77 @@ order of floating-point additions. The chunk itself is
 The mesh spans ``jax.devices()`` (all devices of all processes), so the same code runs on
 CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=N`` set before ``jax`` is
 imported), on GPUs and on TPUs.
+
+**Many processes** (one per host or per GPU, started by the cluster's launcher):
+:func:`initialize` joins JAX's distributed runtime (``jax.distributed.initialize``; gloo
+collectives on CPU) before anything else touches a device. The mesh then spans every
+process's devices and the training chunk is the same program: the state and the training
+set are global arrays replicated on every device (:func:`from_main`), each device trains
+on its own rows of each global batch, so ``P`` processes x ``D`` devices train the same
+model as one process with ``P * D`` devices, or one device, up to float rounding.
+Process 0 alone reads and writes the run directory; the others receive its state
+(:func:`from_main`) and agree with it on stopping (:func:`any_process`). Calibration,
+evaluation and sampling at the end run on process 0 alone, on its first device, with the
+(replicated) trained parameters (:func:`local`).
+
+A process that dies takes the job down: JAX's coordination service notices the missing
+heartbeats (``heartbeat_timeout`` seconds; a dead process 0 is noticed at once) and ends
+every other process. JAX ends them from a C++ thread with a multi-line fatal log; a small
+filter process between the process and its stderr (:func:`filter_stderr`) turns that into
+one ``error:`` line. Every file of the run directory is written atomically, so the last
+checkpoint stays valid and ``--resume`` continues, with any process count.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TextIO
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxninja import model, train
+from jaxninja.errors import JaxninjaError
 from jaxninja.train import AXIS, ConfigError, TrainConfig
 
 Array = jax.Array
 
-__all__ = ["AXIS", "data_mesh", "sharded_loss_and_grads"]
+__all__ = [
+    "AXIS",
+    "DistributedError",
+    "any_process",
+    "check_same",
+    "data_mesh",
+    "filter_stderr",
+    "from_main",
+    "initialize",
+    "is_main",
+    "leave_job",
+    "local",
+    "replicate",
+    "sharded_loss_and_grads",
+]
+
+HEARTBEAT_TIMEOUT = 30
+"""Seconds without a heartbeat after which a process counts as dead (JAX's default: 100)."""
+CONNECT_TIMEOUT = 300
+"""Seconds every process waits for all the others to join (they may start minutes apart)."""
+SHUTDOWN_TIMEOUT = 60
+"""Seconds a finished process waits for the others at the end (process 0 evaluates)."""
+
+
+class DistributedError(JaxninjaError):
+    """A multi-process job that cannot start or continue; the message says why."""
 
 
 def data_mesh(cfg: TrainConfig, devices: int | None = None) -> Mesh | None:
@@ -54,6 +108,8 @@ def data_mesh(cfg: TrainConfig, devices: int | None = None) -> Mesh | None:
     """
     available = jax.device_count()
     data_parallel = train.BACKENDS[cfg.backend].data_parallel
+    if jax.process_count() > 1:
+        _check_job_devices(cfg, devices, available)
     if devices is None and not data_parallel:
         return None  # e.g. manual: the hand-written backward pass has no cross-device rule
     n = available if devices is None else devices
@@ -85,6 +141,20 @@ def data_mesh(cfg: TrainConfig, devices: int | None = None) -> Mesh | None:
     return Mesh(np.array(jax.devices()[:n]), (AXIS,))
 
 
+def _check_job_devices(cfg: TrainConfig, devices: int | None, available: int) -> None:
+    """A multi-process job trains on every device of every process, never on one alone."""
+    if devices not in (None, available):
+        raise ConfigError(
+            f"--devices {devices}: a job of {jax.process_count()} processes trains on all "
+            f"{available} of their devices; leave --devices out"
+        )
+    if not train.BACKENDS[cfg.backend].data_parallel:
+        raise ConfigError(
+            f"backend {cfg.backend!r} runs on one device only; a job of "
+            f"{jax.process_count()} processes needs --backend custom_vjp or autodiff"
+        )
+
+
 def sharded_loss_and_grads(
     mesh: Mesh, backend: str = "custom_vjp"
 ) -> Callable[[model.Params, Array, Array], tuple[Array, model.Params]]:
@@ -99,3 +169,283 @@ def sharded_loss_and_grads(
     specs = (P(), P(AXIS), P(AXIS))
     fn = jax.shard_map(loss_and_grads, mesh=mesh, in_specs=specs, out_specs=(P(), P()))
     return jax.jit(fn)
+
+
+# --------------------------------------------------------------- joining a job
+
+
+def parse_coordinator(address: str) -> tuple[str, int]:
+    """``"HOST:PORT"`` (``"[::1]:PORT"`` for IPv6) -> ``(host, port)``.
+
+    >>> parse_coordinator("node001:8476")
+    ('node001', 8476)
+    """
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise DistributedError(
+            f"--coordinator must be HOST:PORT with a port in 1..65535, got {address!r}"
+        )
+    return host, int(port)
+
+
+LAUNCHERS = {
+    "JAX_COORDINATOR_ADDRESS": None,  # JAX's own; the rest is detected by JAX
+    "SLURM_STEP_NUM_TASKS": "SLURM_STEP_NODELIST",  # srun: a job step's task count
+    "OMPI_COMM_WORLD_SIZE": "OMPI_MCA_orte_hnp_uri",  # Open MPI's mpirun
+}
+"""Environment variables of launchers whose job JAX joins without arguments: the variable
+(a process count, except JAX's address) and one more that JAX's detection reads."""
+
+
+def launched_job(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether a launcher started this process as one of several that JAX can join
+    with no arguments (Slurm's ``srun``, Open MPI's ``mpirun``, ``JAX_COORDINATOR_ADDRESS``).
+
+    >>> launched_job({}), launched_job({"SLURM_STEP_NUM_TASKS": "1", "SLURM_STEP_NODELIST": "n1"})
+    (False, False)
+    >>> launched_job({"OMPI_COMM_WORLD_SIZE": "4", "OMPI_MCA_orte_hnp_uri": "x;tcp://10.0.0.1:1"})
+    True
+    """
+    for count, needs in LAUNCHERS.items():
+        value = environ.get(count, "")
+        if needs is None and value:
+            return True
+        if needs and environ.get(needs) and value.isdigit() and int(value) > 1:
+            return True
+    return False
+
+
+def initialize(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    heartbeat_timeout: int = HEARTBEAT_TIMEOUT,
+    environ: Mapping[str, str] = os.environ,
+) -> int:
+    """Join a multi-process job before anything touches a device; return the process count.
+
+    With ``coordinator`` (``HOST:PORT`` of process 0), ``num_processes`` and
+    ``process_id`` this process joins that job; with none of them, JAX's own cluster
+    detection joins the job a launcher started (:func:`launched_job`), and otherwise the
+    process runs alone (returns 1, nothing initialized). CPU collectives use gloo. A
+    process missing ``heartbeat_timeout`` seconds of heartbeats ends the job
+    (:func:`filter_stderr` makes that one ``error:`` line).
+
+    >>> initialize(environ={})  # no flags, no launcher: one process
+    1
+    """
+    given = {"--coordinator": coordinator, "--num-processes": num_processes}
+    given["--process-id"] = process_id
+    missing = [flag for flag, value in given.items() if value is None]
+    if len(missing) == len(given) and not launched_job(environ):
+        return 1
+    if missing and len(missing) < len(given):
+        raise DistributedError(
+            f"--coordinator, --num-processes and --process-id go together; missing "
+            f"{', '.join(missing)}"
+        )
+    _check_job_args(coordinator, num_processes, process_id, heartbeat_timeout)
+    if jax.distributed.is_initialized():
+        return jax.process_count()
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    _guard_stderr()
+    try:
+        jax.distributed.initialize(
+            coordinator,
+            num_processes,
+            process_id,
+            initialization_timeout=CONNECT_TIMEOUT,
+            heartbeat_timeout_seconds=heartbeat_timeout,
+            shutdown_timeout_seconds=SHUTDOWN_TIMEOUT,
+        )
+    except Exception as e:  # JAX raises several types; the message is what matters
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = coordinator or "the launcher's coordinator"
+        raise DistributedError(f"cannot join the job at {where}: {first}") from None
+    return jax.process_count()
+
+
+def _check_job_args(coordinator, num_processes, process_id, heartbeat_timeout) -> None:
+    if coordinator is not None:
+        parse_coordinator(coordinator)
+    if num_processes is not None and num_processes < 1:
+        raise DistributedError(f"--num-processes must be >= 1, got {num_processes}")
+    if process_id is not None and not 0 <= process_id < (num_processes or 1):
+        raise DistributedError(
+            f"--process-id must be in 0..{(num_processes or 1) - 1} "
+            f"(--num-processes {num_processes}), got {process_id}"
+        )
+    if heartbeat_timeout < 1:
+        raise DistributedError(f"--heartbeat-timeout must be >= 1, got {heartbeat_timeout}")
+
+
+def leave_job(exit_code: int) -> int:
+    """End this process of a multi-process job now with ``exit_code`` (after flushing
+    stdout/stderr), skipping JAX's exit barrier, where it would wait for processes that
+    wait for it; the others see it gone and stop. Alone: return ``exit_code``.
+
+    >>> leave_job(2)  # one process: nothing to leave
+    2
+    """
+    if jax.distributed.is_initialized() and jax.process_count() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
+    return exit_code
+
+
+# ------------------------------------------------------- data across processes
+
+
+def is_main() -> bool:
+    """Whether this is process 0, the one that prints and writes the run directory."""
+    return jax.process_index() == 0
+
+
+def from_main(tree: Any, mesh: Mesh | None) -> Any:
+    """Process 0's value of pytree ``tree`` (same structure everywhere), as arrays
+    replicated on every device of ``mesh`` (``None``: left on this process's default
+    device). Every process must call it: it is a collective."""
+    return replicate(multihost_utils.broadcast_one_to_all(tree), mesh)
+
+
+def replicate(tree: Any, mesh: Mesh | None) -> Any:
+    """Pytree ``tree``, the same on every process, as arrays replicated on every device
+    of ``mesh`` (``None``: on this process's default device)."""
+    if mesh is None:
+        return jax.tree.map(jax.numpy.asarray, tree)
+    replicated = NamedSharding(mesh, P())
+    return jax.tree.map(
+        lambda a: jax.make_array_from_process_local_data(replicated, np.asarray(a)), tree
+    )
+
+
+def local(tree: Any) -> Any:
+    """Replicated (global) arrays as arrays on this process's default device: what
+    single-device code (calibration, evaluation, sampling) takes."""
+    return jax.tree.map(lambda a: jax.numpy.asarray(np.asarray(a)), tree)
+
+
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is true on any process (a collective); so all stop together."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+
+
+def check_same(text: str, what: str) -> None:
+    """Raise :class:`DistributedError` on every process unless all hold the same
+    ``text`` (at most 64 ASCII characters, e.g. the data file's sha256)."""
+    if jax.process_count() == 1:
+        return
+    mine = np.frombuffer(text.encode("ascii").ljust(64)[:64], np.uint8)
+    everyone = np.asarray(multihost_utils.process_allgather(mine))
+    differ = [i for i, row in enumerate(everyone) if not np.array_equal(row, everyone[0])]
+    if differ:
+        raise DistributedError(
+            f"process(es) {', '.join(map(str, differ))} have a different {what} than "
+            f"process 0; every process needs the same one"
+        )
+
+
+# ------------------------------------------------------ a dead process: one line
+
+_LOG_LINE = re.compile(r"[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ")
+_FATAL = "Terminating process because the JAX distributed service detected fatal errors"
+
+
+def _reason(block: str) -> str:
+    """What JAX's fatal log says happened, in a few words."""
+    dead = re.search(r"stopped sending heartbeats\):\s*\n([\d, ]+)", block)
+    if dead:
+        return f"process {dead.group(1).strip()} stopped sending heartbeats"
+    if "Socket closed" in block or "failed to connect" in block.lower():
+        return "the connection to process 0 (the coordinator) was lost"
+    return "another process of the job died or became unreachable"
+
+
+def filter_stderr(lines: Iterable[str | None], write: Callable[[str], Any]) -> bool:
+    """Copy ``lines`` to ``write``, but turn JAX's fatal "another task died" log (C++ log
+    lines, continuation lines and a stack trace) into one ``error:`` line.
+
+    C++ log lines (``E1127 00:06:08.504 10919 file.cc:12] ...``) and what follows them are
+    held back until a ``None`` (a pause in the stream: JAX writes its error lines and the
+    fatal one at once); held lines that turn out not to be fatal are written unchanged.
+    Returns whether it was fatal.
+
+    >>> out = []
+    >>> filter_stderr(["W1127 00:00:00.1 7 a.cc:1] hi", None, "ok"], out.append), out
+    (False, ['W1127 00:00:00.1 7 a.cc:1] hi', 'ok'])
+    """
+    held: list[str] = []
+    for line in itertools.chain(lines, [None]):
+        if line is None:
+            for h in held:
+                write(h)
+            held = []
+            continue
+        if held or _LOG_LINE.match(line):
+            held.append(line)
+            if _FATAL in line:
+                write(
+                    f"error: {_reason(''.join(held))}; the job stops (the cause is in "
+                    f"that process's output); the run's last checkpoint is intact: restart "
+                    f"every process with --resume\n"
+                )
+                return True
+        else:
+            write(line)
+    return False
+
+
+def _stdin_lines(pause: float = 0.5) -> Iterable[str | None]:
+    """This process's stdin as lines, with ``None`` after each ``pause`` seconds of quiet."""
+    fd, buffer = sys.stdin.fileno(), b""
+    while True:
+        if not select.select([fd], [], [], pause)[0]:
+            yield None
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            if buffer:
+                yield buffer.decode(errors="replace")
+            return
+        buffer += chunk
+        *complete, buffer = buffer.split(b"\n")
+        for line in complete:
+            yield line.decode(errors="replace") + "\n"
+
+
+def _run_filter(out: TextIO) -> None:
+    """``python -m jaxninja.parallel --filter-stderr``: stdin -> ``out`` until EOF (the
+    process whose stderr it is has ended). Signals are for that process, not this one."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+    def write(text: str) -> None:
+        out.write(text)
+        out.flush()
+
+    if filter_stderr(_stdin_lines(), write):
+        for _ in _stdin_lines():  # the stack trace: drained, not shown
+            pass
+
+
+def _guard_stderr() -> None:
+    """Route this process's stderr (fd 2) through a :func:`filter_stderr` process."""
+    sys.stderr.flush()
+    read, write = os.pipe()
+    subprocess.Popen(
+        [sys.executable, "-m", "jaxninja.parallel", "--filter-stderr"],
+        stdin=read,
+        close_fds=True,
+        start_new_session=True,  # Ctrl-C / Slurm's signals reach the job, not the filter
+    )
+    os.close(read)
+    os.dup2(write, 2)
+    os.close(write)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--filter-stderr"]:
+    _run_filter(sys.stderr)

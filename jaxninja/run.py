@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -86,35 +87,52 @@ def train_run(
     ``devices`` (default: all) splits every batch over that many devices
     (:mod:`jaxninja.parallel`); it is not part of ``cfg``: a run may resume on another
     device count. Ctrl-C or SIGTERM stop after the current chunk with a checkpoint.
+
+    In a multi-process job (:func:`jaxninja.parallel.initialize`) every process calls
+    this; process 0 alone reads and writes ``out`` and logs, the others get its state,
+    train their rows of each batch and return ``{}`` (the end runs on process 0 alone).
     """
     t_start = time.perf_counter()
     cfg.validate()
     mesh = parallel.data_mesh(cfg, devices)
+    main = parallel.is_main()
+    log = log if main else _silent
     splits = data.load_splits(data_path, block_size=cfg.block_size)
+    parallel.check_same(splits.sha256, "data file (sha256)")
     n_train = len(splits.data["train"][1])
     if n_train == 0:
         raise RunError(f"{data_path or 'the data file'}: the training split is empty")
     rundir.check_memory(cfg, n_train, splits.vocab.size)
     out = Path(out)
-    with rundir.claim(out, resume=resume, overwrite=overwrite), rundir.deferred_stop() as stop:
+    claim = rundir.claim(out, resume=resume, overwrite=overwrite) if main else nullcontext()
+    with claim, rundir.deferred_stop() as stop:
         state = train.init_state(cfg, splits.vocab.size)
         losses = np.full(cfg.steps, np.nan, np.float32)
-        if resume:
+        if resume and main:
             state = _resume_state(cfg, out, splits, other_data)
             losses = _old_losses(out / "losses.npy", cfg.steps, log)
+        state = parallel.from_main(state, mesh)  # alone: as is
         start = int(state.step)
         state, timing = _train_loop(cfg, out, splits, state, losses, mesh, stop, log, start)
         timing.update(
             steps_this_run=cfg.steps - start,
             seconds=round(time.perf_counter() - t_start, 3),
             devices=1 if mesh is None else mesh.size,
+            processes=jax.process_count(),
         )
+        if not main:
+            return {}
+        state = parallel.local(state)
         return _finish(cfg, out, splits, state, losses, timing, log, num_samples)
+
+
+def _silent(line: str) -> None:
+    """The log of processes other than 0: the report is process 0's."""
 
 
 def _train_loop(cfg, out, splits, state, losses, mesh, stop, log, start: int):
     """Chunks until ``cfg.steps``: finiteness check, progress lines, checkpoint."""
-    Xtr, Ytr = (jnp.asarray(a) for a in splits.data["train"])
+    Xtr, Ytr = parallel.replicate(splits.data["train"], mesh)  # check_same: same everywhere
     saved = start if start > 0 else None  # step of the newest checkpoint of this run
     compile_seconds = run_seconds = 0.0
     chunks = train.run_chunks(
@@ -136,12 +154,14 @@ def _train_loop(cfg, out, splits, state, losses, mesh, stop, log, start: int):
         for i in range(first, chunk.step):
             if i % cfg.chunk_steps == 0:
                 log(f"{i:7d}/{cfg.steps:7d}: {losses[i]:.4f}")
-        checkpoint.save(out, cfg, splits.vocab, state, data_sha256=splits.sha256)
+        if parallel.is_main():
+            checkpoint.save(out, cfg, splits.vocab, state, data_sha256=splits.sha256)
+            fileio.write_atomic(out / "losses.npy", lambda f: np.save(f, losses))
         saved = chunk.step
-        fileio.write_atomic(out / "losses.npy", lambda f: np.save(f, losses))
-        if stop.requested and chunk.step < cfg.steps:
+        if parallel.any_process(bool(stop.requested)) and chunk.step < cfg.steps:
             raise Interrupted(
-                f"{stop.requested}: stopped at step {chunk.step}; checkpoint saved in {out}. "
+                f"{stop.requested or 'a signal to another process'}: stopped at step "
+                f"{chunk.step}; checkpoint saved in {out}. "
                 f"Continue with the same command plus --resume",
                 stop.signum,
             )

@@ -1,0 +1,284 @@
+"""Multi-process data-parallel training: real ``jaxninja train`` processes on 127.0.0.1.
+
+Every job is started the way a cluster launcher would start it: one ``python -m jaxninja
+train`` per process with ``--coordinator 127.0.0.1:PORT --num-processes N --process-id I``
+(a free port per job), CPU devices forced per process with ``XLA_FLAGS``, gloo
+collectives between processes. The jobs run side by side in two phases (training from
+scratch, then the resumes), once per module; each test reads its part of their results.
+
+Process 1 of every job gets an ``--out`` of its own that must never be created: only
+process 0 touches the run directory, the others get its state over the network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from helpers import one_error_line, run_cli
+
+from jaxninja import checkpoint, parallel
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 240  # per phase; a hang fails the test instead of stalling CI
+STEPS, HALF, CHUNK = 200, 100, 50
+HEARTBEAT = 10
+CONFIG = ["--n-hidden", "32", "--batch-size", "32", "--chunk-steps", str(CHUNK)]
+CONFIG += ["--samples", "0", "--heartbeat-timeout", str(HEARTBEAT)]
+
+# float32, a few hundred steps: 2x2, 1x4 and 1x1 add the same numbers in other orders.
+# Measured: parameters within 7.2e-7, per-step losses within 4.8e-7 (README).
+TOL32 = 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Job:
+    """``processes`` x ``devices`` ``jaxninja train`` processes writing run ``out``."""
+
+    def __init__(self, tmp: Path, out: str, processes: int, devices: int, steps: int, *more):
+        self.out, self.processes = tmp / out, processes
+        self.never = [tmp / f"{out}-process{i}-never" for i in range(1, processes)]
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+        env["JAXNINJA_DATA"] = str(tmp.parent / "names.txt")
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        port = _free_port()
+        self.procs = []
+        for i in range(processes):
+            argv = ["train", *CONFIG, "--steps", str(steps), *more]
+            argv += ["--out", str(self.out if i == 0 else self.never[i - 1])]
+            if processes > 1:
+                argv += ["--coordinator", f"127.0.0.1:{port}"]
+                argv += ["--num-processes", str(processes), "--process-id", str(i)]
+            self.procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "jaxninja", *argv],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+
+    def wait(self) -> list[tuple[int, str, str]]:
+        """``(exit status, stdout, stderr)`` of each process."""
+        results = []
+        for proc in self.procs:
+            out, err = proc.communicate(timeout=TIMEOUT)
+            results.append((proc.returncode, out, err))
+        return results
+
+    def kill(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+
+
+def _kill_process_1(job: Job) -> dict:
+    """Wait for the job's first checkpoint, SIGKILL process 1, time process 0's end."""
+    deadline = time.monotonic() + TIMEOUT
+    while not (job.out / checkpoint.FILENAME).exists():
+        assert time.monotonic() < deadline, "the job wrote no checkpoint"
+        assert job.procs[0].poll() is None, job.procs[0].communicate()
+        time.sleep(0.1)
+    time.sleep(0.5)  # well inside the next chunks: the survivor blocks in a collective
+    job.procs[1].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    out, err = job.procs[0].communicate(timeout=TIMEOUT)
+    return {
+        "rc": job.procs[0].returncode,
+        "out": out,
+        "err": err,
+        "seconds": time.monotonic() - killed,
+    }
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory, names_file):
+    """Phase 1: 2x2, 1x4, 1x1 for STEPS; 2x1 and 1x2 for HALF; 1x2 for STEPS; a long 2x2
+    job whose process 1 is killed. Phase 2: the halves resumed with the other process
+    count; the killed job resumed for one chunk as one process."""
+    tmp = tmp_path_factory.mktemp("multiprocess") / "runs"
+    tmp.mkdir()
+    (tmp.parent / "names.txt").write_bytes(names_file.read_bytes())
+    started: list[Job] = []
+
+    def start(*args, **kw) -> Job:
+        started.append(Job(tmp, *args, **kw))
+        return started[-1]
+
+    try:
+        phase1 = {
+            "2x2": start("2x2", 2, 2, STEPS),
+            "1x4": start("1x4", 1, 4, STEPS),
+            "1x1": start("1x1", 1, 1, STEPS),
+            "1x2": start("1x2", 1, 2, STEPS),
+            "2x1-half": start("2x1-then-1x2", 2, 1, HALF),
+            "1x2-half": start("1x2-then-2x1", 1, 2, HALF),
+        }
+        killed = start("killed", 2, 2, 100 * STEPS)
+        res = {"killed": _kill_process_1(killed)}
+        res |= {name: job.wait() for name, job in phase1.items()}
+        saved = int(checkpoint.load(killed.out).state.step)
+        phase2 = {
+            "then-1x2": start("2x1-then-1x2", 1, 2, STEPS, "--resume"),
+            "then-2x1": start("1x2-then-2x1", 2, 1, STEPS, "--resume"),
+            "killed-resumed": start("killed", 1, 1, saved + CHUNK, "--resume"),
+        }
+        res |= {name: job.wait() for name, job in phase2.items()}
+        res["killed"]["saved"] = saved
+        return res, {job.out.name: job for job in started}
+    finally:
+        for job in started:
+            job.kill()
+
+
+def _ok(results: list[tuple[int, str, str]]) -> None:
+    for i, (rc, _out, err) in enumerate(results):
+        assert rc == 0, f"process {i} exit {rc}:\n{err[-3000:]}"
+
+
+def _run(job: Job) -> dict[str, np.ndarray]:
+    """Every array a run leaves: the checkpoint's (state, calibrated statistics), losses."""
+    ckpt = checkpoint.load(job.out)
+    arrays = {f"state{i}": np.asarray(a) for i, a in enumerate(jax.tree.leaves(ckpt.state))}
+    arrays |= {f"bn_{k}": np.asarray(v) for k, v in (ckpt.bn_stats or {}).items()}
+    arrays["losses"] = np.load(job.out / "losses.npy")
+    assert "bn_mean" in arrays and np.isfinite(arrays["losses"]).all()
+    return arrays
+
+
+def _maxdiff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    assert a.keys() == b.keys()
+    return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) for k in a)
+
+
+def test_processes_x_devices_train_the_same_model(jobs):
+    """2 processes x 2 devices == 1 x 4 == 1 x 1 within float32 rounding."""
+    res, by_dir = jobs
+    for name in ("2x2", "1x4", "1x1"):
+        _ok(res[name])
+    runs = {name: _run(by_dir[name]) for name in ("2x2", "1x4", "1x1")}
+    losses = runs["1x1"]["losses"]
+    assert losses[-50:].mean() < losses[:50].mean() - 0.3  # it trained
+    for other in ("1x4", "1x1"):
+        diff = _maxdiff(runs["2x2"], runs[other])
+        print(f"2x2 vs {other}: max abs diff {diff:.2g} (params, statistics, losses)")
+        assert diff <= TOL32, (other, diff)
+    metrics = {n: json.loads((by_dir[n].out / "metrics.json").read_text()) for n in runs}
+    assert (metrics["2x2"]["processes"], metrics["2x2"]["devices"]) == (2, 4)
+    assert (metrics["1x4"]["processes"], metrics["1x4"]["devices"]) == (1, 4)
+    for split in ("train_loss", "val_loss", "test_loss"):
+        values = [m[split] for m in metrics.values()]
+        assert max(values) - min(values) <= 1e-4 + 1e-6, (split, values)  # 4 decimals
+
+
+def test_only_process_0_prints_and_writes(jobs):
+    res, by_dir = jobs
+    for name in ("2x2", "2x1-then-1x2", "1x2-then-2x1", "killed"):
+        for never in by_dir[name].never:
+            assert not never.exists(), f"{never} was created by a process other than 0"
+    for name in ("2x2", "2x1-half", "then-2x1"):
+        _ok(res[name])
+        (_, out0, _), (_, out1, err1) = res[name]
+        assert "train " in out0 and "run directory:" in out0
+        own = [line for line in out1.splitlines() if not line.startswith("[Gloo]")]
+        assert own == [] and err1 == "", (name, out1, err1)  # gloo's own lines aside
+    files = sorted(p.name for p in by_dir["2x2"].out.iterdir())
+    assert {"checkpoint.npz", "losses.npy", "metrics.json"} <= set(files)
+
+
+def test_resume_with_another_process_count_is_exact(jobs):
+    """2 processes x 1 device for HALF steps, then 1 x 2 (and the other way round) ==
+    1 x 2 for all STEPS, bit for bit: the checkpoint carries the whole state, and with two
+    devices every reduction adds the same two numbers."""
+    res, by_dir = jobs
+    for name in ("1x2", "2x1-half", "1x2-half", "then-1x2", "then-2x1"):
+        _ok(res[name])
+    straight = _run(by_dir["1x2"])
+    for run, resume in (("2x1-then-1x2", "then-1x2"), ("1x2-then-2x1", "then-2x1")):
+        assert f"{HALF:7d}/{STEPS:7d}" in res[resume][0][1]  # it went on from HALF
+        assert _maxdiff(_run(by_dir[run]), straight) == 0.0, run
+
+
+def test_killed_process_stops_the_job_with_one_error_line(jobs):
+    res, by_dir = jobs
+    killed = res["killed"]
+    print(f"survivor stopped {killed['seconds']:.1f} s after the kill (heartbeat {HEARTBEAT} s)")
+    assert killed["rc"] != 0
+    line = one_error_line(killed["err"])
+    assert "process 1 stopped sending heartbeats" in line and "--resume" in line
+    assert killed["seconds"] < HEARTBEAT + 20
+    # the last checkpoint is valid and --resume continues it, here as one process
+    assert killed["saved"] > 0 and killed["saved"] % CHUNK == 0
+    _ok(res["killed-resumed"])
+    assert int(checkpoint.load(by_dir["killed"].out).state.step) == killed["saved"] + CHUNK
+
+
+# -------------------------------------------------------------- in this process
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--coordinator", "127.0.0.1:1234"], "go together; missing --num-processes, --process-id"),
+        (["--num-processes", "2", "--process-id", "0"], "missing --coordinator"),
+        (["--coordinator", "host", "--num-processes", "2", "--process-id", "0"], "HOST:PORT"),
+        (["--coordinator", "h:99999", "--num-processes", "2", "--process-id", "0"], "HOST:PORT"),
+        (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"], "in 0..1"),
+    ],
+)
+def test_bad_job_flags_are_one_line_errors(capsys, tmp_path, argv, message):
+    rc, out, err = run_cli(capsys, "train", "--steps", "1", "--out", tmp_path / "run", *argv)
+    assert rc == 2
+    assert message in one_error_line(err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_launched_job_detection():
+    assert not parallel.launched_job({})
+    assert parallel.launched_job({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+    slurm = {"SLURM_STEP_NODELIST": "node[1-2]", "SLURM_STEP_NUM_TASKS": "2"}
+    assert parallel.launched_job(slurm)
+    assert not parallel.launched_job({**slurm, "SLURM_STEP_NUM_TASKS": "1"})  # sbatch -n1
+    assert parallel.initialize(environ={}) == 1  # nothing to join: one process
+
+
+JAX_FATAL_LOG = """\
+E1127 00:12:16.741077   15282 coordination_service.cc:1549] [1293] Use error polling to \
+propagate the following error to all tasks: UNAVAILABLE: The following tasks are unhealthy \
+(stopped sending heartbeats):
+1
+The tasks have crashed. Check the task logs for an earlier error.
+E1127 00:12:16.742084   15293 coordination_service_agent.cc:289] Polled an error.
+F1127 00:12:16.742200   15293 client.h:80] Terminating process because the JAX distributed \
+service detected fatal errors. This most likely indicates that another task died.
+*** Check failure stack trace: ***
+    @     0x7f7edea40634  absl::log_internal::LogMessage::SendToLog()
+"""
+
+
+def test_filter_turns_jax_fatal_log_into_one_line():
+    out: list[str] = []
+    lines = ["progress\n", "W1127 00:12:10.1 7 x.cc:1] a warning\n", "more\n", None]
+    lines += JAX_FATAL_LOG.splitlines(keepends=True)
+    assert parallel.filter_stderr(lines, out.append)
+    assert out[:4] == lines[:3] + [out[3]]  # a warning passes once the stream pauses
+    assert len(out) == 4 and out[3].startswith("error: process 1 stopped sending heartbeats")
+    assert parallel.filter_stderr(["just text\n"], out.append) is False
