@@ -101,8 +101,7 @@ def _parse_words(p: Path, data: bytes) -> list[str]:
     """Words of ``data`` (the contents of ``p``), one per line; see :func:`load_words`."""
     if not data:
         raise DataError(f"{p}: file is empty")
-    # LF, CRLF and CR end lines (never part of a multi-byte character, so byte offsets and
-    # the byte named in an error stay right).
+    # LF, CRLF, CR end lines (ASCII, never inside a UTF-8 character: offsets stay right).
     data = data.removeprefix(b"\xef\xbb\xbf").replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     try:
         text = data.decode("utf-8")
@@ -173,8 +172,8 @@ class Vocab:
                 raise ValueError(f"vocabulary entry {i} is the control character U+{ord(s):04X}")
         stoi = {s: i for i, s in enumerate(itos)}
         if len(stoi) != len(itos):
-            dups = sorted({s for s in itos if itos.count(s) > 1})
-            raise ValueError(f"vocabulary has duplicate entries: {dups!r}")
+            dups = sorted({s for i, s in enumerate(itos) if stoi[s] != i})
+            raise ValueError(f"vocabulary has {len(dups)} duplicate entries: {dups[:5]!r}")
         object.__setattr__(self, "itos", itos)
         object.__setattr__(self, "_stoi", stoi)
 
@@ -246,16 +245,18 @@ def build_dataset(
         raise TypeError("build_dataset expects a list of words, not a single string")
     if operator.index(block_size) < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    X, Y = [], []
+    n = sum(len(w) + 1 for w in words)
+    X, Y = np.zeros((n, block_size), np.int32), np.zeros(n, np.int32)  # 1/5 the memory of lists
+    i = 0
     for w in words:
         if "." in w:
             raise ValueError(f"word {_show(w)} contains '.', the start/end token")
         context = [0] * block_size
         for ix in vocab.encode(w + "."):
-            X.append(context)
-            Y.append(ix)
+            X[i], Y[i] = context, ix
             context = context[1:] + [ix]
-    return np.array(X, np.int32).reshape(-1, block_size), np.array(Y, np.int32)
+            i += 1
+    return X, Y
 
 
 def split_words(
@@ -310,8 +311,7 @@ def load_splits(
     (8, {'train': 67, 'val': 9, 'test': 9}, '2e4b3585')
     """
     p = resolve_data_path(path)
-    raw = _read_bytes(p)
-    words = _parse_words(p, raw)
+    words = _parse_words(p, raw := _read_bytes(p))
     vocab = Vocab.from_words(words)
     parts = dict(zip(("train", "val", "test"), split_words(words, seed=seed), strict=True))
     if not parts["train"]:

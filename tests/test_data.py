@@ -1024,3 +1024,10 @@ def test_control_characters_in_a_path_are_escaped(tmp_path: Path) -> None:
     p.write_text("emma\n")
     with pytest.raises(DataError, match=r"evil\\x1b\[2J\\u202e\.txt: the training split is empty"):
         load_splits(p)
+
+
+def test_a_huge_hostile_vocabulary_is_refused_quickly_and_briefly() -> None:
+    itos = (".", *(chr(0x4E00 + i % 20_000) for i in range(200_000)))
+    with pytest.raises(ValueError, match="vocabulary has 20000 duplicate entries") as exc:
+        Vocab(itos)
+    assert len(str(exc.value)) < 100
