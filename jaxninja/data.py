@@ -38,9 +38,6 @@ _KINDS = {"d": "a directory", "p": "a FIFO", "c": "a character device", "s": "a 
 class DataError(JaxninjaError):
     """A problem with the data file; the one-line message names it (and the line)."""
 
-    def __str__(self) -> str:  # a path may hold ESC & co.: escaped, never sent to a terminal
-        return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in super().__str__())
-
 
 class UnknownCharError(KeyError, ValueError):
     """A character that is not in the vocabulary (both a ``KeyError`` and a ``ValueError``)."""

@@ -10,3 +10,6 @@ does (``JaxninjaError`` is a ``ValueError`` too).
 
 class JaxninjaError(ValueError):
     """An expected failure; the message says what is wrong and, where it can, what to do."""
+
+    def __str__(self) -> str:  # a path or a word may hold ESC & co.: never sent raw to a terminal
+        return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in super().__str__())

@@ -117,8 +117,6 @@ def sweep_run(
     _check_writable(out)
     splits = data.load_splits(data_path, block_size=cfg.block_size)
     Xtr, Ytr = (jnp.asarray(a) for a in splits.data["train"])
-    if Xtr.shape[0] == 0:
-        raise ConfigError("the training split is empty: the data file needs more words")
     m_seeds = jnp.asarray([s for s, _ in grid], jnp.int32)
     m_lrs = jnp.asarray([lr for _, lr in grid], jnp.float32)
     states = init_states(cfg, [s for s, _ in grid], splits.vocab.size)

@@ -167,7 +167,7 @@ def test_float32_initial_loss_is_the_lecture_s(splits):
     """At init the loss is near -log(1/27) = 3.30, a bit above it with this init (the
     lecture prints 3.78 at step 0), and the float32 path stays float32."""
     p = lecture_params()
-    X, Y = splits.train
+    X, Y = splits.data["train"]
     X, Y = X[:4096], Y[:4096]
     logits, (loss, grads) = jax.jit(
         lambda p, X, Y: (model.forward(p, X), jax.value_and_grad(model.loss)(p, X, Y))

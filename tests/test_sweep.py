@@ -18,7 +18,7 @@ SMALL = TrainConfig(n_hidden=H, steps=STEPS, chunk_steps=STEPS, lr_decay_step=20
 
 @pytest.fixture(scope="module")
 def train_xy(splits):
-    X, Y = splits.train
+    X, Y = splits.data["train"]
     return jnp.asarray(X), jnp.asarray(Y)
 
 

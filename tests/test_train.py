@@ -33,7 +33,7 @@ PROGRESS = re.compile(r" *(\d+)/ *(\d+): (\d+\.\d{4})")
 
 @pytest.fixture(scope="module")
 def train_xy(splits) -> tuple[jax.Array, jax.Array]:
-    X, Y = splits.train
+    X, Y = splits.data["train"]
     return jnp.asarray(X), jnp.asarray(Y)
 
 
@@ -112,7 +112,7 @@ def test_loss_falls(trained, splits):
     assert 3.0 < losses[:10].mean() < 4.0
     assert losses[-300:].mean() < 2.6
     init = train.init_state(SMALL, 27).params
-    val_X, val_Y = (jnp.asarray(a) for a in splits.val)
+    val_X, val_Y = (jnp.asarray(a) for a in splits.data["val"])
     val_init = float(train.evaluate(init, train.calibrate_bn(init, val_X), val_X, val_Y))
     val = float(train.evaluate(params, bn_stats, val_X, val_Y))
     assert val < 2.5 and val < val_init - 0.7, (val_init, val)
@@ -289,7 +289,7 @@ def test_evaluate_matches_numpy(trained, splits):
         got = float(train.evaluate(params, bn_stats, jnp.asarray(X), jnp.asarray(Y)))
         np.testing.assert_allclose(got, numpy_eval_loss(params, bn_stats, X, Y), rtol=2e-6)
     # any batch size, even one row, in eval mode
-    X, Y = splits.val
+    X, Y = splits.data["val"]
     one = float(train.evaluate(params, bn_stats, jnp.asarray(X[:1]), jnp.asarray(Y[:1])))
     np.testing.assert_allclose(one, numpy_eval_loss(params, bn_stats, X[:1], Y[:1]), rtol=1e-5)
 
