@@ -35,6 +35,7 @@ __all__ = [
     "batch_stats",
     "cross_entropy",
     "cross_entropy_reference",
+    "linear_cross_entropy",
     "running_average",
 ]
 
@@ -280,6 +281,206 @@ def cross_entropy(
     forward mode); for second derivatives use ``jax.jacrev(jax.grad(f))``.
     """
     return _cross_entropy(_cross_entropy_rows(logits, labels, axis, where))
+
+
+# ------------------------------------------------------- fused linear + cross-entropy
+
+
+class _Linear(NamedTuple):
+    """Inputs of the fused op, rows flattened: ``x (N, D)``, ``w (D, V)``, ``bias (V,)``."""
+
+    x: Array
+    w: Array
+    bias: Array | None
+    labels: Array  # (N,), any integer dtype
+    rows: Array | None  # (N,) bool: rows that count (None: all)
+
+
+# Elements of one (rows, chunk) block of logits: 2**22 float32 is 16 MiB, so the few
+# blocks alive at once stay far below the (N, V) logits at N in the thousands.
+_CHUNK_ELEMENTS = 2**22
+
+
+def _default_chunk(n: int, v: int) -> int:
+    return min(v, max(128, (_CHUNK_ELEMENTS // max(n, 1)) // 128 * 128))
+
+
+def _check_linear(x, w, bias, labels, where, chunk_size) -> None:
+    for name, a in (("x", x), ("w", w)) + ((("bias", bias),) if bias is not None else ()):
+        _check_floating(name, a)
+        if a.dtype != x.dtype:
+            raise TypeError(f"{name} dtype {a.dtype} must equal x dtype {x.dtype}")
+    _check_labels(labels)
+    if x.ndim < 1 or w.ndim != 2 or x.shape[-1] != w.shape[0]:
+        raise ValueError(f"x shape {x.shape} and w shape {w.shape} do not give x @ w (D, V)")
+    if bias is not None and bias.shape != w.shape[1:]:
+        raise ValueError(f"bias shape {bias.shape} must be (V,) = {w.shape[1:]}")
+    if labels.shape != x.shape[:-1]:
+        raise ValueError(f"labels shape {labels.shape} must be x shape without D {x.shape[:-1]}")
+    if where is not None and jnp.shape(where) != labels.shape:
+        raise ValueError(f"where shape {jnp.shape(where)} must equal labels shape {labels.shape}")
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def _varying_like(x: Array, p: Any) -> Any:
+    """Cast a replicated ``p`` to vary over the mesh axes ``x`` varies on (see
+    :func:`_match_varying`): its gradient is then summed over devices by the transpose."""
+    if p is None or not hasattr(lax, "pcast"):
+        return p
+
+    def varying(a: Array) -> frozenset:
+        return getattr(getattr(jax.typeof(a), "manual_axis_type", None), "varying", frozenset())
+
+    missing = tuple(varying(x) - varying(p))
+    return lax.pcast(p, missing, to="varying") if missing else p
+
+
+def _chunk_logits(lin: _Linear, x: Array, k: Array, chunk: int):
+    """Logits of class chunk ``k``, ``(N, chunk)`` in x's dtype, -inf outside the chunk's
+    own columns. The last chunk is slid back to end at V (no padded copy of w); the
+    columns it shares with the previous chunk are not its own."""
+    v = lin.w.shape[1]
+    start = jnp.minimum(k * chunk, v - chunk)
+    wc = lax.dynamic_slice_in_dim(lin.w, start, chunk, axis=1).astype(x.dtype)
+    z = x @ wc
+    if lin.bias is not None:
+        z = z + lax.dynamic_slice_in_dim(lin.bias, start, chunk).astype(x.dtype)[None]
+    cols = start + lax.iota(jnp.int32, chunk)
+    own = (cols >= k * chunk)[None]
+    return jnp.where(own, z, -jnp.inf), wc, start, cols, own
+
+
+def _linear_rows(lin: _Linear) -> Array:
+    """x in the compute dtype, masked rows set to 0 (whatever they held)."""
+    x = lin.x.astype(_compute_dtype(lin.x.dtype))
+    return x if lin.rows is None else jnp.where(lin.rows[:, None], x, jnp.zeros((), x.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _linear_cross_entropy(lin: _Linear, chunk: int) -> Array:
+    return _linear_cross_entropy_fwd(lin, chunk)[0]
+
+
+def _linear_cross_entropy_fwd(lin: _Linear, chunk: int):
+    x = _linear_rows(lin)
+    n, v = x.shape[0], lin.w.shape[1]
+
+    def body(carry, k):  # online log-sum-exp: rescale the running sum to the new max
+        m, s = carry
+        z = _chunk_logits(lin, x, k, chunk)[0]
+        m_new = jnp.maximum(m, lax.stop_gradient(jnp.max(z, axis=1)))
+        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[:, None]), axis=1)
+        return (m_new, s), None
+
+    init = (jnp.full((n,), -jnp.inf, x.dtype), jnp.zeros((n,), x.dtype))
+    (m, s), _ = lax.scan(body, init, jnp.arange(-(-v // chunk)))
+    index, valid = _label_index(lin.labels, v)
+    label_logit = jnp.sum(x * jnp.take(lin.w, index, axis=1).T.astype(x.dtype), axis=1)
+    if lin.bias is not None:
+        label_logit = label_logit + jnp.take(lin.bias, index).astype(x.dtype)
+    losses = jnp.where(valid, jnp.log(s) + m - label_logit, jnp.nan)
+    losses = _masked(lin.rows, losses)
+    return losses.astype(lin.x.dtype), (lin, m, s, index, valid)
+
+
+def _linear_cross_entropy_bwd(chunk: int, residuals, g):
+    lin, m, s, index, valid = residuals
+    x = _linear_rows(lin)
+    bad = ~valid if lin.rows is None else ~valid & lin.rows
+    g = jnp.where(bad, jnp.nan, _masked(lin.rows, g.astype(x.dtype)))
+    scale = (g / s)[:, None]
+
+    def body(carry, k):
+        dx, dw, db = carry
+        z, wc, start, cols, own = _chunk_logits(lin, x, k, chunk)
+        # Exercise 2 on this chunk: dz = g * (exp(z - m) / s - onehot), 0 off its own
+        # columns; then Exercise 1's matmul rules fold it into dx, dw, db at once.
+        p = jnp.exp(z - m[:, None]) * scale
+        dz = jnp.where((cols[None] == index[:, None]) & own, p - g[:, None], p)
+        dx = dx + dz @ wc.T
+        dw = lax.dynamic_update_slice_in_dim(
+            dw, lax.dynamic_slice_in_dim(dw, start, chunk, axis=1) + x.T @ dz, start, axis=1
+        )
+        db = lax.dynamic_update_slice_in_dim(
+            db, lax.dynamic_slice_in_dim(db, start, chunk) + jnp.sum(dz, axis=0), start, 0
+        )
+        return (dx, dw, db), None
+
+    init = (jnp.zeros_like(x), jnp.zeros(lin.w.shape, x.dtype), jnp.zeros(lin.w.shape[1:], x.dtype))
+    (dx, dw, db), _ = lax.scan(body, init, jnp.arange(-(-lin.w.shape[1] // chunk)))
+    dbias = None if lin.bias is None else db.astype(lin.bias.dtype)
+    grads = _Linear(dx.astype(lin.x.dtype), dw.astype(lin.w.dtype), dbias, None, None)
+    return (grads,)
+
+
+_linear_cross_entropy.defvjp(_linear_cross_entropy_fwd, _linear_cross_entropy_bwd)
+
+
+def linear_cross_entropy(
+    x: Array,
+    w: Array,
+    labels: Array,
+    *,
+    bias: Array | None = None,
+    where: Array | None = None,
+    chunk_size: int | None = None,
+) -> Array:
+    r"""``cross_entropy(x @ w + bias, labels)`` without ever building the ``(N, V)`` logits.
+
+    For a language model's last layer, ``z = x W + b`` with ``x (N, D)``, ``W (D, V)``:
+
+    .. math::
+        \ell_i = \log \sum_j e^{z_{ij}} - z_{i y_i},\qquad
+        dz_{ij} = g_i\,\big(\mathrm{softmax}(z_i)_j - [j = y_i]\big),\qquad
+        dx = dz\,W^\top,\quad dW = x^\top dz,\quad db = \textstyle\sum_i dz_{i\cdot}
+
+    (Exercise 2, then Exercise 1's matmul rules). Every term is a sum over classes, so
+    both passes stream over chunks of ``chunk_size`` classes (a ``lax.scan``): the forward
+    pass keeps a running max ``m_i`` and rescaled sum ``s_i = \sum_j e^{z_{ij} - m_i}``
+    (on a new max ``m'``, ``s \leftarrow s\,e^{m - m'} + \sum_{\text{chunk}} e^{z - m'}``);
+    the backward pass recomputes each chunk's logits, forms ``dz`` for the chunk and adds
+    ``dz W_c^\top`` to ``dx`` and ``x^\top dz`` to the chunk's columns of ``dW``. Only
+    ``(N, chunk)`` blocks and two numbers per row are ever alive.
+
+    Same guarantees as :func:`cross_entropy`: a label outside ``[0, V)`` gives NaN (its
+    row, and through ``dW`` every weight: the true gradient of a NaN loss); labels of
+    any integer dtype; ``where`` rows get loss 0 and exactly 0 gradient whatever ``x``
+    holds there. 16-bit inputs are computed in float32; gradients come back in each
+    input's dtype. Composes with ``jit``, ``vmap``, ``grad`` and ``grad``-of-``grad``
+    (the backward rule is differentiable ``jnp`` and ``lax.scan``), and runs
+    data-parallel under ``jax.shard_map`` with ``x``/``labels`` split over rows and
+    ``w``/``bias`` replicated (their gradient is then summed over devices, as for any
+    replicated parameter under ``check_vma``). ``jax.jvp`` raises (``custom_vjp``).
+
+    Args:
+      x: ``(..., D)`` features; w: ``(D, V)``; bias: optional ``(V,)``; all one dtype.
+      labels: ``x.shape[:-1]`` integer class ids.
+      where: optional boolean row mask, the shape of ``labels``.
+      chunk_size: classes per chunk; ``None`` picks ``2**22 / N`` rounded down to a
+        multiple of 128 (16 MiB float32 blocks; all of V for small N).
+
+    Returns:
+      losses, the shape of ``labels``, dtype of ``x``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> x, w = jnp.ones((2, 3)), jnp.arange(12.0).reshape(3, 4) / 10
+    >>> labels = jnp.array([3, 0])
+    >>> fused = linear_cross_entropy(x, w, labels, chunk_size=3)
+    >>> bool(jnp.allclose(fused, cross_entropy(x @ w, labels)))
+    True
+    """
+    x, w, labels = jnp.asarray(x), jnp.asarray(w), jnp.asarray(labels)
+    bias = None if bias is None else jnp.asarray(bias)
+    _check_linear(x, w, bias, labels, where, chunk_size)
+    rows = None if where is None else jnp.asarray(where, bool).reshape(-1)
+    n, v = math.prod(labels.shape), w.shape[1]
+    chunk = min(v, chunk_size or _default_chunk(n, v))
+    lin = _Linear(
+        x.reshape(n, x.shape[-1]), _varying_like(x, w), _varying_like(x, bias),
+        labels.reshape(n), rows,
+    )  # fmt: skip
+    return _linear_cross_entropy(lin, chunk).reshape(labels.shape)
 
 
 # ------------------------------------------------------------------------ batch norm
