@@ -107,12 +107,14 @@ class Stop:
 @contextmanager
 def deferred_stop() -> Iterator[Stop]:
     """Turn the first SIGINT/SIGTERM into a flag checked between chunks (a chunk is never
-    cut in half); a second one raises ``KeyboardInterrupt`` at once."""
+    cut in half); a second one ends the process at once with ``128 + signum`` (files
+    being written are removed first; the last checkpoint stays)."""
     stop = Stop()
 
     def handler(signum, frame):
         if stop.requested:
-            raise KeyboardInterrupt
+            stop.signum = signum
+            raise KeyboardInterrupt  # unwinds: a file being written is cleaned up
         stop.requested, stop.signum = signal.Signals(signum).name, signum
         print(
             f"{stop.requested}: saving after the current chunk (send it again to stop now)",
@@ -128,6 +130,15 @@ def deferred_stop() -> Iterator[Stop]:
         return
     try:
         yield stop
+    except KeyboardInterrupt:
+        # XLA may still be running the chunk in its threads, and a normal interpreter
+        # exit under it can crash (SIGSEGV, measured): leave at once, the checkpoint
+        # on disk is the last complete one and the kernel releases the lock.
+        name = signal.Signals(stop.signum or signal.SIGINT).name
+        print(f"{name} again: stopped now; the last checkpoint is kept", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + (stop.signum or signal.SIGINT))
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

@@ -45,7 +45,7 @@ BIG, I64 = str(10**30), str(2**63)
 # unicode text, empty and blank
 VALUES = ["0", "-1", BIG, I64, "nan", "inf", "-inf", "1e-300", "1.5", "ten", "٣", "ünïcødé",
           "", " "]  # fmt: skip
-LISTS = [*VALUES, ",", "0,0", "1,-1", "4x2x2", "0x0"]  # comma lists and HxB settings
+LISTS = [*VALUES, ",", "0,0", "1,-1", "4x2x2", "0x0", f"{BIG}x2"]  # comma lists, HxB settings
 FLAG = ["", "=yes"]  # a store_true flag alone, and with a value it does not take
 PATHS = ["missing", "file", "dir", "foreign-run", "fifo", "dev-zero", "dev-null",
          "symlink-loop", "dangling-symlink", "unreadable", "read-only-dir", "under-file",

@@ -213,30 +213,34 @@ def test_cli_subprocess_bad_data_file(tmp_path):
 
 # ----------------------------------------------------------------- bad arguments
 
+LR = "a finite number >= 1.18e-38 (float32)"  # what --lr must be
 BAD_ARGS = {
-    "steps-0": (["--steps", "0"], "argument --steps: must be a positive integer, got 0"),
-    "steps-neg": (["--steps", "-5"], "argument --steps: must be a positive integer, got -5"),
+    "steps-0": (["--steps", "0"], "argument --steps: must be a positive integer, got '0'"),
+    "steps-neg": (["--steps", "-5"], "argument --steps: must be a positive integer, got '-5'"),
     "steps-text": (["--steps", "ten"], "argument --steps: expected a positive integer, got 'ten'"),
-    "n-hidden-0": (["--n-hidden", "0"], "argument --n-hidden: must be a positive integer, got 0"),
-    "n-embd-neg": (["--n-embd", "-3"], "argument --n-embd: must be a positive integer, got -3"),
+    "n-hidden-0": (["--n-hidden", "0"], "argument --n-hidden: must be a positive integer, got '0'"),
+    "n-embd-neg": (["--n-embd", "-3"], "argument --n-embd: must be a positive integer, got '-3'"),
     "block-size-0": (
         ["--block-size", "0"],
-        "argument --block-size: must be a positive integer, got 0",
+        "argument --block-size: must be a positive integer, got '0'",
     ),
     "chunk-steps-0": (
         ["--chunk-steps", "0"],
-        "argument --chunk-steps: must be a positive integer, got 0",
+        "argument --chunk-steps: must be a positive integer, got '0'",
     ),
     "batch-size-0": (
         ["--batch-size", "0"],
-        "argument --batch-size: must be a positive integer, got 0",
+        "argument --batch-size: must be a positive integer, got '0'",
     ),
-    "lr-nan": (["--lr", "nan"], "argument --lr: must be a positive finite number, got nan"),
-    "lr-neg": (["--lr", "-0.1"], "argument --lr: must be a positive finite number, got -0.1"),
-    "lr-zero": (["--lr", "0"], "argument --lr: must be a positive finite number, got 0"),
-    "lr-inf": (["--lr", "inf"], "argument --lr: must be a positive finite number, got inf"),
-    "lr-text": (["--lr", "fast"], "argument --lr: expected a positive finite number, got 'fast'"),
-    "seed-neg": (["--seed", "-1"], "argument --seed: must be an integer >= 0, got -1"),
+    "lr-nan": (["--lr", "nan"], "argument --lr: must be " + LR + ", got 'nan'"),
+    "lr-neg": (["--lr", "-0.1"], "argument --lr: must be " + LR + ", got '-0.1'"),
+    "lr-zero": (["--lr", "0"], "argument --lr: must be " + LR + ", got '0'"),
+    "lr-inf": (["--lr", "inf"], "argument --lr: must be " + LR + ", got 'inf'"),
+    "lr-text": (["--lr", "fast"], "argument --lr: expected " + LR + ", got 'fast'"),
+    "seed-neg": (
+        ["--seed", "-1"],
+        "argument --seed: must be an integer in 0..2147483647, got '-1'",
+    ),
 }
 
 
@@ -296,7 +300,7 @@ def test_cli_subprocess_bad_argument(tmp_path):
     )  # fmt: skip
     assert p.returncode == 2
     assert one_error_line(p.stderr) == (
-        "error: jaxninja train: argument --lr: must be a positive finite number, got nan"
+        f"error: jaxninja train: argument --lr: must be {LR}, got 'nan'"
     )
 
 
@@ -377,7 +381,10 @@ def test_non_finite_parameters_never_reach_a_checkpoint(words_file, tmp_path):
 
 
 def test_learning_rate_beyond_float32_is_refused():
-    with pytest.raises(ConfigError, match=r"lr must be at most 3\.4e\+38, got 1e\+300"):
+    with pytest.raises(
+        ConfigError,
+        match=r"lr must be between 1\.18e-38 and 3\.4e\+38 \(float32\), got 1e\+300",
+    ):
         TrainConfig(lr=1e300).validate()
 
 
@@ -472,7 +479,8 @@ def test_sigint_saves_a_checkpoint_exits_130_and_resume_matches(
     assert 10 <= step < 200 and step % 10 == 0  # a chunk boundary
     assert ckpt.bn_stats is None
     assert stderr == (
-        f"interrupted at step {step}; checkpoint saved in {out}. "
+        "SIGINT: saving after the current chunk (send it again to stop now)\n"
+        f"SIGINT: stopped at step {step}; checkpoint saved in {out}. "
         f"Continue with the same command plus --resume\n"
     )
     assert not list(out.glob(".checkpoint.*.tmp"))
