@@ -77,6 +77,8 @@ def check_out(out: str | os.PathLike[str]) -> dict[str, Any]:
     now (``{}`` when new): an existing file must be a results file of ``jaxninja bench``
     (the part a run does not measure is kept), never a file of the user's."""
     path = Path(out)
+    if not str(path).isprintable():  # the message must stay one line on the terminal
+        raise BenchError(f"--out {str(path)!r}: not a printable file name")
     if path.exists() and not path.is_file():
         raise BenchError(f"--out {path}: not a regular file")
     if not path.parent.is_dir():
@@ -633,8 +635,11 @@ def _compile(loss: Loss, argnums: tuple[int, ...], args: tuple[Any, ...]) -> tup
 
 def _calls_per_round(fn: Callable[..., Any], args: tuple[Any, ...], target_s: float) -> int:
     """Warm ``fn`` up (first-touch of its buffers) and pick how many back-to-back calls
-    make one timed round of about ``target_s`` seconds."""
+    make one timed round of about ``target_s`` seconds (one call for the slow ones)."""
+    t = time.perf_counter()
     jax.block_until_ready(fn(*args))
+    if time.perf_counter() - t > target_s:
+        return 1
     t = time.perf_counter()
     jax.block_until_ready(fn(*args))
     return max(1, min(1000, int(target_s / max(time.perf_counter() - t, 1e-7))))
@@ -712,6 +717,10 @@ OP_LOSSES = {
 }
 
 
+def _ms(v: float) -> str:
+    return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
+
+
 def _size(size: dict[str, int]) -> str:
     return " ".join(f"{k}={v}" for k, v in size.items())
 
@@ -739,9 +748,7 @@ def ops_table(rows: Sequence[dict[str, Any]], op: str) -> str:
     ]
     for r in rows:
         cells = [str(r["size"][k]) for k in size] + [r["dtype"]]
-        cells += [
-            _fmt(r["impls"][n]["ms"]["median"], ".3g") if n in r["impls"] else "-" for n in impls
-        ]
+        cells += [_ms(r["impls"][n]["ms"]["median"]) if n in r["impls"] else "-" for n in impls]
         cells += [_mib(r["impls"][n]["temp_bytes"]) if n in r["impls"] else "-" for n in impls]
         cells += [_fmt(r["ratios"].get(k), ".2f") for k in ratios]
         lines.append("| " + " | ".join(cells) + " |")
@@ -791,7 +798,7 @@ def run_ops_bench(
         log(
             f"  {case.op} {_size(case.size)} {case.dtype}: "
             + ", ".join(
-                f"{n} {s['ms']['median']:.3g} ms {_mib(s['temp_bytes'])} MiB"
+                f"{n} {_ms(s['ms']['median'])} ms {_mib(s['temp_bytes'])} MiB"
                 for n, s in row["impls"].items()
             )
         )

@@ -219,3 +219,12 @@ def test_bench_parallel_experiment_runs_sharded(tmp_path, names_file):
     rows = [ln.split() for ln in table if ln.split() and ln.split()[0] in ("1", "2")]
     assert [r[0] for r in rows] == ["1", "2"]
     assert all(float(r[1]) > 0 and math.isfinite(float(r[1])) for r in rows)
+
+
+def test_cli_bench_ops_quick(tmp_path, capsys):
+    """``jaxninja bench --ops --quick``: the tables are printed and bench.json written."""
+    out = tmp_path / "bench.json"
+    rc, printed, err = run_cli(capsys, "bench", "--ops", "--quick", "--out", out)
+    assert rc == 0, err
+    assert {r["op"] for r in strict_json(out.read_text())["ops"]["rows"]} == set(OPS_IMPLS)
+    assert "| N | V | dtype | jaxninja ms |" in printed
