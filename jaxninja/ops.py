@@ -373,7 +373,9 @@ def _linear_cross_entropy_fwd(lin: _Linear, chunk: int):
         s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[:, None]), axis=1)
         return (m_new, s), None
 
-    init = (jnp.full((n,), -jnp.inf, x.dtype), jnp.zeros((n,), x.dtype))
+    # Carries shaped from x: under shard_map they vary over its mesh axes, as they must.
+    zero = jnp.zeros_like(x[:, 0])
+    init = (zero - jnp.inf, zero)
     (m, s), _ = lax.scan(body, init, jnp.arange(-(-v // chunk)))
     index, valid = _label_index(lin.labels, v)
     label_logit = jnp.sum(x * jnp.take(lin.w, index, axis=1).T.astype(x.dtype), axis=1)
@@ -407,7 +409,8 @@ def _linear_cross_entropy_bwd(chunk: int, residuals, g):
         )
         return (dx, dw, db), None
 
-    init = (jnp.zeros_like(x), jnp.zeros(lin.w.shape, x.dtype), jnp.zeros(lin.w.shape[1:], x.dtype))
+    dw = jnp.zeros_like(lin.w, dtype=x.dtype)  # lin.w varies like x (_varying_like)
+    init = (jnp.zeros_like(x), dw, dw[0])
     (dx, dw, db), _ = lax.scan(body, init, jnp.arange(-(-lin.w.shape[1] // chunk)))
     dbias = None if lin.bias is None else db.astype(lin.bias.dtype)
     grads = _Linear(dx.astype(lin.x.dtype), dw.astype(lin.w.dtype), dbias, None, None)
