@@ -157,7 +157,7 @@ def memory_needed(cfg: TrainConfig, n_examples: int, vocab_size: int = 27) -> in
     and the evaluation of the whole training set at once."""
     fan_in = cfg.block_size * cfg.n_embd
     params = vocab_size * cfg.n_embd + (fan_in + vocab_size + 4) * cfg.n_hidden + vocab_size
-    batches = cfg.chunk_steps * cfg.batch_size * (cfg.block_size + 2)
+    batches = min(cfg.chunk_steps, cfg.steps) * cfg.batch_size * (cfg.block_size + 2)
     step = cfg.batch_size * (fan_in + 8 * cfg.n_hidden + 4 * vocab_size)
     evaluation = n_examples * (cfg.block_size + fan_in + 3 * cfg.n_hidden + 3 * vocab_size)
     return 4 * (4 * params + batches + step + evaluation + cfg.steps)
