@@ -1,7 +1,11 @@
 """The custom-VJP ops against autodiff of their plain-jnp references.
 
-Gradient comparisons run in float64 (the ``x64`` fixture) and demand max abs diff <= 1e-12;
-low-precision tests run in float32 and compare against float32 computations.
+We check our VJPs the way we tell users to check theirs: with
+:func:`jaxninja.testing.assert_vjp_matches` (hand-written VJP vs autodiff of the plain-jnp
+reference, random or given cotangent) and :func:`jaxninja.testing.check_finite_differences`
+(reverse mode, up to second order). Gradient comparisons run in float64 (the ``x64``
+fixture) and demand max abs diff <= 1e-12; low-precision tests run in float32 and compare
+against float32 computations.
 """
 
 from __future__ import annotations
@@ -11,24 +15,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.test_util import check_grads
 
 from jaxninja import ops
-from jaxninja.testing import assert_vjp_matches
+from jaxninja.testing import assert_vjp_matches, check_finite_differences
 
 TOL = 1e-12
 
 
-def maxdiff(a, b) -> float:
-    """Max abs difference over all leaves of two pytrees (shapes must agree)."""
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(la) == len(lb)
-    out = 0.0
-    for x, y in zip(la, lb, strict=True):
-        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        assert x.shape == y.shape
-        out = max(out, float(np.max(np.abs(x - y), initial=0.0)))
-    return out
+def close(a, b, tol: float = TOL) -> None:
+    """Every leaf of two pytrees equal to within ``tol`` (absolute)."""
+    chex.assert_trees_all_close(a, b, atol=tol, rtol=0)
 
 
 def ce_inputs(shape, axis, seed=0, dtype=np.float64, with_where=False):
@@ -80,16 +76,11 @@ def test_cross_entropy_vjp_matches_reference(x64, shape, axis, with_where):
     def ref(z):
         return ops.cross_entropy_reference(z, y, axis=axis, where=where)
 
-    @jax.jit  # one compiled program per case: much cheaper than op-by-op dispatch
-    def both(z, ct):
-        (out, vjp), (out_ref, vjp_ref) = jax.vjp(custom, z), jax.vjp(ref, z)
-        return out, vjp(ct)[0], out_ref, vjp_ref(ct)[0]
-
-    out, dz, out_ref, dz_ref = both(z, ct)
+    assert assert_vjp_matches(custom, ref, z, cotangent=ct) <= TOL
+    out, vjp = jax.vjp(custom, z)
+    (dz,) = vjp(ct)
     assert out.dtype == jnp.float64 and out.shape == y.shape
-    assert maxdiff(out, out_ref) <= TOL
     assert dz.shape == z.shape and dz.dtype == jnp.float64
-    assert maxdiff(dz, dz_ref) <= TOL
     assert np.abs(np.asarray(dz)).max() > 0.01  # not trivially zero
 
 
@@ -98,12 +89,12 @@ def test_cross_entropy_values_against_numpy(x64):
     zn = np.asarray(z)
     lse = np.log(np.exp(zn - zn.max(1, keepdims=True)).sum(1)) + zn.max(1)
     want = lse - zn[np.arange(6), np.asarray(y)]
-    assert maxdiff(jax.jit(ops.cross_entropy)(z, y), want) <= TOL
+    close(jax.jit(ops.cross_entropy)(z, y), want)
     # the lecture's mean loss and its fused gradient (softmax - onehot) / n
     dz = jax.jit(jax.grad(lambda z: ops.cross_entropy(z, y).mean()))(z)
     p = np.exp(zn - lse[:, None])
     p[np.arange(6), np.asarray(y)] -= 1
-    assert maxdiff(dz, p / 6) <= TOL
+    close(dz, p / 6)
 
 
 def test_cross_entropy_large_logits_are_stable(x64):
@@ -135,18 +126,18 @@ def test_batch_norm_vjp_matches_reference(x64, x_shape, axis, gain_shape, unbias
     x, gain, bias, dy = bn_inputs(x_shape, gain_shape, seed=len(x_shape))
     kw = dict(axis=axis, unbiased=unbiased)
 
-    @jax.jit
-    def both(x, gain, bias, dy):
-        y, vjp = jax.vjp(lambda *a: ops.batch_norm(*a, **kw), x, gain, bias)
-        y_ref, vjp_ref = jax.vjp(lambda *a: ops.batch_norm_reference(*a, **kw), x, gain, bias)
-        return y, vjp(dy), y_ref, vjp_ref(dy)
+    def custom(x, g, b):
+        return ops.batch_norm(x, g, b, **kw)
 
-    y, grads, y_ref, grads_ref = both(x, gain, bias, dy)
+    def ref(x, g, b):
+        return ops.batch_norm_reference(x, g, b, **kw)
+
+    assert assert_vjp_matches(custom, ref, x, gain, bias, argnums=(0, 1, 2), cotangent=dy) <= TOL
+    y, vjp = jax.vjp(custom, x, gain, bias)
+    grads = vjp(dy)
     assert y.shape == x.shape and y.dtype == jnp.float64
-    assert maxdiff(y, y_ref) <= TOL
     for g, v in zip(grads, (x, gain, bias), strict=True):
         assert g.shape == v.shape and g.dtype == v.dtype
-    assert maxdiff(grads, grads_ref) <= TOL
     if x.size // gain.size > 2:  # with 2 rows, xhat = +-1/sqrt(2) whatever x is: dx ~ 0
         assert np.abs(np.asarray(grads[0])).max() > 0.01
 
@@ -158,7 +149,7 @@ def test_batch_norm_forward_against_numpy(x64, unbiased):
     var = xn.var(0, ddof=1 if unbiased else 0, keepdims=True)
     want = np.asarray(gain) * (xn - xn.mean(0, keepdims=True)) / np.sqrt(var + 1e-5)
     want = want + np.asarray(bias)
-    assert maxdiff(ops.batch_norm(x, gain, bias, unbiased=unbiased), want) <= TOL
+    close(ops.batch_norm(x, gain, bias, unbiased=unbiased), want)
 
 
 def test_batch_norm_backward_is_the_lecture_formula(x64):
@@ -170,7 +161,7 @@ def test_batch_norm_backward_is_the_lecture_formula(x64):
     var_inv = (xn.var(0, ddof=1, keepdims=True) + 1e-5) ** -0.5
     xhat = (xn - xn.mean(0, keepdims=True)) * var_inv
     want = (g * var_inv / n) * (n * dyn - dyn.sum(0) - n / (n - 1) * xhat * (dyn * xhat).sum(0))
-    assert maxdiff(dx, want) <= TOL
+    close(dx, want)
 
 
 # ------------------------------------------------------------ finite differences, jit
@@ -180,7 +171,7 @@ def test_cross_entropy_check_grads(x64):
     axis = 1
     z, y, _, _ = ce_inputs((2, 3, 4), axis, seed=5)
     f = jax.jit(lambda z: ops.cross_entropy(z, y, axis=axis))  # jit: 3x cheaper here
-    check_grads(f, (z,), order=2, modes=["rev"])
+    check_finite_differences(f, z, order=2)
 
 
 @pytest.mark.parametrize(
@@ -194,7 +185,7 @@ def test_batch_norm_check_grads(x64, x_shape, axis, gain_shape, unbiased):
     def f(x, g, b):
         return ops.batch_norm(x, g, b, axis=axis, unbiased=unbiased)
 
-    check_grads(f, (x, gain, bias), order=2, modes=["rev"])
+    check_finite_differences(f, x, gain, bias, order=2)
 
 
 class VariantsTest(chex.TestCase):
@@ -240,11 +231,11 @@ def test_cross_entropy_under_vmap(x64):
     got = per_task(ops.cross_entropy)(z, y)
     want = per_task(ops.cross_entropy_reference)(z, y)
     assert got[1].shape == (3, 4, 7)
-    assert maxdiff(got, want) <= TOL
+    close(got, want)
     # and equal to a Python loop over the tasks
     grad = jax.jit(jax.grad(lambda z, y: ops.cross_entropy(z, y).mean()))
     loop = [grad(z[i], y[i]) for i in range(3)]
-    assert maxdiff(got[1], jnp.stack(loop)) <= TOL
+    close(got[1], jnp.stack(loop))
 
 
 def test_batch_norm_under_vmap(x64):
@@ -260,10 +251,10 @@ def test_batch_norm_under_vmap(x64):
     got = per_group(ops.batch_norm)(x, gain, bias, dy)
     want = per_group(ops.batch_norm_reference)(x, gain, bias, dy)
     assert got[0].shape == (3, 8, 5) and got[1].shape == (3, 1, 5)
-    assert maxdiff(got, want) <= TOL
+    close(got, want)
     # vmap of the forward equals normalising each group separately
     y = jax.jit(jax.vmap(ops.batch_norm, in_axes=(0, None, None)))(x, gain, bias)
-    assert maxdiff(y[1], jax.jit(ops.batch_norm)(x[1], gain, bias)) <= TOL
+    close(y[1], jax.jit(ops.batch_norm)(x[1], gain, bias))
 
 
 def test_cross_entropy_grad_of_grad(x64):
@@ -272,10 +263,12 @@ def test_cross_entropy_grad_of_grad(x64):
     def f(op):
         return lambda z: (op(z, y) * ct).sum()
 
+    # reverse over reverse: the VJP of our gradient vs autodiff's VJP of autodiff's gradient
+    assert_vjp_matches(jax.grad(f(ops.cross_entropy)), jax.grad(f(ops.cross_entropy_reference)), z)
     hess = jax.jit(jax.jacrev(jax.grad(f(ops.cross_entropy))))(z)
     hess_ref = jax.jit(jax.jacrev(jax.grad(f(ops.cross_entropy_reference))))(z)
     assert hess.shape == (4, 5, 4, 5)
-    assert maxdiff(hess, hess_ref) <= TOL
+    close(hess, hess_ref)
     assert np.abs(np.asarray(hess)).max() > 0.01
 
 
@@ -290,10 +283,15 @@ def test_batch_norm_grad_of_grad(x64):
     def hessian(op):
         return jax.jit(jax.jacrev(jax.grad(f(op), argnums), argnums))
 
+    grad, grad_ref = (
+        jax.grad(f(ops.batch_norm), argnums),
+        jax.grad(f(ops.batch_norm_reference), argnums),
+    )
+    assert_vjp_matches(grad, grad_ref, x, gain, bias, argnums=argnums)
     hess = hessian(ops.batch_norm)(x, gain, bias)
     hess_ref = hessian(ops.batch_norm_reference)(x, gain, bias)
     assert hess[0][0].shape == (5, 3, 5, 3)
-    assert maxdiff(hess, hess_ref) <= TOL
+    close(hess, hess_ref)
 
 
 # ----------------------------------------------------------------------- where masks
@@ -314,8 +312,8 @@ def test_where_mask_zeroes_loss_and_gradient_rows(x64):
     # the kept rows are exactly the unmasked computation
     full, dfull = loss_and_grad(z, jnp.ones(6, bool))
     keep = np.asarray(where)
-    assert maxdiff(np.asarray(loss)[keep], np.asarray(full)[keep]) <= TOL
-    assert maxdiff(np.asarray(dz)[keep], np.asarray(dfull)[keep]) <= TOL
+    close(np.asarray(loss)[keep], np.asarray(full)[keep])
+    close(np.asarray(dz)[keep], np.asarray(dfull)[keep])
 
 
 def test_where_mask_hides_out_of_range_padding_labels(x64):
@@ -350,7 +348,7 @@ def test_cross_entropy_low_precision(dtype, rtol):
     assert value.dtype == dtype and dz.dtype == dtype and dz.shape == z.shape
     np.testing.assert_allclose(float(value), float(value32), rtol=rtol)
     scale = float(jnp.abs(dz32).max())
-    assert maxdiff(dz, dz32) <= rtol * scale
+    close(dz, dz32, rtol * scale)
     assert np.all(np.isfinite(np.asarray(dz, np.float32)))
 
 
@@ -367,8 +365,8 @@ def test_batch_norm_low_precision(dtype, rtol):
     y, dx = f(x, dy)
     y32, dx32 = f(x.astype(jnp.float32), dy.astype(jnp.float32))
     assert y.dtype == dtype and dx.dtype == dtype
-    assert maxdiff(y, y32) <= 2 * rtol * float(jnp.abs(y32).max())
-    assert maxdiff(dx, dx32) <= 2 * rtol * float(jnp.abs(dx32).max())
+    close(y, y32, 2 * rtol * float(jnp.abs(y32).max()))
+    close(dx, dx32, 2 * rtol * float(jnp.abs(dx32).max()))
     mean, var = ops.batch_stats(x)
     assert mean.dtype == jnp.float32 and var.dtype == jnp.float32
 
@@ -468,7 +466,7 @@ def test_hessian_forward_over_reverse_works(x64):
 
     got, want = hessians(z, x)
     assert got[0].shape == (3, 4, 3, 4) and got[1].shape == (5, 3, 5, 3)
-    assert maxdiff(got, want) <= TOL
+    close(got, want)
 
 
 # ------------------------------------------------------------ statistics and with_stats
@@ -484,7 +482,8 @@ def test_batch_stats_against_numpy(x64, x_shape, axis, unbiased):
     want_mean = xn.mean(axis=axis, keepdims=True)
     want_var = xn.var(axis=axis, ddof=1 if unbiased else 0, keepdims=True)
     assert mean.shape == want_mean.shape and var.shape == want_var.shape
-    assert maxdiff(mean, want_mean) <= TOL and maxdiff(var, want_var) <= TOL
+    close(mean, want_mean)
+    close(var, want_var)
 
 
 def test_batch_stats_float16_are_float32():
@@ -535,10 +534,10 @@ def test_batch_norm_with_stats_gradients_through_the_statistics(
         }
 
     r = everything(x, gain, bias)
-    assert maxdiff(r["outputs"], r["expected_outputs"]) <= TOL
+    close(r["outputs"], r["expected_outputs"])
     assert r["outputs"][1].shape == stat_shape
-    assert maxdiff(r["got"], r["want"]) <= TOL
-    assert maxdiff(r["aux_only"], r["plain"]) <= TOL
+    close(r["got"], r["want"])
+    close(r["aux_only"], r["plain"])
 
 
 # ------------------------------------------------ masks, evaluation mode, running averages
@@ -792,3 +791,99 @@ def test_global_batch_of_one_under_shard_map_is_a_value_error():
     ):
         with pytest.raises(ValueError, match="at least 2 rows"):
             jax.jit(jax.shard_map(f, mesh=mesh, in_specs=spec, out_specs=spec))(x)
+
+
+# ------------------------------------------------------------- fused linear + CE
+
+
+def lce_inputs(n=(3, 4), d=5, v=19, seed=0, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((*n, d))
+    w = rng.standard_normal((d, v)) / np.sqrt(d)
+    b = rng.standard_normal(v)
+    y = rng.integers(0, v, n)
+    return tuple(jnp.asarray(a.astype(dtype)) for a in (x, w, b)) + (jnp.asarray(y),)
+
+
+def test_linear_cross_entropy_finite_differences_and_grad_of_grad(x64):
+    x, w, b, y = lce_inputs(seed=50)
+
+    def fused(x, w, b):
+        return ops.linear_cross_entropy(x, w, y, bias=b, chunk_size=6)
+
+    def unfused(x, w, b):
+        return ops.cross_entropy_reference(x @ w + b, y)
+
+    check_finite_differences(jax.jit(fused), x, w, b, order=2)
+    ct = jnp.asarray(np.random.default_rng(51).standard_normal(y.shape))
+
+    def loss(f):
+        return lambda x, w, b: (f(x, w, b) * ct).sum()
+
+    argnums = (0, 1, 2)
+    assert_vjp_matches(
+        jax.grad(loss(fused), argnums), jax.grad(loss(unfused), argnums), x, w, b, argnums=argnums
+    )
+
+
+def test_linear_cross_entropy_under_jit_and_vmap(x64):
+    x, w, b, y = lce_inputs(seed=52)
+
+    def per_task(f):
+        return jax.jit(jax.vmap(jax.value_and_grad(lambda x, y: f(x, y).mean(), argnums=0)))
+
+    got = per_task(lambda x, y: ops.linear_cross_entropy(x, w, y, bias=b, chunk_size=4))(x, y)
+    want = per_task(lambda x, y: ops.cross_entropy(x @ w + b, y))(x, y)
+    assert got[1].shape == x.shape
+    close(got, want)
+
+
+def test_linear_cross_entropy_low_precision():
+    x, w, b, y = lce_inputs(n=(16,), d=8, v=300, seed=53, dtype=np.float32)
+    x16, w16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+
+    @jax.jit
+    def grads(x, w):
+        f = lambda x, w: ops.linear_cross_entropy(x, w, y, chunk_size=128)  # noqa: E731
+        return jax.value_and_grad(lambda x, w: f(x, w).astype(jnp.float32).mean(), (0, 1))(x, w)
+
+    (l16, (dx16, dw16)), (l32, (dx32, dw32)) = (
+        grads(x16, w16),
+        grads(x16.astype(jnp.float32), w16.astype(jnp.float32)),
+    )
+    assert dx16.dtype == dw16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(float(l16), float(l32), rtol=2**-7)
+    for a, b32 in ((dx16, dx32), (dw16, dw32)):
+        close(a.astype(jnp.float32), b32, 2**-7 * float(jnp.abs(b32).max()))
+
+
+def test_linear_cross_entropy_bad_inputs_are_clear_errors():
+    x, w, b, y = lce_inputs(n=(4,), seed=54, dtype=np.float32)
+    with pytest.raises(ValueError, match=r"x shape \(4, 5\) and w shape \(4, 19\)"):
+        ops.linear_cross_entropy(x, w[:4], y)
+    with pytest.raises(ValueError, match=r"labels shape \(3,\)"):
+        ops.linear_cross_entropy(x, w, y[:3])
+    with pytest.raises(ValueError, match=r"bias shape \(18,\)"):
+        ops.linear_cross_entropy(x, w, y, bias=b[:18])
+    with pytest.raises(ValueError, match="chunk_size"):
+        ops.linear_cross_entropy(x, w, y, chunk_size=0)
+    with pytest.raises(TypeError, match="dtype"):
+        ops.linear_cross_entropy(x, w.astype(jnp.bfloat16), y)
+    with pytest.raises(TypeError, match="integer"):
+        ops.linear_cross_entropy(x, w, y.astype(jnp.float32))
+
+
+def test_linear_cross_entropy_keeps_no_logits_sized_temporaries():
+    """The compiled gradient's temporaries are bounded by the chunk, not by V."""
+    n, d, v, chunk = 256, 16, 8192, 256
+    x, w = jnp.zeros((n, d)), jnp.zeros((d, v))
+    y = jnp.zeros(n, jnp.int32)
+
+    def temp(f):
+        g = jax.jit(jax.grad(lambda x, w: f(x, w).mean(), argnums=(0, 1)))
+        return g.lower(x, w).compile().memory_analysis().temp_size_in_bytes
+
+    fused = temp(lambda x, w: ops.linear_cross_entropy(x, w, y, chunk_size=chunk))
+    unfused = temp(lambda x, w: ops.cross_entropy(x @ w, y))
+    assert unfused >= n * v * 4  # the (N, V) logits
+    assert fused <= 4 * n * chunk * 4  # a few (N, chunk) blocks: 1/8 of the logits here
