@@ -235,3 +235,90 @@ def test_batch_norm_with_stats_vjp_matches_autodiff_float64(case):
         # of cancellation error in the dvar term.
         tol = 1e4 * eps * (scale + 1e-300) * (1 + abs(offset))
         assert np.abs(got - want).max() <= tol, (got, want)
+
+
+# ----------------------------------------- label dtypes and masked non-finite rows
+
+LABEL_DTYPES = ["uint8", "int8", "uint16", "int16", "uint32", "int32"]
+
+
+@functools.partial(jax.jit, static_argnames="chunk")
+def _ce_all(z, x, w, y, where, chunk):
+    """Loss and gradient of the three ops (plain, reference, fused) on the same rows."""
+
+    def run(f, *args):
+        return jax.value_and_grad(lambda *a: f(*a).sum(), argnums=tuple(range(len(args))))(*args)
+
+    return (
+        run(lambda z: ops.cross_entropy(z, y, where=where), z),
+        run(lambda z: ops.cross_entropy_reference(z, y, where=where), z),
+        run(lambda x, w: ops.linear_cross_entropy(x, w, y, where=where, chunk_size=chunk), x, w),
+    )
+
+
+def _lce_inputs(seed, n, c, d=3):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    w = rng.standard_normal((d, c)).astype(np.float32)
+    return x, w, x @ w
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.sampled_from(LABEL_DTYPES), st.sampled_from([5, 300]), seeds)
+def test_any_integer_label_dtype_gives_the_int32_answer(dtype_name, c, seed):
+    """Labels drawn over the whole range of a narrow dtype against 5 or 300 classes:
+    each op gives exactly what int32 labels with the same values give (NaN where out
+    of range), never a wrapped class index."""
+    dtype = np.dtype(dtype_name)
+    rng = np.random.default_rng(seed)
+    info = np.iinfo(dtype)
+    labels = rng.integers(info.min, int(info.max) + 1, 6, dtype=np.int64)
+    labels[:2] = rng.integers(0, min(c, int(info.max) + 1), 2)  # some valid ones
+    x, w, z = _lce_inputs(seed, 6, c)
+    narrow = labels.astype(dtype)
+    wide = np.where(labels < c, labels, -1).astype(np.int32)  # same meaning, int32
+    got = _ce_all(z, x, w, jnp.asarray(narrow), None, 128)
+    want = _ce_all(z, x, w, jnp.asarray(wide), None, 128)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    per_row = np.asarray(ops.cross_entropy(jnp.asarray(z), jnp.asarray(narrow)))
+    assert (np.isnan(per_row) == ((labels < 0) | (labels >= c))).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.sampled_from([5, 300]),
+    st.lists(st.sampled_from([np.inf, -np.inf, np.nan, 1e30, 0.5]), min_size=6, max_size=6),
+    st.lists(st.booleans(), min_size=6, max_size=6),
+    seeds,
+)
+def test_masked_rows_give_exactly_zero_whatever_they_hold(c, fills, keep, seed):
+    """Masked rows may hold inf, -inf, NaN, huge values and out-of-range labels: their
+    loss and gradient are exactly 0 and the kept rows are unaffected (same values as
+    computing on the kept rows alone)."""
+    keep = np.array(keep)
+    rng = np.random.default_rng(seed)
+    x, w, z = _lce_inputs(seed, 6, c)
+    labels = rng.integers(0, c, 6)
+    for i in np.flatnonzero(~keep):
+        z[i, rng.integers(c)] = fills[i]
+        z[i, rng.random(c) < 0.3] = fills[i]
+        x[i, rng.integers(3)] = fills[i]
+        labels[i] = rng.choice([-1, c, labels[i]])
+    y, where = jnp.asarray(labels, jnp.int32), jnp.asarray(keep)
+    results = _ce_all(jnp.asarray(z), jnp.asarray(x), jnp.asarray(w), y, where, 128)
+    clean = _ce_all(  # the same kept rows, with the masked rows replaced by zeros
+        jnp.asarray(np.where(keep[:, None], z, 0)),
+        jnp.asarray(np.where(keep[:, None], x, 0)),
+        jnp.asarray(w),
+        jnp.where(where, y, 0),
+        where,
+        128,
+    )
+    for (loss, grads), (loss_c, grads_c) in zip(results, clean, strict=True):
+        assert np.isfinite(float(loss))
+        np.testing.assert_array_equal(float(loss), float(loss_c))
+        drow = np.asarray(grads[0])  # d logits or d x, one row per example
+        assert (drow[~keep] == 0).all() and np.isfinite(drow).all()
+        for g, g_c in zip(grads, grads_c, strict=True):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(g_c))
