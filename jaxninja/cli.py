@@ -27,7 +27,7 @@ from typing import Any
 
 from jaxninja import rundir
 from jaxninja.errors import JaxninjaError
-from jaxninja.parallel import HEARTBEAT_TIMEOUT, leave_job
+from jaxninja.parallel import HEARTBEAT_TIMEOUT, leave_job, lost_process
 from jaxninja.train import BACKENDS, FLOAT32_TINY, INT32_MAX, ConfigError, TrainConfig
 
 USAGE_ERROR = 2
@@ -370,12 +370,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return leave_job(130)
-    except Exception as e:  # only allocation failures are expected here
-        message = _resource_error(e)
+    except Exception as e:  # only allocation failures (and lost processes) are expected here
+        message = _resource_error(e) or lost_process(e)
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)
-        return USAGE_ERROR
+        return leave_job(USAGE_ERROR)
 
 
 if __name__ == "__main__":

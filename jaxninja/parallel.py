@@ -32,7 +32,7 @@ set are global arrays replicated on every device (:func:`from_main`), each devic
 on its own rows of each global batch, so ``P`` processes x ``D`` devices train the same
 model as one process with ``P * D`` devices, or one device, up to float rounding.
 Process 0 alone reads and writes the run directory; the others receive its state
-(:func:`from_main`) and agree with it on stopping (:func:`any_process`). Calibration,
+(:func:`from_main`) and agree with it on stopping (:func:`largest`). Calibration,
 evaluation and sampling at the end run on process 0 alone, on its first device, with the
 (replicated) trained parameters (:func:`local`).
 
@@ -71,15 +71,16 @@ Array = jax.Array
 __all__ = [
     "AXIS",
     "DistributedError",
-    "any_process",
     "check_same",
     "data_mesh",
     "filter_stderr",
     "from_main",
     "initialize",
     "is_main",
+    "largest",
     "leave_job",
     "local",
+    "lost_process",
     "replicate",
     "sharded_loss_and_grads",
 ]
@@ -88,8 +89,8 @@ HEARTBEAT_TIMEOUT = 30
 """Seconds without a heartbeat after which a process counts as dead (JAX's default: 100)."""
 CONNECT_TIMEOUT = 300
 """Seconds every process waits for all the others to join (they may start minutes apart)."""
-SHUTDOWN_TIMEOUT = 60
-"""Seconds a finished process waits for the others at the end (process 0 evaluates)."""
+SHUTDOWN_TIMEOUT = 300
+"""Seconds a finished process waits for the others at exit (process 0 still evaluates)."""
 
 
 class DistributedError(JaxninjaError):
@@ -327,11 +328,16 @@ def local(tree: Any) -> Any:
     return jax.tree.map(lambda a: jax.numpy.asarray(np.asarray(a)), tree)
 
 
-def any_process(flag: bool) -> bool:
-    """Whether ``flag`` is true on any process (a collective); so all stop together."""
+def largest(value: int) -> int:
+    """The largest ``value`` over all processes (a collective): e.g. the number of a
+    signal one process got, so that every process stops after the same chunk.
+
+    >>> largest(15)  # one process
+    15
+    """
     if jax.process_count() == 1:
-        return flag
-    return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+        return value
+    return int(np.max(multihost_utils.process_allgather(np.array(value, np.int32))))
 
 
 def check_same(text: str, what: str) -> None:
@@ -353,6 +359,25 @@ def check_same(text: str, what: str) -> None:
 
 _LOG_LINE = re.compile(r"[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ")
 _FATAL = "Terminating process because the JAX distributed service detected fatal errors"
+
+
+RESTART = (
+    "the job stops (the cause is in that process's output); the run's last checkpoint is "
+    "intact: restart every process with --resume"
+)
+
+
+def lost_process(error: BaseException) -> str | None:
+    """The one-line message for a JAX runtime error in a multi-process job (a collective
+    whose peer went away: gloo reports a reset connection), else ``None``.
+
+    >>> lost_process(RuntimeError("x")) is None  # one process: not ours to explain
+    True
+    """
+    if not isinstance(error, jax.errors.JaxRuntimeError) or not jax.distributed.is_initialized():
+        return None
+    first = (str(error).strip().splitlines() or [""])[0][:200]
+    return f"a collective with another process failed ({first}); {RESTART}"
 
 
 def _reason(block: str) -> str:
@@ -388,11 +413,7 @@ def filter_stderr(lines: Iterable[str | None], write: Callable[[str], Any]) -> b
         if held or _LOG_LINE.match(line):
             held.append(line)
             if _FATAL in line:
-                write(
-                    f"error: {_reason(''.join(held))}; the job stops (the cause is in "
-                    f"that process's output); the run's last checkpoint is intact: restart "
-                    f"every process with --resume\n"
-                )
+                write(f"error: {_reason(''.join(held))}; {RESTART}\n")
                 return True
         else:
             write(line)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -47,9 +48,9 @@ def _resume_state(cfg: TrainConfig, out: Path, splits: data.Splits, other_data: 
 def _check_same_data(out: Path, ckpt: checkpoint.Checkpoint, splits, other_data: bool) -> None:
     if ckpt.vocab != splits.vocab:
         raise RunError(f"{out} holds a run trained on a different vocabulary")
-    if not other_data and ckpt.data_sha256 not in (None, splits.sha256):
+    if not other_data and ckpt.data_sha256 != splits.sha256:
         raise RunError(
-            f"{out} was trained on another data file (sha256 {ckpt.data_sha256[:12]}..., "
+            f"{out} was trained on another data file (sha256 {ckpt.data_sha256!s:.12}..., "
             f"this one {splits.sha256[:12]}...); pass --other-data to use it anyway"
         )
 
@@ -99,10 +100,7 @@ def train_run(
     log = log if main else _silent
     splits = data.load_splits(data_path, block_size=cfg.block_size)
     parallel.check_same(splits.sha256, "data file (sha256)")
-    n_train = len(splits.data["train"][1])
-    if n_train == 0:
-        raise RunError(f"{data_path or 'the data file'}: the training split is empty")
-    rundir.check_memory(cfg, n_train, splits.vocab.size)
+    rundir.check_memory(cfg, len(splits.data["train"][1]), splits.vocab.size)
     out = Path(out)
     claim = rundir.claim(out, resume=resume, overwrite=overwrite) if main else nullcontext()
     with claim, rundir.deferred_stop() as stop:
@@ -158,12 +156,12 @@ def _train_loop(cfg, out, splits, state, losses, mesh, stop, log, start: int):
             checkpoint.save(out, cfg, splits.vocab, state, data_sha256=splits.sha256)
             fileio.write_atomic(out / "losses.npy", lambda f: np.save(f, losses))
         saved = chunk.step
-        if parallel.any_process(bool(stop.requested)) and chunk.step < cfg.steps:
+        signum = parallel.largest(stop.signum)  # a job's processes stop after the same chunk
+        if signum and chunk.step < cfg.steps:
             raise Interrupted(
-                f"{stop.requested or 'a signal to another process'}: stopped at step "
-                f"{chunk.step}; checkpoint saved in {out}. "
-                f"Continue with the same command plus --resume",
-                stop.signum,
+                f"{signal.Signals(signum).name}: stopped at step {chunk.step}; checkpoint "
+                f"saved in {out}. Continue with the same command plus --resume",
+                signum,
             )
     steps_run = cfg.steps - start
     return state, {
