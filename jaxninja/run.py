@@ -59,11 +59,13 @@ def _old_losses(path: Path, steps: int, log) -> np.ndarray:
     """The loss history so far; a damaged file costs the history, never the run."""
     losses = np.full(steps, np.nan, np.float32)
     try:
-        old = np.asarray(np.load(path, allow_pickle=False), np.float32).reshape(-1)
-        losses[: min(len(old), steps)] = old[:steps]
+        # memory-mapped: a header that claims terabytes allocates nothing, and only the
+        # first ``steps`` values are ever read
+        old = np.load(path, mmap_mode="r", allow_pickle=False).reshape(-1)[:steps]
+        losses[: len(old)] = np.asarray(old, np.float32)
     except FileNotFoundError:
         pass
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, TypeError) as e:
         log(f"warning: {path} is unreadable ({e}); the loss history restarts here")
     return losses
 

@@ -304,6 +304,41 @@ def test_cli_subprocess_bad_argument(tmp_path):
     )
 
 
+def _huge_npy(path: Path) -> None:
+    """An .npy header claiming 10**12 floats (4 TB) over a few bytes of data."""
+    with open(path, "wb") as f:
+        header = {"descr": "<f4", "fortran_order": False, "shape": (10**12,)}
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(b"\0" * 64)
+
+
+DAMAGED_LOSSES = {
+    "garbage": lambda p: p.write_bytes(b"\x93NUMPY garbage"),
+    "empty": lambda p: p.write_bytes(b""),
+    "strings": lambda p: np.save(p, np.array(["nan", "x"])),
+    "structured": lambda p: np.save(p, np.zeros(2, dtype=[("a", "f4"), ("b", "i4")])),
+    "pickled-objects": lambda p: np.save(p, np.array([{"a": 1}], dtype=object)),
+    "huge-header": _huge_npy,
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED_LOSSES))
+def test_damaged_loss_history_never_blocks_a_resume(case, run_copy, words_file, capsys):
+    """The checkpoint is the truth; the loss history is secondary: a damaged
+    ``losses.npy`` costs the history (one warning line), never the run."""
+    DAMAGED_LOSSES[case](run_copy / "losses.npy")
+    rc, out, err = run_cli(
+        capsys, "train", "--data", words_file, "--out", run_copy, "--resume",
+        "--steps", "3", "--n-hidden", "16", "--chunk-steps", "1", "--samples", "0",
+    )  # fmt: skip
+    assert (rc, err) == (0, ""), err
+    warnings = [line for line in out.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "the loss history restarts here" in warnings[0], out
+    assert int(checkpoint.load(run_copy).state.step) == 3
+    losses = np.load(run_copy / "losses.npy")
+    assert losses.shape == (3,) and np.isnan(losses[:2]).all() and np.isfinite(losses[2])
+
+
 # ------------------------------------------------------------ bad op inputs, NaNs
 
 
