@@ -339,6 +339,31 @@ def test_damaged_loss_history_never_blocks_a_resume(case, run_copy, words_file, 
     assert losses.shape == (3,) and np.isnan(losses[:2]).all() and np.isfinite(losses[2])
 
 
+@pytest.mark.parametrize("umask", [0o077, 0o002])
+def test_run_files_follow_the_umask(umask, words_file, tmp_path, capsys):
+    """Every file and directory a run creates has the mode a plain ``open``/``mkdir``
+    would give it under the user's umask (``mkstemp`` alone would make files 0o600)."""
+    out = tmp_path / "a" / "run"
+    old = os.umask(umask)
+    try:
+        rc, _, err = run_cli(
+            capsys, "train", "--data", words_file, "--out", out, *WORKING, "--samples", "0"
+        )
+    finally:
+        os.umask(old)
+    assert (rc, err) == (0, "")
+    made = [out.parent, out, *out.iterdir()]
+    assert {p.name for p in made} >= {
+        "checkpoint.npz",
+        "losses.npy",
+        "metrics.json",
+        ".jaxninja.lock",
+    }
+    for p in made:
+        want = (0o777 if p.is_dir() else 0o666) & ~umask
+        assert p.stat().st_mode & 0o777 == want, (p, oct(p.stat().st_mode))
+
+
 # ------------------------------------------------------------ bad op inputs, NaNs
 
 
