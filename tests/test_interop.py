@@ -131,3 +131,71 @@ def test_grad_through_the_model_matches_autodiff(stax_ex, data):
             X[:48],
             Y[:48],
         )
+
+
+# ------------------------------------------------------------- Flax NNX, Equinox
+
+
+@pytest.fixture(scope="module")
+def nnx_ex() -> ModuleType:
+    return load_experiment("interop_flax_nnx")
+
+
+@pytest.fixture(scope="module")
+def eqx_ex() -> ModuleType:
+    return load_experiment("interop_equinox")
+
+
+def test_nnx_module_trains_on_our_ops_and_evaluates_with_running_stats(nnx_ex):
+    model, losses = nnx_ex.train(steps=40)
+    assert np.isfinite(losses).all() and losses[-1] < losses[0] - 0.5, losses
+    X, Y, _ = nnx_ex.make_data()
+    mean, var = ops.batch_stats(model.hidden(model.embed(X).reshape(X.shape[0], -1)))
+    assert not np.allclose(model.bn.mean[...], 0.0)  # running averages moved ...
+    np.testing.assert_allclose(model.bn.mean[...], mean, rtol=0.1, atol=0.1)  # ... to these
+    model.eval()
+    eval_loss = float(ops.cross_entropy(model(X), Y).mean())
+    assert abs(eval_loss - losses[-1]) < 0.2
+
+
+def test_nnx_gradient_is_autodiff_of_the_reference_model(nnx_ex):
+    from flax import nnx
+
+    X, Y, vocab = nnx_ex.make_data()
+    with jax.enable_x64(True):
+        models = [nnx_ex.MLP(vocab, reference=r, rngs=nnx.Rngs(0)) for r in (False, True)]
+        splits = [nnx.split(m, nnx.Param, ...) for m in models]
+        params = jax.tree_util.tree_map(lambda p: p.astype(jnp.float64), splits[0][1])
+
+        def loss_of(graphdef):
+            return lambda params, rest: nnx.merge(graphdef, params, rest, copy=True).loss(X, Y)
+
+        (g0, _, rest), (g1, _, _) = splits
+        jaxpr = str(jax.make_jaxpr(loss_of(g0))(params, rest))
+        assert jaxpr.count("custom_vjp_call") == 2  # batch norm and the fused head + loss
+        assert_vjp_matches(loss_of(g0), loss_of(g1), params, rest)
+
+
+def test_equinox_module_trains_with_batch_norm_synchronised_over_vmap(eqx_ex):
+    _, losses = eqx_ex.train(steps=40)
+    assert np.isfinite(losses).all() and losses[-1] < losses[0] - 0.5, losses
+
+
+def test_equinox_gradient_is_autodiff_of_the_reference_model(eqx_ex):
+    import equinox as eqx
+
+    X, Y, vocab = eqx_ex.make_data()
+    with jax.enable_x64(True):
+        models = [eqx_ex.MLP(vocab, jax.random.key(0), reference=r) for r in (False, True)]
+        parts = [eqx.partition(m, eqx.is_array) for m in models]
+        leaves = [p.astype(jnp.float64) for p in jax.tree_util.tree_leaves(parts[0][0])]
+
+        def loss_of(params, static):  # of the leaves: the two models' treedefs differ
+            treedef = jax.tree_util.tree_structure(params)
+            return lambda leaves: eqx_ex.loss(
+                eqx.combine(jax.tree_util.tree_unflatten(treedef, leaves), static), X, Y
+            )
+
+        ours, ref = (loss_of(*part) for part in parts)
+        assert str(jax.make_jaxpr(ours)(leaves)).count("custom_vjp_call") == 2
+        assert_vjp_matches(ours, ref, leaves)
