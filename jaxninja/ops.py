@@ -75,7 +75,7 @@ class _Rows(NamedTuple):
     """Cross-entropy inputs in the layout the rules use: classes last, masks resolved."""
 
     x: Array  # (..., V) logits, classes last (a transposed copy only if they were not)
-    labels: Array  # (...) integer labels, any integer dtype
+    labels: Any  # (...) integer labels, any integer dtype (None in a cotangent)
     rows: Array | None  # (...) bool: rows that count (None: all)
     classes: Array | None  # (..., V) bool: classes in the normaliser (None: all)
 
@@ -292,7 +292,7 @@ class _Linear(NamedTuple):
     x: Array
     w: Array
     bias: Array | None
-    labels: Array  # (N,), any integer dtype
+    labels: Any  # (N,), any integer dtype (None in a cotangent)
     rows: Array | None  # (N,) bool: rows that count (None: all)
 
 
@@ -364,7 +364,7 @@ def _linear_cross_entropy(lin: _Linear, chunk: int) -> Array:
 
 def _linear_cross_entropy_fwd(lin: _Linear, chunk: int):
     x = _linear_rows(lin)
-    n, v = x.shape[0], lin.w.shape[1]
+    v = lin.w.shape[1]
 
     def body(carry, k):  # online log-sum-exp: rescale the running sum to the new max
         m, s = carry
