@@ -558,15 +558,16 @@ def batch_norm_case(n: int, h: int, dtype: str) -> OpCase:
     """Grad w.r.t. ``x (n, h)``, gain and bias of ``mean(batch_norm(x) * c)`` for a fixed
     random ``c`` (so the backward pass has a non-trivial cotangent), biased variance."""
     impls: dict[str, Loss] = {
-        "jaxninja": lambda x, g, b, c: _mean(ops.batch_norm(x, g, b, unbiased=False) * c),
-        "reference": lambda x, g, b, c: _mean(
-            ops.batch_norm_reference(x, g, b, unbiased=False) * c
-        ),
+        "jaxninja": lambda x, g, b, c: _mean(ops.batch_norm(x, g, b, unbiased=False) * c)
     }
-    peer = _flax_batch_norm()
-    missing = {"flax": peer} if isinstance(peer, str) else {}
-    if not isinstance(peer, str):
-        impls = {"jaxninja": impls["jaxninja"], "flax": peer, "reference": impls["reference"]}
+    peer, missing = _flax_batch_norm(), {}
+    if isinstance(peer, str):
+        missing["flax"] = peer
+    else:
+        impls["flax"] = peer
+    impls["reference"] = lambda x, g, b, c: _mean(
+        ops.batch_norm_reference(x, g, b, unbiased=False) * c
+    )
 
     def args() -> tuple[jax.Array, ...]:
         x, c = _normal(0, (n, h), dtype, 2.0), _normal(3, (n, h), dtype)
@@ -578,22 +579,15 @@ def batch_norm_case(n: int, h: int, dtype: str) -> OpCase:
 def linear_cross_entropy_case(n: int, d: int, v: int, dtype: str) -> OpCase:
     """Grad w.r.t. ``x (n, d)`` and ``w (d, v)`` of the mean of the fused op against the
     unfused ``cross_entropy(x @ w, labels)`` (which holds the ``(n, v)`` logits)."""
-    fused = getattr(ops, "linear_cross_entropy", None)
     impls: dict[str, Loss] = {
+        "linear_cross_entropy": lambda x, w, y: _mean(ops.linear_cross_entropy(x, w, y)),
         "unfused": lambda x, w, y: _mean(ops.cross_entropy(x @ w, y)),
     }
-    missing = {}
-    if fused is None:
-        missing["linear_cross_entropy"] = "not in this jaxninja.ops yet"
-    else:
-        impls = {"linear_cross_entropy": lambda x, w, y: _mean(fused(x, w, y)), **impls}
 
     def args() -> tuple[jax.Array, ...]:
         return _normal(0, (n, d), dtype), _normal(1, (d, v), dtype, d**-0.5), _labels(2, n, v)
 
-    return OpCase(
-        "linear_cross_entropy", {"N": n, "D": d, "V": v}, dtype, args, (0, 1), impls, missing
-    )
+    return OpCase("linear_cross_entropy", {"N": n, "D": d, "V": v}, dtype, args, (0, 1), impls)
 
 
 def ops_cases(quick: bool = False) -> list[OpCase]:
