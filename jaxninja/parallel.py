@@ -39,22 +39,19 @@ evaluation and sampling at the end run on process 0 alone, on its first device, 
 A process that dies takes the job down: JAX's coordination service notices the missing
 heartbeats (``heartbeat_timeout`` seconds; a dead process 0 is noticed at once) and ends
 every other process. JAX ends them from a C++ thread with a multi-line fatal log; a small
-filter process between the process and its stderr (:func:`filter_stderr`) turns that into
-one ``error:`` line. Every file of the run directory is written atomically, so the last
+filter process between the process and its stderr (:mod:`jaxninja.stderr_filter`) turns
+that into one ``error:`` line; a collective that fails first is one line too
+(:func:`lost_process`). Every file of the run directory is written atomically, so the last
 checkpoint stays valid and ``--resume`` continues, with any process count.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
-import re
-import select
-import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TextIO
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -62,7 +59,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxninja import model, train
+from jaxninja import model, stderr_filter, train
 from jaxninja.errors import JaxninjaError
 from jaxninja.train import AXIS, ConfigError, TrainConfig
 
@@ -73,7 +70,6 @@ __all__ = [
     "DistributedError",
     "check_same",
     "data_mesh",
-    "filter_stderr",
     "from_main",
     "initialize",
     "is_main",
@@ -231,7 +227,7 @@ def initialize(
     detection joins the job a launcher started (:func:`launched_job`), and otherwise the
     process runs alone (returns 1, nothing initialized). CPU collectives use gloo. A
     process missing ``heartbeat_timeout`` seconds of heartbeats ends the job
-    (:func:`filter_stderr` makes that one ``error:`` line).
+    (:mod:`jaxninja.stderr_filter` makes that one ``error:`` line).
 
     >>> initialize(environ={})  # no flags, no launcher: one process
     1
@@ -250,7 +246,7 @@ def initialize(
     if jax.distributed.is_initialized():
         return jax.process_count()
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    _guard_stderr()
+    _guard_stderr(coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or "process 0")
     try:
         jax.distributed.initialize(
             coordinator,
@@ -357,15 +353,6 @@ def check_same(text: str, what: str) -> None:
 
 # ------------------------------------------------------ a dead process: one line
 
-_LOG_LINE = re.compile(r"[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ")
-_FATAL = "Terminating process because the JAX distributed service detected fatal errors"
-
-
-RESTART = (
-    "the job stops (the cause is in that process's output); the run's last checkpoint is "
-    "intact: restart every process with --resume"
-)
-
 
 def lost_process(error: BaseException) -> str | None:
     """The one-line message for a JAX runtime error in a multi-process job (a collective
@@ -377,88 +364,15 @@ def lost_process(error: BaseException) -> str | None:
     if not isinstance(error, jax.errors.JaxRuntimeError) or not jax.distributed.is_initialized():
         return None
     first = (str(error).strip().splitlines() or [""])[0][:200]
-    return f"a collective with another process failed ({first}); {RESTART}"
+    return f"a collective with another process failed ({first}); {stderr_filter.RESTART}"
 
 
-def _reason(block: str) -> str:
-    """What JAX's fatal log says happened, in a few words."""
-    dead = re.search(r"stopped sending heartbeats\):\s*\n([\d, ]+)", block)
-    if dead:
-        return f"process {dead.group(1).strip()} stopped sending heartbeats"
-    if "Socket closed" in block or "failed to connect" in block.lower():
-        return "the connection to process 0 (the coordinator) was lost"
-    return "another process of the job died or became unreachable"
-
-
-def filter_stderr(lines: Iterable[str | None], write: Callable[[str], Any]) -> bool:
-    """Copy ``lines`` to ``write``, but turn JAX's fatal "another task died" log (C++ log
-    lines, continuation lines and a stack trace) into one ``error:`` line.
-
-    C++ log lines (``E1127 00:06:08.504 10919 file.cc:12] ...``) and what follows them are
-    held back until a ``None`` (a pause in the stream: JAX writes its error lines and the
-    fatal one at once); held lines that turn out not to be fatal are written unchanged.
-    Returns whether it was fatal.
-
-    >>> out = []
-    >>> filter_stderr(["W1127 00:00:00.1 7 a.cc:1] hi", None, "ok"], out.append), out
-    (False, ['W1127 00:00:00.1 7 a.cc:1] hi', 'ok'])
-    """
-    held: list[str] = []
-    for line in itertools.chain(lines, [None]):
-        if line is None:
-            for h in held:
-                write(h)
-            held = []
-            continue
-        if held or _LOG_LINE.match(line):
-            held.append(line)
-            if _FATAL in line:
-                write(f"error: {_reason(''.join(held))}; {RESTART}\n")
-                return True
-        else:
-            write(line)
-    return False
-
-
-def _stdin_lines(pause: float = 0.5) -> Iterable[str | None]:
-    """This process's stdin as lines, with ``None`` after each ``pause`` seconds of quiet."""
-    fd, buffer = sys.stdin.fileno(), b""
-    while True:
-        if not select.select([fd], [], [], pause)[0]:
-            yield None
-            continue
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            if buffer:
-                yield buffer.decode(errors="replace")
-            return
-        buffer += chunk
-        *complete, buffer = buffer.split(b"\n")
-        for line in complete:
-            yield line.decode(errors="replace") + "\n"
-
-
-def _run_filter(out: TextIO) -> None:
-    """``python -m jaxninja.parallel --filter-stderr``: stdin -> ``out`` until EOF (the
-    process whose stderr it is has ended). Signals are for that process, not this one."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_IGN)
-
-    def write(text: str) -> None:
-        out.write(text)
-        out.flush()
-
-    if filter_stderr(_stdin_lines(), write):
-        for _ in _stdin_lines():  # the stack trace: drained, not shown
-            pass
-
-
-def _guard_stderr() -> None:
-    """Route this process's stderr (fd 2) through a :func:`filter_stderr` process."""
+def _guard_stderr(coordinator: str) -> None:
+    """Route this process's stderr (fd 2) through a :mod:`jaxninja.stderr_filter` process."""
     sys.stderr.flush()
     read, write = os.pipe()
     subprocess.Popen(
-        [sys.executable, "-m", "jaxninja.parallel", "--filter-stderr"],
+        [sys.executable, "-m", "jaxninja.stderr_filter", coordinator, str(CONNECT_TIMEOUT)],
         stdin=read,
         close_fds=True,
         start_new_session=True,  # Ctrl-C / Slurm's signals reach the job, not the filter
@@ -466,7 +380,3 @@ def _guard_stderr() -> None:
     os.close(read)
     os.dup2(write, 2)
     os.close(write)
-
-
-if __name__ == "__main__" and sys.argv[1:] == ["--filter-stderr"]:
-    _run_filter(sys.stderr)

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from helpers import one_error_line, run_cli
 
-from jaxninja import checkpoint, parallel
+from jaxninja import checkpoint, parallel, stderr_filter
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 240  # per phase; a hang fails the test instead of stalling CI
@@ -101,19 +101,26 @@ def _wait_for_checkpoint(job: Job) -> None:
         time.sleep(0.1)
 
 
-def _kill_process_1(job: Job) -> dict:
-    """Wait for the job's first checkpoint, SIGKILL process 1, time process 0's end."""
-    _wait_for_checkpoint(job)
-    time.sleep(0.5)  # well inside the next chunks: the survivor blocks in a collective
-    job.procs[1].send_signal(signal.SIGKILL)
-    killed = time.monotonic()
-    out, err = job.procs[0].communicate(timeout=TIMEOUT)
-    return {
-        "rc": job.procs[0].returncode,
-        "out": out,
-        "err": err,
-        "seconds": time.monotonic() - killed,
-    }
+def _signal_process_1(jobs: dict[str, tuple[Job, int]]) -> dict[str, dict]:
+    """For each job: wait for its first checkpoint, send its process 1 the signal
+    (SIGKILL: dead; SIGSTOP: hung, its connections open; SIGTERM: a scheduler's notice),
+    then time how long process 0 goes on, and collect every process's output."""
+    sent = {}
+    for name, (job, signum) in jobs.items():
+        _wait_for_checkpoint(job)
+        time.sleep(0.5)  # well inside the next chunks: process 0 is in a collective
+        job.procs[1].send_signal(signum)
+        sent[name] = time.monotonic()
+    res = {}
+    for name, (job, _) in jobs.items():
+        out, err = job.procs[0].communicate(timeout=TIMEOUT)
+        seconds = time.monotonic() - sent[name]
+        if jobs[name][1] == signal.SIGSTOP:
+            job.procs[1].kill()  # a stopped process never ends by itself
+        rest = [(p.wait(TIMEOUT), *p.communicate()) for p in job.procs[1:]]
+        res[name] = {"rc": job.procs[0].returncode, "out": out, "err": err}
+        res[name] |= {"seconds": seconds, "all": [(res[name]["rc"], out, err), *rest]}
+    return res
 
 
 @pytest.fixture(scope="module")
@@ -139,12 +146,16 @@ def jobs(tmp_path_factory, names_file):
             "2x1-half": start("2x1-then-1x2", 2, 1, HALF),
             "1x2-half": start("1x2-then-2x1", 1, 2, HALF),
         }
-        killed = start("killed", 2, 2, 100 * STEPS)
+        killed = start("killed", 2, 1, 100 * STEPS)
+        hung = start("hung", 2, 1, 100 * STEPS)
         stopped = start("sigterm", 2, 1, 100 * STEPS)
-        res = {"killed": _kill_process_1(killed)}
-        _wait_for_checkpoint(stopped)
-        stopped.procs[1].send_signal(signal.SIGTERM)  # Slurm's notice, to one process
-        res["sigterm"] = stopped.wait()
+        res = _signal_process_1(
+            {
+                "killed": (killed, signal.SIGKILL),
+                "hung": (hung, signal.SIGSTOP),
+                "sigterm": (stopped, signal.SIGTERM),
+            }
+        )
         res["sigterm-step"] = int(checkpoint.load(stopped.out).state.step)
         res |= {name: job.wait() for name, job in phase1.items()}
         saved = int(checkpoint.load(killed.out).state.step)
@@ -241,17 +252,30 @@ def test_killed_process_stops_the_job_with_one_error_line(jobs):
     assert "--resume" in line, line
     assert "process 1 stopped sending heartbeats" in line or "collective with another" in line
     assert killed["seconds"] < HEARTBEAT + 20
+    assert "Traceback" not in killed["out"]
     # the last checkpoint is valid and --resume continues it, here as one process
     assert killed["saved"] > 0 and killed["saved"] % CHUNK == 0
     _ok(res["killed-resumed"])
     assert int(checkpoint.load(by_dir["killed"].out).state.step) == killed["saved"] + CHUNK
 
 
+def test_hung_process_stops_the_job_after_the_heartbeat_timeout(jobs):
+    """A stopped (SIGSTOP) process keeps its connections: no collective fails, JAX's
+    heartbeat check ends the survivor (a fatal C++ log the stderr filter makes one line)."""
+    res, _ = jobs
+    hung = res["hung"]
+    line = one_error_line(hung["err"])
+    print(f"hung: survivor stopped {hung['seconds']:.1f} s after SIGSTOP; exit {hung['rc']}")
+    assert hung["rc"] == -signal.SIGABRT
+    assert line.startswith("error: process 1 stopped sending heartbeats; the job stops")
+    assert hung["seconds"] < HEARTBEAT + 20
+
+
 def test_sigterm_to_one_process_stops_all_after_the_same_chunk(jobs):
     res, _ = jobs
     step = res["sigterm-step"]
     assert 0 < step < 100 * STEPS and step % CHUNK == 0
-    for rc, _out, err in res["sigterm"]:
+    for rc, _out, err in res["sigterm"]["all"]:
         assert rc == 128 + signal.SIGTERM, err
         assert f"SIGTERM: stopped at step {step}; checkpoint saved" in err, err
         assert "Traceback" not in err
@@ -304,7 +328,20 @@ def test_filter_turns_jax_fatal_log_into_one_line():
     out: list[str] = []
     lines = ["progress\n", "W1127 00:12:10.1 7 x.cc:1] a warning\n", "more\n", None]
     lines += JAX_FATAL_LOG.splitlines(keepends=True)
-    assert parallel.filter_stderr(lines, out.append)
+    assert stderr_filter.filter_stderr(lines, out.append)
     assert out[:4] == lines[:3] + [out[3]]  # a warning passes once the stream pauses
     assert len(out) == 4 and out[3].startswith("error: process 1 stopped sending heartbeats")
-    assert parallel.filter_stderr(["just text\n"], out.append) is False
+    assert stderr_filter.filter_stderr(["just text\n"], out.append) is False
+
+
+def test_filter_names_an_unreachable_coordinator():
+    log = [
+        "F1127 00:33:52.053937   29179 client.h:80] Terminating process because the JAX "
+        "distributed service detected fatal errors. absl::Status: DEADLINE_EXCEEDED\n",
+        "\n",
+        "RPC: /xla.coordination.CoordinationService/RegisterTask\n",
+    ]
+    out: list[str] = []
+    assert stderr_filter.filter_stderr(log, out.append, "node7:8476")
+    assert len(out) == 1 and out[0].startswith("error: cannot join the job: the coordinator")
+    assert "node7:8476" in out[0]
