@@ -222,9 +222,25 @@ def _cross_entropy_bwd(residuals, g):
     # normalised as exp(z - max) / sum (as optax): exp(z - lse) would carry the rounding
     # of lse, wrong at logits of 1e8 in float32.
     p = jnp.exp(x.astype(m.dtype) - m) * (g / s)
-    onehot = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1) == index[..., None]
-    dx = jnp.where(onehot, p - g, p).astype(x.dtype)
-    return (_Rows(dx, None, None, None),)
+    dx = _minus_onehot(p, index, g, scatter=x.dtype == m.dtype)
+    return (_Rows(dx.astype(x.dtype), None, None, None),)
+
+
+def _minus_onehot(p: Array, index: Array, g: Array, *, scatter: bool) -> Array:
+    """``p - g * onehot(index)`` along the last axis (``g`` is ``(..., 1)``).
+
+    Measured on the 2-core CPU (N=4096, V=32768): when the gradient is returned in p's
+    own dtype, a scatter of one number per row into p's buffer beats an ``(N, V)``
+    select by ~15% (XLA does not fuse that select into the exp pass: one more pass);
+    for 16-bit logits the select fuses with the cast to 16 bits and a scatter would add
+    a pass (~25% slower), so they take the select.
+    """
+    if scatter:
+        flat = p.reshape(-1, p.shape[-1])
+        rows = jnp.arange(flat.shape[0])
+        return flat.at[rows, index.reshape(-1)].add(-g.reshape(-1)).reshape(p.shape)
+    onehot = lax.broadcasted_iota(jnp.int32, p.shape, p.ndim - 1) == index[..., None]
+    return jnp.where(onehot, p - g, p)
 
 
 _cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
