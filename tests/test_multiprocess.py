@@ -145,6 +145,7 @@ def jobs(tmp_path_factory, names_file):
             "1x2": start("1x2", 1, 2, STEPS),
             "2x1-half": start("2x1-then-1x2", 2, 1, HALF),
             "1x2-half": start("1x2-then-2x1", 1, 2, HALF),
+            "bad-devices": start("bad-devices", 2, 2, STEPS, "--devices", "2"),
         }
         killed = start("killed", 2, 1, 100 * STEPS)
         hung = start("hung", 2, 1, 100 * STEPS)
@@ -269,6 +270,16 @@ def test_hung_process_stops_the_job_after_the_heartbeat_timeout(jobs):
     assert hung["rc"] == -signal.SIGABRT
     assert line.startswith("error: process 1 stopped sending heartbeats; the job stops")
     assert hung["seconds"] < HEARTBEAT + 20
+
+
+def test_a_job_trains_on_all_devices(jobs):
+    """``--devices 2`` in a job of 2 processes x 2 devices: a one-line error, nothing
+    written (the other process may report process 0's exit instead)."""
+    res, by_dir = jobs
+    (rc0, _, err0), (rc1, _, _) = res["bad-devices"]
+    assert rc0 == 2 and rc1 != 0
+    assert "--devices 2: a job of 2 processes trains on all 4" in one_error_line(err0)
+    assert not by_dir["bad-devices"].out.exists()
 
 
 def test_sigterm_to_one_process_stops_all_after_the_same_chunk(jobs):
