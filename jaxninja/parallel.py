@@ -28,9 +28,11 @@ imported), on GPUs and on TPUs.
 :func:`initialize` joins JAX's distributed runtime (``jax.distributed.initialize``; gloo
 collectives on CPU) before anything else touches a device. The mesh then spans every
 process's devices and the training chunk is the same program: the state and the training
-set are global arrays replicated on every device (:func:`from_main`), each device trains
-on its own rows of each global batch, so ``P`` processes x ``D`` devices train the same
-model as one process with ``P * D`` devices, or one device, up to float rounding.
+set are global arrays replicated on every device (:func:`replicate`; every process reads
+the same data file, :func:`check_same`), the batch indices are drawn inside the program
+from the same seed, and each device trains on its own rows of each global batch, so
+``P`` processes x ``D`` devices train the same model as one process with ``P * D``
+devices, or one device, up to float rounding.
 Process 0 alone reads and writes the run directory; the others receive its state
 (:func:`from_main`) and agree with it on stopping (:func:`largest`). Calibration,
 evaluation and sampling at the end run on process 0 alone, on its first device, with the
