@@ -352,24 +352,30 @@ def _varying_like(x: Array, p: Any) -> Any:
     return lax.pcast(p, missing, to="varying") if missing else p
 
 
+def _dot(a: Array, b: Array) -> Array:
+    """``a @ b`` in b's dtype, accumulated in the compute dtype: 16-bit weights are never
+    copied to float32 (a whole-``w`` cast would be hoisted out of the loop: V*D*4 bytes)."""
+    return jnp.dot(a.astype(b.dtype), b, preferred_element_type=_compute_dtype(b.dtype))
+
+
 def _chunk_logits(lin: _Linear, x: Array, k: Array, chunk: int):
-    """Logits of class chunk ``k``, ``(N, chunk)`` in x's dtype, -inf outside the chunk's
-    own columns. The last chunk is slid back to end at V (no padded copy of w); the
-    columns it shares with the previous chunk are not its own."""
+    """Logits of class chunk ``k``, ``(N, chunk)`` in the compute dtype, -inf outside the
+    chunk's own columns. The last chunk is slid back to end at V (no padded copy of w);
+    the columns it shares with the previous chunk are not its own."""
     v = lin.w.shape[1]
     start = jnp.minimum(k * chunk, v - chunk)
-    wc = lax.dynamic_slice_in_dim(lin.w, start, chunk, axis=1).astype(x.dtype)
-    z = x @ wc
+    wc = lax.dynamic_slice_in_dim(lin.w, start, chunk, axis=1)
+    z = _dot(x, wc)
     if lin.bias is not None:
-        z = z + lax.dynamic_slice_in_dim(lin.bias, start, chunk).astype(x.dtype)[None]
+        z = z + lax.dynamic_slice_in_dim(lin.bias, start, chunk).astype(z.dtype)[None]
     cols = start + lax.iota(jnp.int32, chunk)
     own = (cols >= k * chunk)[None]
     return jnp.where(own, z, -jnp.inf), wc, start, cols, own
 
 
 def _linear_rows(lin: _Linear) -> Array:
-    """x in the compute dtype, masked rows set to 0 (whatever they held)."""
-    x = lin.x.astype(_compute_dtype(lin.x.dtype))
+    """x with masked rows set to 0 (whatever they held)."""
+    x = lin.x
     return x if lin.rows is None else jnp.where(lin.rows[:, None], x, jnp.zeros((), x.dtype))
 
 
@@ -380,7 +386,7 @@ def _linear_cross_entropy(lin: _Linear, chunk: int) -> Array:
 
 def _linear_cross_entropy_fwd(lin: _Linear, chunk: int):
     x = _linear_rows(lin)
-    v = lin.w.shape[1]
+    v, dtype = lin.w.shape[1], _compute_dtype(x.dtype)
 
     def body(carry, k):  # online log-sum-exp: rescale the running sum to the new max
         m, s = carry
@@ -390,13 +396,13 @@ def _linear_cross_entropy_fwd(lin: _Linear, chunk: int):
         return (m_new, s), None
 
     # Carries shaped from x: under shard_map they vary over its mesh axes, as they must.
-    zero = jnp.zeros_like(x[:, 0])
-    init = (zero - jnp.inf, zero)
-    (m, s), _ = lax.scan(body, init, jnp.arange(-(-v // chunk)))
+    zero = jnp.zeros_like(x[:, 0], dtype=dtype)
+    (m, s), _ = lax.scan(body, (zero - jnp.inf, zero), jnp.arange(-(-v // chunk)))
     index, valid = _label_index(lin.labels, v)
-    label_logit = jnp.sum(x * jnp.take(lin.w, index, axis=1).T.astype(x.dtype), axis=1)
+    w_y = jnp.take(lin.w, index, axis=1).T.astype(dtype)  # (N, D): one column per row
+    label_logit = jnp.sum(x.astype(dtype) * w_y, axis=1)
     if lin.bias is not None:
-        label_logit = label_logit + jnp.take(lin.bias, index).astype(x.dtype)
+        label_logit = label_logit + jnp.take(lin.bias, index).astype(dtype)
     losses = jnp.where(valid, jnp.log(s) + m - label_logit, jnp.nan)
     losses = _masked(lin.rows, losses)
     return losses.astype(lin.x.dtype), (lin, m, s, index, valid)
@@ -406,7 +412,7 @@ def _linear_cross_entropy_bwd(chunk: int, residuals, g):
     lin, m, s, index, valid = residuals
     x = _linear_rows(lin)
     bad = ~valid if lin.rows is None else ~valid & lin.rows
-    g = jnp.where(bad, jnp.nan, _masked(lin.rows, g.astype(x.dtype)))
+    g = jnp.where(bad, jnp.nan, _masked(lin.rows, g.astype(m.dtype)))
     scale = (g / s)[:, None]
 
     def body(carry, k):
@@ -416,21 +422,20 @@ def _linear_cross_entropy_bwd(chunk: int, residuals, g):
         # columns; then Exercise 1's matmul rules fold it into dx, dw, db at once.
         p = jnp.exp(z - m[:, None]) * scale
         dz = jnp.where((cols[None] == index[:, None]) & own, p - g[:, None], p)
-        dx = dx + dz @ wc.T
-        dw = lax.dynamic_update_slice_in_dim(
-            dw, lax.dynamic_slice_in_dim(dw, start, chunk, axis=1) + x.T @ dz, start, axis=1
-        )
-        db = lax.dynamic_update_slice_in_dim(
-            db, lax.dynamic_slice_in_dim(db, start, chunk) + jnp.sum(dz, axis=0), start, 0
-        )
+        dx = dx + _dot(dz, wc.T)
+        # dw/db keep w's dtype: each column is written once (the slid last chunk adds
+        # exact zeros to the columns it shares), so nothing is rounded twice.
+        dwc = lax.dynamic_slice_in_dim(dw, start, chunk, axis=1) + _dot(x.T, dz)
+        dw = lax.dynamic_update_slice_in_dim(dw, dwc.astype(dw.dtype), start, axis=1)
+        dbc = lax.dynamic_slice_in_dim(db, start, chunk) + jnp.sum(dz, axis=0)
+        db = lax.dynamic_update_slice_in_dim(db, dbc.astype(db.dtype), start, 0)
         return (dx, dw, db), None
 
-    dw = jnp.zeros_like(lin.w, dtype=x.dtype)  # lin.w varies like x (_varying_like)
-    init = (jnp.zeros_like(x), dw, dw[0])
+    dw = jnp.zeros_like(lin.w)  # lin.w varies like x (_varying_like)
+    init = (jnp.zeros_like(x, dtype=m.dtype), dw, dw[0])
     (dx, dw, db), _ = lax.scan(body, init, jnp.arange(-(-lin.w.shape[1] // chunk)))
     dbias = None if lin.bias is None else db.astype(lin.bias.dtype)
-    grads = _Linear(dx.astype(lin.x.dtype), dw.astype(lin.w.dtype), dbias, None, None)
-    return (grads,)
+    return (_Linear(dx.astype(lin.x.dtype), dw, dbias, None, None),)
 
 
 _linear_cross_entropy.defvjp(_linear_cross_entropy_fwd, _linear_cross_entropy_bwd)
