@@ -42,7 +42,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -73,28 +72,33 @@ class BenchError(JaxninjaError):
 
 
 def check_out(out: str | os.PathLike[str]) -> dict[str, Any]:
-    """Check, before any work, that ``out`` can be written, and return what it holds
-    now (``{}`` when new): an existing file must be a results file of ``jaxninja bench``
-    (the part a run does not measure is kept), never a file of the user's."""
+    """Check, before any work and without touching anything, that ``out`` can be
+    written, and return what it holds now (``{}`` when new): an existing file must be a
+    results file of ``jaxninja bench`` (the part a run does not measure is kept), never
+    a file, link or directory of the user's."""
     path = Path(out)
     if not str(path).isprintable():  # the message must stay one line on the terminal
         raise BenchError(f"--out {str(path)!r}: not a printable file name")
-    if path.exists() and not path.is_file():
+    if path.is_symlink():  # the rename would replace the link, not its target
+        raise BenchError(f"--out {path}: a symbolic link; give the file's real path")
+    if os.path.lexists(path) and not path.is_file():
         raise BenchError(f"--out {path}: not a regular file")
     if not path.parent.is_dir():
         raise BenchError(f"--out {path}: {path.parent} is not a directory")
-    try:  # the real test (read-only file systems, permissions, a full disk's inodes)
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise BenchError(f"--out {path}: cannot write in {path.parent} ({e.strerror})") from None
-    if not path.exists():
-        return {}
+    previous = _previous_results(path) if path.exists() else {}
+    if not os.access(path.parent, os.W_OK | os.X_OK):  # EROFS even for root
+        raise BenchError(f"--out {path}: cannot write in {path.parent}")
+    return previous
+
+
+def _previous_results(path: Path) -> dict[str, Any]:
+    """The results an existing ``--out`` holds, or :class:`BenchError` for any other file."""
+    previous = None
     try:
-        previous = json.loads(path.read_text())
+        if path.stat().st_size <= 64 * 2**20:
+            previous = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError):
-        previous = None
+        pass
     if not (isinstance(previous, dict) and (previous.get("tool") == TOOL or "rows" in previous)):
         raise BenchError(
             f"--out {path}: exists and is not a {TOOL} results file; "
@@ -104,9 +108,11 @@ def check_out(out: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def save_results(out: str | os.PathLike[str], results: dict[str, Any]) -> None:
-    """Write ``results`` (JSON) to ``out`` atomically: the old file or the whole new one."""
+    """Write ``results`` (JSON) to ``out`` atomically: the old file or the whole new one
+    (a write that fails all the same, e.g. on a full disk, is one ``cannot write`` line
+    of :func:`jaxninja.fileio.write_atomic`; the tables were printed before)."""
     text = json.dumps({"tool": TOOL, **results}, indent=2, default=float)
-    fileio.write_atomic(Path(out), lambda f: f.write(text), "w")
+    fileio.write_atomic(out, lambda f: f.write(text), "w")
 
 
 # ------------------------------------------------------------------------ measurement

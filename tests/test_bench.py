@@ -161,20 +161,36 @@ def _bad_outs(tmp_path):
     a_file = tmp_path / "file.txt"
     a_file.write_text("the user's notes\n")
     (tmp_path / "dir").mkdir()
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
     return {
         "under a file": (a_file / "bench.json", "not a directory"),
         "a directory": (tmp_path / "dir", "not a regular file"),
         "a user's file": (a_file, "not a jaxninja bench results file"),
         "missing parent": (tmp_path / "no" / "bench.json", "not a directory"),
+        "dangling link": (tmp_path / "dangling", "symbolic link"),
+        "link loop": (tmp_path / "loop", "symbolic link"),
     }
 
 
-@pytest.mark.parametrize("kind", ["under a file", "a directory", "a user's file", "missing parent"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "under a file",
+        "a directory",
+        "a user's file",
+        "missing parent",
+        "dangling link",
+        "link loop",
+    ],
+)
 @pytest.mark.parametrize("ops", [False, True])
 def test_unwritable_out_fails_before_any_work(tmp_path, names_file, kind, ops):
-    """The check comes first: no line of progress, one error naming the path, and the
-    user's file untouched."""
+    """The check comes first and touches nothing: no line of progress, one error naming
+    the path, the user's file and directory (its mtime) unchanged."""
     out, message = _bad_outs(tmp_path)[kind]
+    before = sorted((p.name, p.lstat().st_mtime_ns) for p in tmp_path.iterdir())
+    mtime = tmp_path.stat().st_mtime_ns
     lines: list[str] = []
     with pytest.raises(bench.BenchError, match=message) as e:
         if ops:
@@ -183,6 +199,8 @@ def test_unwritable_out_fails_before_any_work(tmp_path, names_file, kind, ops):
             bench.run_bench([(16, 8)], quick=True, data_path=names_file, out=out, log=lines.append)
     assert lines == [] and str(out) in str(e.value) and "\n" not in str(e.value)
     assert (tmp_path / "file.txt").read_text() == "the user's notes\n"
+    assert sorted((p.name, p.lstat().st_mtime_ns) for p in tmp_path.iterdir()) == before
+    assert tmp_path.stat().st_mtime_ns == mtime
 
 
 def test_unwritable_out_cli_one_line(tmp_path, names_file, capsys):
