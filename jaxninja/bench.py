@@ -282,26 +282,10 @@ def time_torch(
     rows = []
     for name in mod.BASELINES:
         n = max(1, steps // 4) if name == "lecture_loop" and cfg.batch_size > 64 else steps
-        runs = [
-            mod.run_baseline(
-                name,
-                w.X,
-                w.Y,
-                w.vocab_size,
-                n_hidden=cfg.n_hidden,
-                batch_size=cfg.batch_size,
-                steps=n,
-            )
-            for _ in range(repeats)
-        ]
-        row = _row(
-            cfg,
-            w.vocab_size,
-            "torch",
-            f"torch {name}",
-            steps_per_repeat=n,
-            final_loss=runs[-1]["final_loss"],
-        )
+        kw = {"n_hidden": cfg.n_hidden, "batch_size": cfg.batch_size, "steps": n}
+        runs = [mod.run_baseline(name, w.X, w.Y, w.vocab_size, **kw) for _ in range(repeats)]
+        extra = {"steps_per_repeat": n, "final_loss": runs[-1]["final_loss"]}
+        row = _row(cfg, w.vocab_size, "torch", f"torch {name}", **extra)
         _finish(row, [r["us_per_step"] for r in runs], [r["cpu_us_per_step"] for r in runs])
         log(f"  {row['setting']:>9s} {row['row']:22s} {row['us_per_step']['median']:9.1f} us/step")
         rows.append(row)
