@@ -437,9 +437,9 @@ def _linear_cross_entropy_bwd(chunk: int, residuals, g):
         dx = dx + _dot(dz, wc.T)
         # dw/db keep w's dtype: each column is written once (the slid last chunk adds
         # exact zeros to the columns it shares), so nothing is rounded twice.
-        dwc = lax.dynamic_slice_in_dim(dw, start, chunk, axis=1) + _dot(x.T, dz)
+        dwc = lax.dynamic_slice_in_dim(dw, start, chunk, axis=1).astype(dz.dtype) + _dot(x.T, dz)
         dw = lax.dynamic_update_slice_in_dim(dw, dwc.astype(dw.dtype), start, axis=1)
-        dbc = lax.dynamic_slice_in_dim(db, start, chunk) + jnp.sum(dz, axis=0)
+        dbc = lax.dynamic_slice_in_dim(db, start, chunk).astype(dz.dtype) + jnp.sum(dz, axis=0)
         db = lax.dynamic_update_slice_in_dim(db, dbc.astype(db.dtype), start, 0)
         return (dx, dw, db), None
 

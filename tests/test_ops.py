@@ -725,7 +725,14 @@ def _strict_case(z, x, y):
         g = jnp.ones(3, x.dtype)
         dx = jax.grad(lambda x: ops.batch_norm(x, g, g).astype(jnp.float32).sum())(x)
         y2, mean, _ = ops.batch_norm_with_stats(x, g, g, unbiased=False)
-    return dz, ref, dx, y2, mean
+        dw = jax.grad(
+            lambda w: (
+                ops.linear_cross_entropy(x[:4], w, y, bias=z[0], where=y > 0, chunk_size=4)
+                .astype(jnp.float32)
+                .sum()
+            )
+        )(z[:3])
+    return dz, ref, dx, y2, mean, dw
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -734,8 +741,9 @@ def test_ops_under_strict_dtype_and_rank_promotion(dtype):
     rng = np.random.default_rng(31)
     z = jnp.asarray(rng.standard_normal((4, 9)), dtype)
     x = jnp.asarray(rng.standard_normal((6, 3)), dtype)
-    dz, ref, dx, y2, mean = _strict_case(z, x, jnp.asarray([0, 8, 3, 2], jnp.uint8))
+    dz, ref, dx, y2, mean, dw = _strict_case(z, x, jnp.asarray([0, 8, 3, 2], jnp.uint8))
     assert dz.dtype == dtype and ref.dtype == dtype and dx.dtype == dtype
+    assert dw.dtype == dtype and dw.shape == (3, 9) and np.all(np.isfinite(dw))
     assert y2.dtype == dtype and mean.dtype == jnp.float32
     assert np.all(np.asarray(dz[0], np.float32) == 0.0) and np.all(np.isfinite(dz[1:]))
 
