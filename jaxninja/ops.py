@@ -73,6 +73,27 @@ def _normalize_axes(axis: Axis, ndim: int, name: str = "axis") -> tuple[int, ...
     return tuple(sorted(out))
 
 
+def _varying_like(x: Array, p: Any) -> Any:
+    """Cast a replicated ``p`` (gain, bias, w) to "varying" over the mesh axes ``x`` varies on.
+
+    Inside ``jax.shard_map(..., check_vma=True)`` a custom-VJP rule must return
+    cotangents of the same varying/invariant type as its inputs; the local ``dgain`` is
+    varying, so the replicated ``gain`` enters the rule as varying. The transpose of that
+    cast is a ``psum``: ``jax.grad`` with respect to the replicated parameter is then the
+    global sum, like every other replicated parameter's gradient under ``check_vma``.
+    Without ``check_vma`` (or in ``pmap``, or outside any map) nothing is varying, nothing
+    is cast, and the rule's ``dgain``/``dbias`` stay the device's local contributions.
+    """
+    if p is None or not hasattr(lax, "pcast"):
+        return p
+
+    def varying(a: Array) -> frozenset:
+        return getattr(getattr(jax.typeof(a), "manual_axis_type", None), "varying", frozenset())
+
+    missing = tuple(varying(x) - varying(p))
+    return lax.pcast(p, missing, to="varying") if missing else p
+
+
 # --------------------------------------------------------------------- cross-entropy
 
 
@@ -351,19 +372,6 @@ def _check_linear(x, w, bias, labels, where, chunk_size) -> None:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
-def _varying_like(x: Array, p: Any) -> Any:
-    """Cast a replicated ``p`` to vary over the mesh axes ``x`` varies on (see
-    :func:`_match_varying`): its gradient is then summed over devices by the transpose."""
-    if p is None or not hasattr(lax, "pcast"):
-        return p
-
-    def varying(a: Array) -> frozenset:
-        return getattr(getattr(jax.typeof(a), "manual_axis_type", None), "varying", frozenset())
-
-    missing = tuple(varying(x) - varying(p))
-    return lax.pcast(p, missing, to="varying") if missing else p
-
-
 def _dot(a: Array, b: Array) -> Array:
     """``a @ b`` in b's dtype, accumulated in the compute dtype: 16-bit weights are never
     copied to float32 (a whole-``w`` cast would be hoisted out of the loop: V*D*4 bytes)."""
@@ -596,29 +604,6 @@ def _check_batch_norm(x, gain, bias, axes, unbiased, axis_name, where) -> None:
         )
 
 
-def _match_varying(x: Array, p: Array, axis_name: Any) -> Array:
-    """Cast a replicated ``p`` (gain, bias) to "varying" over the mesh axes ``x`` varies on.
-
-    Inside ``jax.shard_map(..., check_vma=True)`` a custom-VJP rule must return
-    cotangents of the same varying/invariant type as its inputs; the local ``dgain`` is
-    varying, so the replicated ``gain`` enters the rule as varying. The transpose of that
-    cast is a ``psum``: ``jax.grad`` with respect to the replicated parameter is then the
-    global sum, like every other replicated parameter's gradient under ``check_vma``.
-    Without ``check_vma`` (or in ``pmap``) nothing is varying, nothing is cast, and the
-    rule's ``dgain``/``dbias`` stay the device's local contributions.
-    """
-    if axis_name is None or not hasattr(lax, "pcast"):
-        return p
-    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-
-    def varying(a: Array) -> frozenset:
-        mat = getattr(jax.typeof(a), "manual_axis_type", None)
-        return getattr(mat, "varying", frozenset())
-
-    missing = tuple(a for a in names if a in varying(x) and a not in varying(p))
-    return lax.pcast(p, missing, to="varying") if missing else p
-
-
 def _prepare_batch_norm(x, gain, bias, axis, eps, unbiased, axis_name, where):
     """Validated arrays and static arguments, in the order the custom VJPs take them."""
     x, gain, bias = jnp.asarray(x), jnp.asarray(gain), jnp.asarray(bias)
@@ -628,7 +613,7 @@ def _prepare_batch_norm(x, gain, bias, axis, eps, unbiased, axis_name, where):
     _check_batch_norm(x, gain, bias, axes, unbiased, axis_name, where)
     if where is not None:
         where = jnp.broadcast_to(where, x.shape)
-    gain, bias = _match_varying(x, gain, axis_name), _match_varying(x, bias, axis_name)
+    gain, bias = _varying_like(x, gain), _varying_like(x, bias)
     return x, gain, bias, where, axes, _check_eps(eps), bool(unbiased), axis_name
 
 
@@ -718,7 +703,7 @@ def _bn_backward(axes, unbiased, axis_name, res, dy, dmean=None, dvar=None):
     dy = dy.astype(xhat.dtype)
     ddof = 1 if unbiased else 0
     # dgain, dbias are this device's contributions (taken before the psum below). Under
-    # shard_map with check_vma, _match_varying's cast makes jax.grad sum them over
+    # shard_map with check_vma, _varying_like's cast makes jax.grad sum them over
     # devices; under check_vma=False or pmap callers psum them with the other gradients.
     dgain, dbias, sum_dy, sum_dy_xhat = _bn_param_grads(axes, res, dy)
     g = _lift(gain, dy.ndim, xhat.dtype)
