@@ -16,7 +16,6 @@ traceback. Ctrl-C or SIGTERM during training save a checkpoint and exit 130 / 14
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -264,28 +263,11 @@ def _add_check(sub: Any) -> None:
     c.set_defaults(func=_check)
 
 
-def _not_the_users(out: str | None, key: str) -> None:
-    """Refuse an existing ``out`` unless it is an earlier result (a JSON object with
-    ``key``): a results file never replaces a file of the user's, FIFO or device."""
-    if out is None or not os.path.lexists(out):
-        return
-    ours = False
-    if os.path.isfile(out):  # never open a FIFO (it blocks) or a device
-        try:
-            with open(out, "rb") as f:
-                ours = key in json.loads(f.read(1 << 20))
-        except (OSError, ValueError, TypeError):
-            pass
-    if not ours:
-        raise ConfigError(f"--out {out}: exists and is not a results file; choose another path")
-
-
 def _sweep(args: argparse.Namespace) -> int:
     from jaxninja.sweep import sweep_run
 
     cfg = _config(args).validate()
     seeds, lrs = _numbers(args.seeds, int, "--seeds"), _numbers(args.lrs, float, "--lrs")
-    _not_the_users(args.out, "members")
     sweep_run(cfg, seeds, lrs, args.data, out=args.out)
     return 0
 

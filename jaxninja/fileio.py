@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -14,6 +15,39 @@ from jaxninja.errors import JaxninjaError
 class WriteError(JaxninjaError):
     """A file the tool could not write: ``cannot write PATH: REASON`` (full disk, read-only
     directory, missing parent, ...); nothing was left behind."""
+
+
+def check_results_file(out: str | os.PathLike[str], tool: str) -> dict[str, Any]:
+    """Check, before any work and without touching anything, that the results file ``out``
+    can be written; return the results it holds (``{}`` when it does not exist).
+
+    An existing ``out`` must be a regular file holding a JSON object that ``tool`` wrote
+    (``{"tool": tool, ...}``): never a file, link, FIFO, device or directory of the user's.
+
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     check_results_file(Path(tmp, "new.json"), "jaxninja sweep")
+    {}
+    """
+    path = Path(out)
+    if not str(path).isprintable():  # the message must stay one line on the terminal
+        raise WriteError(f"--out {str(path)!r}: not a printable file name")
+    if path.is_symlink():  # the rename would replace the link, not its target
+        raise WriteError(f"--out {path}: a symbolic link; give the file's real path")
+    if os.path.lexists(path) and not path.is_file():
+        raise WriteError(f"--out {path}: not a regular file")
+    if not path.parent.is_dir():
+        raise WriteError(f"--out {path}: {path.parent} is not a directory")
+    previous: Any = {}
+    if path.exists():
+        try:  # a regular file: opening it cannot block
+            previous = json.loads(path.read_bytes()) if path.stat().st_size < 64 << 20 else None
+        except (OSError, ValueError):
+            previous = None
+        if not (isinstance(previous, dict) and previous.get("tool") == tool):
+            raise WriteError(f"--out {path}: exists and is not a {tool} results file")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise WriteError(f"--out {path}: cannot write in {path.parent}")
+    return previous
 
 
 def current_umask() -> int:

@@ -20,7 +20,6 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -31,6 +30,7 @@ from jaxninja import data, fileio, train
 from jaxninja.train import ConfigError, TrainConfig, TrainState
 
 Array = jax.Array
+TOOL = "jaxninja sweep"  # what a results file says it is
 Log = Callable[[str], None]
 
 
@@ -86,15 +86,6 @@ def _evaluate_members(params, Xtr, splits_xy):
     return jax.lax.map(one, params)
 
 
-def _check_writable(out: str | os.PathLike[str] | None) -> None:
-    """Refuse an output file that cannot be written before any work is done."""
-    if out is None:
-        return
-    parent = Path(out).parent
-    if Path(out).is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise ConfigError(f"--out {out}: cannot write a file there")
-
-
 def sweep_run(
     cfg: TrainConfig,
     seeds: Sequence[int] | None = None,
@@ -114,7 +105,8 @@ def sweep_run(
     t_start = time.perf_counter()
     cfg.validate()
     grid = members(seeds, lrs, cfg)
-    _check_writable(out)
+    if out is not None:
+        fileio.check_results_file(out, TOOL)
     splits = data.load_splits(data_path, block_size=cfg.block_size)
     Xtr, Ytr = (jnp.asarray(a) for a in splits.data["train"])
     m_seeds = jnp.asarray([s for s, _ in grid], jnp.int32)
@@ -149,7 +141,8 @@ def sweep_run(
         "config": cfg.to_dict(),
     }
     if out is not None:
-        fileio.write_atomic(Path(out), lambda f: json.dump(result, f, indent=2), "w")
+        text = json.dumps({"tool": TOOL, **result}, indent=2)
+        fileio.write_atomic(out, lambda f: f.write(text), "w")
     return result
 
 
