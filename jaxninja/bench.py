@@ -45,7 +45,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -54,57 +53,15 @@ import numpy as np
 import optax
 
 from jaxninja import data, fileio, ops, sweep, train
-from jaxninja.errors import JaxninjaError
 from jaxninja.train import BACKENDS, ConfigError, TrainConfig
 
 Log = Callable[[str], None]
 DEFAULT_SETTINGS = ((200, 32), (1024, 256))
 DEFAULT_MEMBERS = (1, 8, 32)
-TOOL = "jaxninja bench"
-"""The marker of a results file: the only existing ``--out`` file a bench writes over."""
-
-
-class BenchError(JaxninjaError):
-    """A benchmark that cannot run (its output file, its options)."""
+TOOL = "jaxninja bench"  # what a results file says it is: the only --out a bench replaces
 
 
 # ----------------------------------------------------------------------- results file
-
-
-def check_out(out: str | os.PathLike[str]) -> dict[str, Any]:
-    """Check, before any work and without touching anything, that ``out`` can be
-    written, and return what it holds now (``{}`` when new): an existing file must be a
-    results file of ``jaxninja bench`` (the part a run does not measure is kept), never
-    a file, link or directory of the user's."""
-    path = Path(out)
-    if not str(path).isprintable():  # the message must stay one line on the terminal
-        raise BenchError(f"--out {str(path)!r}: not a printable file name")
-    if path.is_symlink():  # the rename would replace the link, not its target
-        raise BenchError(f"--out {path}: a symbolic link; give the file's real path")
-    if os.path.lexists(path) and not path.is_file():
-        raise BenchError(f"--out {path}: not a regular file")
-    if not path.parent.is_dir():
-        raise BenchError(f"--out {path}: {path.parent} is not a directory")
-    previous = _previous_results(path) if path.exists() else {}
-    if not os.access(path.parent, os.W_OK | os.X_OK):  # EROFS even for root
-        raise BenchError(f"--out {path}: cannot write in {path.parent}")
-    return previous
-
-
-def _previous_results(path: Path) -> dict[str, Any]:
-    """The results an existing ``--out`` holds, or :class:`BenchError` for any other file."""
-    previous = None
-    try:
-        if path.stat().st_size <= 64 * 2**20:
-            previous = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        pass
-    if not (isinstance(previous, dict) and (previous.get("tool") == TOOL or "rows" in previous)):
-        raise BenchError(
-            f"--out {path}: exists and is not a {TOOL} results file; "
-            f"remove it or choose another path"
-        )
-    return previous
 
 
 def save_results(out: str | os.PathLike[str], results: dict[str, Any]) -> None:
@@ -395,10 +352,11 @@ def run_bench(
     ``steps`` (JAX steps per timed chunk) defaults to about 0.2 s of work per chunk:
     5,000 for the default setting, scaled down with ``H * B`` for larger ones; ``quick``
     divides the defaults by 10 and uses 2 repeats (a smoke test, not a measurement).
-    ``out`` is checked (:func:`check_out`) before any work; its ``"ops"`` part is kept.
+    ``out`` is checked (:func:`jaxninja.fileio.check_results_file`) before any work; the
+    ``"ops"`` part it holds is kept.
     """
     _check_bench_options(backends, repeats, members)
-    previous = check_out(out) if out else {}
+    previous = fileio.check_results_file(out, TOOL) if out else {}
     repeats, scale = (min(repeats, 2), 10) if quick else (repeats, 1)
     splits = data.load_splits(data_path, block_size=3)
     X, Y = splits.data["train"]
@@ -771,8 +729,8 @@ def run_ops_bench(
     markdown tables and write the result under ``"ops"`` in ``out`` (checked before any
     work; the training rows already there are kept). ``quick``: tiny sizes, 2 rounds."""
     if repeats < 1:
-        raise BenchError(f"--repeats must be >= 1, got {repeats}")
-    previous = check_out(out) if out else {}
+        raise ConfigError(f"repeats must be >= 1, got {repeats}")
+    previous = fileio.check_results_file(out, TOOL) if out else {}
     repeats = min(repeats, 2) if quick else repeats
     machine = machine_info()
     log(f"machine: {machine['cpu_count']} CPUs, load average {machine['loadavg_start']}")

@@ -15,6 +15,7 @@ import pytest
 from helpers import REPO, one_error_line, run_cli
 
 from jaxninja import bench
+from jaxninja.errors import JaxninjaError
 from jaxninja.train import BACKENDS, ConfigError
 
 SUMMARY_KEYS = {"median", "min", "max", "spread", "n"}
@@ -192,7 +193,7 @@ def test_unwritable_out_fails_before_any_work(tmp_path, names_file, kind, ops):
     before = sorted((p.name, p.lstat().st_mtime_ns) for p in tmp_path.iterdir())
     mtime = tmp_path.stat().st_mtime_ns
     lines: list[str] = []
-    with pytest.raises(bench.BenchError, match=message) as e:
+    with pytest.raises(JaxninjaError, match=message) as e:
         if ops:
             bench.run_ops_bench(quick=True, out=out, log=lines.append)
         else:
