@@ -283,8 +283,11 @@ def _add_sweep(sub: Any) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from jaxninja.bench import parse_settings, run_bench
+    from jaxninja.bench import parse_settings, run_bench, run_ops_bench
 
+    if args.ops:
+        run_ops_bench(quick=args.quick, repeats=args.repeats, out=args.out or None)
+        return 0
     members = _numbers(args.members, int, "--members")
     if any(not 1 <= m <= 1024 for m in members):
         raise ConfigError(f"--members: sizes must be in 1..1024, got {args.members!r}")
@@ -304,6 +307,12 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _add_bench(sub: Any) -> None:
     b = sub.add_parser("bench", help="time the training step: backends, PyTorch, sweeps")
+    b.add_argument(
+        "--ops",
+        action="store_true",
+        help="time the ops (cross_entropy, batch_norm, linear_cross_entropy) against "
+        "optax/flax and autodiff instead of the training step",
+    )
     b.add_argument("--quick", action="store_true", help="tiny run: a smoke test, no measurement")
     b.add_argument("--out", default="bench.json", help="JSON results file ('' for none)")
     b.add_argument("--repeats", type=_int_in(1, 1000), default=5, help="timed chunks per row")

@@ -67,7 +67,7 @@ OPTIONS: dict[str, dict[str, str]] = {
     "sweep": {**CONFIG, "--seeds": TEXT, "--lrs": TEXT, "--out": OUT},
     "bench": {"--quick": FLAG[0], "--out": OUT, "--repeats": NUM, "--settings": TEXT,
               "--steps": NUM, "--torch-steps": NUM, "--members": TEXT, "--no-torch": FLAG[0],
-              "--data": IN},
+              "--data": IN, "--ops": FLAG[0]},
 }  # fmt: skip
 TINY = ["--steps=2", "--chunk-steps=1", "--n-hidden=4"]
 BASE = {  # a valid, tiny command line for each command ({w}: words file, {r}: finished run)
