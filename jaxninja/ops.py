@@ -672,9 +672,10 @@ def _bn_forward(x, gain, bias, where, axes, eps, unbiased, axis_name):
     xc = x.astype(_compute_dtype(x.dtype))
     mean, var, n = _stats(xc, where, axes, unbiased, axis_name)
     var_inv = lax.rsqrt(var + eps)
-    xhat = (xc - mean) * var_inv
-    y = _lift(gain, x.ndim, xc.dtype) * xhat + _lift(bias, x.ndim, xc.dtype)
-    return y.astype(x.dtype), mean, var, (xhat, var_inv, gain, bias, where, n)
+    y = _lift(gain, x.ndim, xc.dtype) * ((xc - mean) * var_inv) + _lift(bias, x.ndim, xc.dtype)
+    # Residuals: x itself (the caller holds it: no (N, H) copy, 16 bits stay 16 bits) and
+    # per-feature numbers; the backward pass recomputes x - mean where it needs it.
+    return y.astype(x.dtype), mean, var, (x, mean, var_inv, gain, bias, where, n)
 
 
 def _constant_over(p: Array, axes: tuple[int, ...], ndim: int) -> bool:
@@ -683,48 +684,55 @@ def _constant_over(p: Array, axes: tuple[int, ...], ndim: int) -> bool:
     return all(a < lead or p.shape[a - lead] == 1 for a in axes)
 
 
-def _bn_param_grads(axes, res, dy):
-    """``dgain, dbias`` (this device's contributions) and the local sums of dy, dy*xhat."""
-    xhat, _, gain, bias, _, _ = res
-    # The two batch sums of the rule; dgain and dbias reuse them (each reduction is a
-    # separate kernel launch on CPU, so the rule computes just these two).
-    sum_dy = jnp.sum(dy, axis=axes, keepdims=True)
-    sum_dy_xhat = jnp.sum(dy * xhat, axis=axes, keepdims=True)
-    dgain = _reduce_to(sum_dy_xhat if _constant_over(gain, axes, dy.ndim) else dy * xhat,
-                       gain.shape).astype(gain.dtype)  # fmt: skip
-    dbias = _reduce_to(sum_dy if _constant_over(bias, axes, dy.ndim) else dy,
-                       bias.shape).astype(bias.dtype)  # fmt: skip
-    return dgain, dbias, sum_dy, sum_dy_xhat
+def _shift(mean: Array) -> tuple[Array, Array]:
+    """``(k, mean - k)``: a per-feature shift ``k`` near the mean, and the exact remainder.
+
+    The backward pass needs ``sum(dy * (x - mean))`` and ``x - mean``; it takes them as
+    ``sum(dy * (x - k)) - (mean - k) * sum(dy)`` (the shifted-data trick: cancellation
+    costs at most ``2^-8 |mean| / std``) and ``x - (k + (mean - k))`` (the mean bit for
+    bit: ``mean - k`` is exact by Sterbenz's lemma). Spelt so, the forward variance, the
+    backward batch sum and the output each broadcast a *different* per-feature vector:
+    XLA CPU's YNNPACK reduction fusions leave an operand that has other users out of
+    the fusion and store it as a full ``(N, H)`` array (measured at N=8192, H=1024,
+    float32: 32 MiB temp and 1.3x flax's time when they share the mean's broadcast; 0 MiB
+    and ~0.85x spelt like this). ``k`` is the mean rounded to 7 mantissa bits.
+    """
+    bits = jnp.finfo(mean.dtype).nexp
+    k = lax.stop_gradient(lax.reduce_precision(mean, exponent_bits=bits, mantissa_bits=7))
+    return k, mean - k
 
 
 def _bn_backward(axes, unbiased, axis_name, res, dy, dmean=None, dvar=None):
-    xhat, var_inv, gain, _, where, n = res
-    x_dtype = dy.dtype  # y has the dtype of x
-    dy = dy.astype(xhat.dtype)
+    x, mean, var_inv, gain, bias, where, n = res
+    dy = dy.astype(mean.dtype)  # y has the dtype of x; the rule runs in mean's
+    xs = x.astype(mean.dtype)
     ddof = 1 if unbiased else 0
+    constant = _constant_over(gain, axes, dy.ndim)
+    g = _lift(gain, dy.ndim, dy.dtype)
+    # dxhat = gain * dy; for a gain constant over the batch axes (the usual (1, features))
+    # the sums are taken over dy and gain is multiplied in after them.
+    dxhat = dy if constant else dy * g
+    k, d = _shift(mean)
+    s1 = jnp.sum(dxhat, axis=axes, keepdims=True)
+    s2 = (jnp.sum(dxhat * (xs - k), axis=axes, keepdims=True) - d * s1) * var_inv
+    xc = xs - (k + d)  # x - mean
     # dgain, dbias are this device's contributions (taken before the psum below). Under
     # shard_map with check_vma, _varying_like's cast makes jax.grad sum them over
     # devices; under check_vma=False or pmap callers psum them with the other gradients.
-    dgain, dbias, sum_dy, sum_dy_xhat = _bn_param_grads(axes, res, dy)
-    g = _lift(gain, dy.ndim, xhat.dtype)
+    dgain = _reduce_to(s2 if constant else dy * xc * var_inv, gain.shape).astype(gain.dtype)
+    bias_sum = constant and _constant_over(bias, axes, dy.ndim)
+    dbias = _reduce_to(s1 if bias_sum else dy, bias.shape).astype(bias.dtype)
+    if axis_name is not None:
+        s1, s2 = lax.psum((s1, s2), axis_name)
     # The fused rule of Exercise 3, generalised to ddof, masks m and device-global sums:
-    # dx = var_inv/n * (n*dxhat - m*(sum(dxhat) + n/(n-ddof) * xhat * sum(dxhat*xhat)))
-    # with dxhat = gain * dy. When gain is constant over the batch axes (the usual
-    # (1, features) case) the sums of dxhat are gain times the sums of dy above.
-    if _constant_over(gain, axes, dy.ndim):
-        if axis_name is not None:
-            sum_dy, sum_dy_xhat = lax.psum((sum_dy, sum_dy_xhat), axis_name)
-        centred = sum_dy + (n / (n - ddof)) * xhat * sum_dy_xhat
-        dx = (g * var_inv / n) * (n * dy - _masked(where, centred))
-    else:
-        dxhat = dy * g
-        centred = _sum(dxhat, axes, axis_name) + (n / (n - ddof)) * xhat * _sum(
-            dxhat * xhat, axes, axis_name
-        )
-        dx = var_inv / n * (n * dxhat - _masked(where, centred))
+    # dx = a * (dxhat - m * (sum(dxhat) / n + xhat * sum(dxhat * xhat) / (n - ddof)))
+    # with xhat = (x - mean) * var_inv and a = var_inv (times gain when dxhat is dy);
+    # the per-feature factors are folded first: the (N, H) pass is one multiply-add.
+    a = var_inv * g if constant else var_inv
+    dx = a * dxhat - _masked(where, a * s1 / n + (a * var_inv * s2 / (n - ddof)) * xc)
     if dmean is not None:  # cotangents of the returned statistics, if anyone used them
-        dx = dx + _masked(where, dmean / n + dvar * (2.0 / (n - ddof)) * xhat / var_inv)
-    return dx.astype(x_dtype), dgain, dbias, None
+        dx = dx + _masked(where, dmean / n + dvar * (2.0 / (n - ddof)) * xc)
+    return dx.astype(x.dtype), dgain, dbias, None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
@@ -798,13 +806,13 @@ def batch_norm(
     (``lax.psum``) with the other parameter gradients. float16/bfloat16 inputs are normalised
     with float32 statistics and come back in their own dtype.
 
-    Measured once against ``flax.linen.BatchNorm`` (``jax.grad`` w.r.t. x, scale, bias;
-    N=8192, H=1024, float32, min of 10-20 interleaved runs on the 2-core CPU): for
-    ``sum(y * c)`` 0.91-1.0x its time, 0 MiB compiled temp for both; for ``mean(y * c)``
-    1.34x and 32 MiB (flax 0): XLA CPU's YNNPACK reduction fusions do not fuse the
-    scaled cotangent ``c / (N H)`` into the two batch sums, so it is materialised. With
-    ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=`` (those fusions off) the same
-    case is 0.56x flax's time and 2 MiB temp (flax 34 MiB).
+    Measured against ``flax.linen.BatchNorm`` (``jax.grad`` w.r.t. x, scale, bias of
+    ``mean(y * c)``, N=8192, H=1024, ``bench.measure_case`` on the 2-core CPU): float32
+    0.85-0.99x its time, 0 MiB compiled temp (flax 0); bfloat16 0.93-1.01x, 64 MiB (flax
+    64). The backward pass keeps ``x`` (not ``xhat``) and per-feature numbers, and spells
+    ``x - mean`` three ways so that XLA CPU's reduction fusions store no ``(N, H)``
+    array (see ``_shift``); float32 gradient error at mean/std = 500 equals the plain
+    reference's (flax's, with its one-pass variance, is ~600x larger).
 
     Unlike flax, whose ``axis`` is the *feature* axis, ``axis`` here names the axes
     *reduced over* (the batch axes), as in ``jnp.mean``. ``axis_name`` works under
