@@ -171,6 +171,18 @@ def _label_index(labels: Array, num_classes: int) -> tuple[Array, Array]:
     return jnp.where(valid, labels, 0).astype(jnp.int32), valid
 
 
+def _row_losses(losses: Array, valid: Array, rows: Array | None) -> Array:
+    """NaN for a bad label (never a silently clamped answer), 0 for a masked row."""
+    return _masked(rows, jnp.where(valid, losses, jnp.nan))
+
+
+def _row_cotangent(g: Array, valid: Array, rows: Array | None) -> Array:
+    """The losses' cotangent as the rules use it: exactly 0 on a masked row (whose
+    inputs are zeroed, so its gradient is exactly 0), NaN on a kept row with a bad label."""
+    bad = ~valid if rows is None else ~valid & rows
+    return jnp.where(bad, jnp.nan, _masked(rows, g))
+
+
 def _masked_logits(r: _Rows) -> Array:
     """Logits with masked rows set to 0 (whatever they held: inf, NaN) and masked
     classes to -inf. Elementwise: XLA fuses it into the passes that read it."""
@@ -208,10 +220,7 @@ def cross_entropy_reference(
         label_logprob = jnp.take_along_axis(logprobs, index[..., None], axis=-1)[..., 0]
     else:  # the label's own logit, even if the per-logit mask leaves its class out
         label_logprob = _label_logit(r, index).astype(x.dtype) - jax.nn.logsumexp(x, -1)
-    losses = jnp.where(valid, -label_logprob, jnp.nan)
-    if r.rows is not None:
-        losses = jnp.where(r.rows, losses, 0.0)
-    return losses.astype(r.x.dtype)
+    return _row_losses(-label_logprob, valid, r.rows).astype(r.x.dtype)
 
 
 @jax.custom_vjp
@@ -228,9 +237,7 @@ def _cross_entropy_fwd(r: _Rows):
     s = jnp.sum(jnp.exp(x.astype(dtype) - m), axis=-1, keepdims=True)
     index, valid = _label_index(r.labels, x.shape[-1])
     label_logit = _label_logit(r, index).astype(dtype)
-    losses = jnp.where(valid, jnp.log(s[..., 0]) + m[..., 0] - label_logit, jnp.nan)
-    if r.rows is not None:
-        losses = jnp.where(r.rows, losses, 0.0)
+    losses = _row_losses(jnp.log(s[..., 0]) + m[..., 0] - label_logit, valid, r.rows)
     # Residuals: the logits the caller holds anyway, and two numbers per row. The
     # backward pass recomputes exp (faster on CPU than writing and re-reading an (N, V)
     # residual, and no (N, V) temporary in float32).
@@ -239,10 +246,7 @@ def _cross_entropy_fwd(r: _Rows):
 
 def _cross_entropy_bwd(residuals, g):
     r, m, s, index, valid = residuals
-    bad = ~valid if r.rows is None else ~valid & r.rows
-    # A masked row gets g = 0 (and finite logits): exactly 0. A bad label gets g = NaN:
-    # a NaN row, never a silently clamped answer.
-    g = jnp.where(bad, jnp.nan, _masked(r.rows, g.astype(m.dtype)))[..., None]
+    g = _row_cotangent(g.astype(m.dtype), valid, r.rows)[..., None]
     x = _masked_logits(r)
     # The fused rule of Exercise 2, d loss / d z_j = softmax_j - [j = y], with softmax
     # normalised as exp(z - max) / sum (as optax): exp(z - lse) would carry the rounding
@@ -423,16 +427,14 @@ def _linear_cross_entropy_fwd(lin: _Linear, chunk: int):
     label_logit = jnp.sum(x.astype(dtype) * w_y, axis=1)
     if lin.bias is not None:
         label_logit = label_logit + jnp.take(lin.bias, index).astype(dtype)
-    losses = jnp.where(valid, jnp.log(s) + m - label_logit, jnp.nan)
-    losses = _masked(lin.rows, losses)
+    losses = _row_losses(jnp.log(s) + m - label_logit, valid, lin.rows)
     return losses.astype(lin.x.dtype), (lin, m, s, index, valid)
 
 
 def _linear_cross_entropy_bwd(chunk: int, residuals, g):
     lin, m, s, index, valid = residuals
     x = _linear_rows(lin)
-    bad = ~valid if lin.rows is None else ~valid & lin.rows
-    g = jnp.where(bad, jnp.nan, _masked(lin.rows, g.astype(m.dtype)))
+    g = _row_cotangent(g.astype(m.dtype), valid, lin.rows)
     scale = (g / s)[:, None]
 
     def body(carry, k):
@@ -735,39 +737,36 @@ def _bn_backward(axes, unbiased, axis_name, res, dy, dmean=None, dvar=None):
     return dx.astype(x.dtype), dgain, dbias, None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _batch_norm(x, gain, bias, where, axes, eps, unbiased, axis_name):
-    return _bn_forward(x, gain, bias, where, axes, eps, unbiased, axis_name)[0]
+def _batch_norm_op(with_stats: bool) -> Any:
+    """The custom-VJP op over :func:`_bn_forward`'s arguments, returning ``y`` or
+    ``(y, mean, var)``; the static arguments ``axes, eps, unbiased, axis_name`` come last."""
+
+    def outputs(y, mean, var):
+        return (y, mean, var) if with_stats else y
+
+    def primal(x, gain, bias, where, axes, eps, unbiased, axis_name):
+        return outputs(*_bn_forward(x, gain, bias, where, axes, eps, unbiased, axis_name)[:3])
+
+    # Named like the module attribute (jaxprs, tracebacks and tests show the name).
+    primal.__name__ = primal.__qualname__ = (
+        "_batch_norm_with_stats" if with_stats else "_batch_norm"
+    )
+    op = jax.custom_vjp(primal, nondiff_argnums=(4, 5, 6, 7))
+
+    def fwd(x, gain, bias, where, axes, eps, unbiased, axis_name):
+        y, mean, var, res = _bn_forward(x, gain, bias, where, axes, eps, unbiased, axis_name)
+        return outputs(y, mean, var), res
+
+    def bwd(axes, eps, unbiased, axis_name, res, cotangents):
+        dy, dmean, dvar = cotangents if with_stats else (cotangents, None, None)
+        return _bn_backward(axes, unbiased, axis_name, res, dy, dmean, dvar)
+
+    op.defvjp(fwd, bwd)
+    return op
 
 
-def _batch_norm_fwd(x, gain, bias, where, axes, eps, unbiased, axis_name):
-    y, _, _, res = _bn_forward(x, gain, bias, where, axes, eps, unbiased, axis_name)
-    return y, res
-
-
-def _batch_norm_bwd(axes, eps, unbiased, axis_name, res, dy):
-    return _bn_backward(axes, unbiased, axis_name, res, dy)
-
-
-_batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _batch_norm_with_stats(x, gain, bias, where, axes, eps, unbiased, axis_name):
-    return _bn_forward(x, gain, bias, where, axes, eps, unbiased, axis_name)[:3]
-
-
-def _batch_norm_with_stats_fwd(x, gain, bias, where, axes, eps, unbiased, axis_name):
-    y, mean, var, res = _bn_forward(x, gain, bias, where, axes, eps, unbiased, axis_name)
-    return (y, mean, var), res
-
-
-def _batch_norm_with_stats_bwd(axes, eps, unbiased, axis_name, res, cotangents):
-    dy, dmean, dvar = cotangents
-    return _bn_backward(axes, unbiased, axis_name, res, dy, dmean, dvar)
-
-
-_batch_norm_with_stats.defvjp(_batch_norm_with_stats_fwd, _batch_norm_with_stats_bwd)
+_batch_norm = _batch_norm_op(with_stats=False)
+_batch_norm_with_stats = _batch_norm_op(with_stats=True)
 
 
 def batch_norm(
