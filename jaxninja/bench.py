@@ -595,13 +595,18 @@ def time_interleaved(
     target_s: float = 0.05,
 ) -> list[dict[str, float]]:
     """Milliseconds per call of each of ``fns``: ``repeats`` rounds, each timing every
-    function once in turn (so a burst of outside load hits all alike); after 3 rounds,
+    function once in turn, starting from a different one each round (so a burst of outside
+    load, or the one before, hits all alike); after 3 rounds,
     stop once ``budget_s`` is spent (the slowest sizes). A summary per function."""
     calls = [_calls_per_round(fn, args, target_s) for fn in fns]
     times: list[list[float]] = [[] for _ in fns]
     start = time.perf_counter()
     for r in range(repeats):
-        for i, (fn, k) in enumerate(zip(fns, calls, strict=True)):
+        # each round starts with another function: none always follows the same one
+        # (what ran before, e.g. a 96 MiB temporary freed, costs the next call page faults)
+        for j in range(len(fns)):
+            i = (r + j) % len(fns)
+            fn, k = fns[i], calls[i]
             t = time.perf_counter()
             for _ in range(k):
                 out = fn(*args)

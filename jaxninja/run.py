@@ -155,8 +155,10 @@ def _train_loop(cfg, out, splits, state, losses, mesh, stop, log, start: int):
             if i % cfg.chunk_steps == 0:
                 log(f"{i:7d}/{cfg.steps:7d}: {losses[i]:.4f}")
         if parallel.is_main():
-            checkpoint.save(out, cfg, splits.vocab, state, data_sha256=splits.sha256)
+            # the history first: whichever write fails (a full disk), it is never behind
+            # the checkpoint, and a resume rewrites the steps it is ahead with equal values
             fileio.write_atomic(out / "losses.npy", lambda f: np.save(f, losses))
+            checkpoint.save(out, cfg, splits.vocab, state, data_sha256=splits.sha256)
         saved = chunk.step
         signum = parallel.largest(stop.signum)  # a job's processes stop after the same chunk
         if signum and chunk.step < cfg.steps:
