@@ -1,17 +1,10 @@
-"""Checkpoints: one ``.npz`` file per run, written atomically, read without pickle.
+"""Checkpoints: one ``.npz`` per run (state arrays, calibrated batch-norm statistics if any,
+and a JSON ``meta`` entry: format, config, vocabulary, data sha256), written atomically.
 
-The file holds every array of the :class:`~jaxninja.train.TrainState` (params, optimizer
-state leaves, step, batch-norm running averages), the calibrated batch-norm statistics
-when there are any, and a JSON ``meta`` entry: the format, the full config, the
-vocabulary and the sha256 of the data file the run was trained on (``null`` if unknown).
-It is written with :func:`jaxninja.fileio.write_atomic`, so a run killed at any moment
-leaves either the old or the new checkpoint.
-
-Loading trusts nothing in the file: ``allow_pickle=False``; the number of entries, their
-unpacked size and the metadata's fields are checked before any array is used; the
-expected arrays, shapes and dtypes come from the stored config (``jax.eval_shape`` of
-:func:`~jaxninja.train.init_state`), never from the file; every float must be finite and
-every variance positive. A tampered or truncated file is refused with one line.
+Loading trusts nothing in the file: no pickle; entry count, unpacked size and metadata fields
+are checked first; the expected arrays, shapes and dtypes come from the stored config
+(``jax.eval_shape`` of :func:`~jaxninja.train.init_state`); floats must be finite and
+variances positive. A tampered or truncated file is refused with one line.
 """
 
 from __future__ import annotations
@@ -37,11 +30,8 @@ from jaxninja.train import ConfigError, TrainConfig, TrainState, init_state
 
 FILENAME = "checkpoint.npz"
 FORMAT = "jaxninja-checkpoint-1"
-# Refuse archives that would unpack to more than this (a zip bomb); the lecture's model
-# is ~50 kB, so this leaves room for networks thousands of times larger.
-MAX_BYTES = 256 << 20
-# A checkpoint has a dozen arrays; far more is junk, refused before any is read.
-MAX_ENTRIES = 1000
+MAX_BYTES = 256 << 20  # unpacked (a zip bomb): the lecture's model is ~50 kB
+MAX_ENTRIES = 1000  # a checkpoint has a dozen arrays
 META_FIELDS = ("format", "config", "vocab", "data_sha256")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -56,15 +46,6 @@ class Checkpoint(NamedTuple):
     state: TrainState
     bn_stats: BNStats | None  # calibrated statistics, once training has finished
     data_sha256: str | None  # sha256 of the data file trained on (None: not recorded)
-
-
-def _flatten(state: TrainState, bn_stats: BNStats | None) -> dict[str, np.ndarray]:
-    arrays = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-        arrays["state" + jax.tree_util.keystr(path)] = np.asarray(leaf)
-    for k, v in (bn_stats or {}).items():
-        arrays[f"bn_stats/{k}"] = np.asarray(v)
-    return arrays
 
 
 def save(
@@ -83,14 +64,12 @@ def save(
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise fileio.WriteError(f"cannot create {run_dir}: {e.strerror or e}") from e
-    meta = {
-        "format": FORMAT,
-        "config": config.to_dict(),
-        "vocab": list(vocab.itos),
-        "data_sha256": data_sha256,
-    }
-    arrays: dict[str, Any] = _flatten(state, bn_stats)
-    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    meta = dict(format=FORMAT, config=config.to_dict(), vocab=list(vocab.itos))
+    meta = json.dumps({**meta, "data_sha256": data_sha256}).encode()
+    arrays: dict[str, Any] = {"meta": np.frombuffer(meta, dtype=np.uint8)}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        arrays["state" + jax.tree_util.keystr(path)] = np.asarray(leaf)
+    arrays.update({f"bn_stats/{k}": np.asarray(v) for k, v in (bn_stats or {}).items()})
     dest = run_dir / FILENAME
     fileio.write_atomic(dest, lambda f: np.savez(f, **arrays))
     return dest
@@ -133,18 +112,10 @@ def _parse_meta(stored: dict[str, np.ndarray]) -> tuple[TrainConfig, Vocab, str 
         raise ValueError(f"meta must be a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise ValueError(f"unknown format {meta.get('format')!r:.80}")
-    missing = [k for k in META_FIELDS if k not in meta]
-    if missing:
-        raise ValueError(f"missing field(s): {_listing(missing)}")
-    if set(meta) - set(META_FIELDS):
-        raise ValueError(f"unknown field(s): {_listing(set(meta) - set(META_FIELDS))}")
+    _same_keys("", meta, set(META_FIELDS))
     config = meta["config"]
     if isinstance(config, dict):
-        fields = {f.name for f in dataclasses.fields(TrainConfig)}
-        if set(config) - fields:
-            raise ValueError(f"unknown config field(s): {_listing(set(config) - fields)}")
-        if fields - set(config):
-            raise ValueError(f"missing config field(s): {_listing(fields - set(config))}")
+        _same_keys("config ", config, {f.name for f in dataclasses.fields(TrainConfig)})
     sha = meta["data_sha256"]
     if sha is not None and not (isinstance(sha, str) and _SHA256.fullmatch(sha)):
         raise ValueError(f"data_sha256 must be null or 64 hex digits, got {sha!r:.80}")
@@ -152,6 +123,13 @@ def _parse_meta(stored: dict[str, np.ndarray]) -> tuple[TrainConfig, Vocab, str 
     if not isinstance(vocab, list):
         raise ValueError(f"vocab must be a list, got {type(vocab).__name__}")
     return TrainConfig.from_dict(config), Vocab(tuple(vocab)), sha
+
+
+def _same_keys(what: str, d: dict, fields: set[str]) -> None:
+    if fields - set(d):
+        raise ValueError(f"missing {what}field(s): {_listing(fields - set(d))}")
+    if set(d) - fields:
+        raise ValueError(f"unknown {what}field(s): {_listing(set(d) - fields)}")
 
 
 def load(run_dir: str | os.PathLike[str], dtype: Any = jnp.float32) -> Checkpoint:

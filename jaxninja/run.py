@@ -1,9 +1,8 @@
 """A training run on disk: data -> chunks of fused steps -> checkpoints -> metrics -> samples.
 
-This is what ``jaxninja train`` / ``eval`` / ``sample`` call. A run directory holds
-``checkpoint.npz`` (see :mod:`jaxninja.checkpoint`), ``losses.npy`` (the loss of every
-step, NaN where not yet run), ``metrics.json``, with matplotlib ``loss.png``, and the lock
-file that keeps a second process out while a run is in progress (:mod:`jaxninja.rundir`).
+A run directory holds ``checkpoint.npz`` (:mod:`jaxninja.checkpoint`), ``losses.npy`` (every
+step's loss, NaN where not yet run), ``metrics.json``, ``loss.png`` and the lock that keeps a
+second process out (:mod:`jaxninja.rundir`).
 """
 
 from __future__ import annotations
@@ -12,7 +11,9 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,49 +26,7 @@ from jaxninja.rundir import Interrupted, RunError
 from jaxninja.train import TrainConfig
 
 __all__ = ["Interrupted", "RunError", "eval_run", "load_run", "train_run"]
-
-
-def print_flush(line: str) -> None:
-    """Progress lines reach a pipe (``| tee``) as they are printed."""
-    print(line, flush=True)
-
-
-def _resume_state(cfg: TrainConfig, out: Path, splits: data.Splits, other_data: bool):
-    """The checkpoint's state, after checking it is this run's (config, vocab, data)."""
-    ckpt = checkpoint.load(out)
-    theirs, ours = {**ckpt.config.to_dict(), "steps": None}, {**cfg.to_dict(), "steps": None}
-    diff = [f"{k}={theirs[k]!r} (asked {ours[k]!r})" for k in ours if theirs[k] != ours[k]]
-    if diff:
-        raise RunError(f"{out} holds a run with a different config: {', '.join(diff)}")
-    _check_same_data(out, ckpt, splits, other_data)
-    if int(ckpt.state.step) > cfg.steps:
-        raise RunError(f"{out} is already at step {int(ckpt.state.step)} > --steps {cfg.steps}")
-    return ckpt.state
-
-
-def _check_same_data(out: Path, ckpt: checkpoint.Checkpoint, splits, other_data: bool) -> None:
-    if ckpt.vocab != splits.vocab:
-        raise RunError(f"{out} holds a run trained on a different vocabulary")
-    if not other_data and ckpt.data_sha256 != splits.sha256:
-        raise RunError(
-            f"{out} was trained on another data file (sha256 {ckpt.data_sha256!s:.12}..., "
-            f"this one {splits.sha256[:12]}...); pass --other-data to use it anyway"
-        )
-
-
-def _old_losses(path: Path, steps: int, log) -> np.ndarray:
-    """The loss history so far; a damaged file costs the history, never the run."""
-    losses = np.full(steps, np.nan, np.float32)
-    try:
-        # memory-mapped: a header that claims terabytes allocates nothing, and only the
-        # first ``steps`` values are ever read
-        old = np.load(path, mmap_mode="r", allow_pickle=False).reshape(-1)[:steps]
-        losses[: len(old)] = np.asarray(old, np.float32)
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError, EOFError, TypeError) as e:
-        log(f"warning: {path} is unreadable ({e}); the loss history restarts here")
-    return losses
+print_flush = partial(print, flush=True)  # progress lines reach a pipe (``| tee``) as printed
 
 
 def train_run(
@@ -78,28 +37,23 @@ def train_run(
     resume: bool = False,
     overwrite: bool = False,
     other_data: bool = False,
-    log=print_flush,
+    log: Callable[[str], None] = print_flush,
     num_samples: int = 10,
     devices: int | None = None,
 ) -> dict[str, Any]:
-    """Train ``cfg`` on the lecture's split of ``data_path`` into run directory ``out``.
+    """Train ``cfg`` on the lecture's split of ``data_path`` into run directory ``out``;
+    return the metrics (also written to ``metrics.json``).
 
-    Prints the lecture's progress lines (``  10000/ 200000: 2.1775``), checkpoints after
-    every chunk, and at the end calibrates batch norm on the training set, evaluates the
-    three splits, writes ``metrics.json`` (and ``loss.png``) and returns the metrics.
-    ``devices`` (default: all) splits every batch over that many devices
-    (:mod:`jaxninja.parallel`); it is not part of ``cfg``: a run may resume on another
-    device count. Ctrl-C or SIGTERM stop after the current chunk with a checkpoint.
-
-    In a multi-process job (:func:`jaxninja.parallel.initialize`) every process calls
-    this; process 0 alone reads and writes ``out`` and logs, the others get its state,
-    train their rows of each batch and return ``{}`` (the end runs on process 0 alone).
+    ``devices`` (default: all) splits each batch over that many devices; it is not part of
+    ``cfg``, so a run may resume on another count. Ctrl-C/SIGTERM stop after the current
+    chunk, with a checkpoint. In a multi-process job every process calls this; process 0
+    alone reads and writes ``out`` and logs, the others train their rows and return ``{}``.
     """
     t_start = time.perf_counter()
     cfg.validate()
     mesh = parallel.data_mesh(cfg, devices)
     main = parallel.is_main()
-    log = log if main else _silent
+    log = log if main else (lambda line: None)  # the report is process 0's
     splits = data.load_splits(data_path, block_size=cfg.block_size)
     parallel.check_same(splits.sha256, "data file (sha256)")
     rundir.check_memory(cfg, len(splits.data["train"][1]), splits.vocab.size)
@@ -109,8 +63,7 @@ def train_run(
         state = train.init_state(cfg, splits.vocab.size)
         losses = np.full(cfg.steps, np.nan, np.float32)
         if resume and main:
-            state = _resume_state(cfg, out, splits, other_data)
-            losses = _old_losses(out / "losses.npy", cfg.steps, log)
+            state, losses = rundir.resume(cfg, out, splits, other_data, log)
         state = parallel.from_main(state, mesh)  # alone: as is
         start = int(state.step)
         state, timing = _train_loop(cfg, out, splits, state, losses, mesh, stop, log, start)
@@ -126,30 +79,17 @@ def train_run(
         return _finish(cfg, out, splits, state, losses, timing, log, num_samples)
 
 
-def _silent(line: str) -> None:
-    """The log of processes other than 0: the report is process 0's."""
-
-
 def _train_loop(cfg, out, splits, state, losses, mesh, stop, log, start: int):
     """Chunks until ``cfg.steps``: finiteness check, progress lines, checkpoint."""
     Xtr, Ytr = parallel.replicate(splits.data["train"], mesh)  # check_same: same everywhere
     saved = start if start > 0 else None  # step of the newest checkpoint of this run
-    compile_seconds = run_seconds = 0.0
-    chunks = train.run_chunks(
-        lambda n: train.make_train_chunk(cfg, n, mesh),
-        state,
-        Xtr,
-        Ytr,
-        start=int(state.step),
-        steps=cfg.steps,
-        chunk_steps=cfg.chunk_steps,
-    )
-    for chunk in chunks:
-        first = chunk.step - len(chunk.losses)
-        compile_seconds += chunk.compile_seconds
-        run_seconds += chunk.run_seconds
+    compile_s = run_s = 0.0
+    make = partial(train.make_train_chunk, cfg, mesh=mesh)
+    steps = dict(start=start, steps=cfg.steps, chunk_steps=cfg.chunk_steps)
+    for chunk in train.run_chunks(make, state, Xtr, Ytr, **steps):
+        first, state = chunk.step - len(chunk.losses), chunk.state
+        compile_s, run_s = compile_s + chunk.compile_seconds, run_s + chunk.run_seconds
         _check_finite(chunk, first, out, saved)
-        state = chunk.state
         losses[first : chunk.step] = chunk.losses
         for i in range(first, chunk.step):
             if i % cfg.chunk_steps == 0:
@@ -167,11 +107,8 @@ def _train_loop(cfg, out, splits, state, losses, mesh, stop, log, start: int):
                 f"saved in {out}. Continue with the same command plus --resume",
                 signum,
             )
-    steps_run = cfg.steps - start
-    return state, {
-        "compile_seconds": round(compile_seconds, 3),
-        "steps_per_second": round(steps_run / run_seconds, 1) if run_seconds else None,
-    }
+    per_second = round((cfg.steps - start) / run_s, 1) if run_s else None
+    return state, {"compile_seconds": round(compile_s, 3), "steps_per_second": per_second}
 
 
 def _check_finite(chunk: train.Chunk, first: int, out: Path, saved: int | None) -> None:
@@ -179,16 +116,11 @@ def _check_finite(chunk: train.Chunk, first: int, out: Path, saved: int | None) 
     leaves = (np.asarray(x) for x in jax.tree.leaves(chunk.state))
     if not bad.any() and all(np.isfinite(a).all() for a in leaves if a.dtype.kind == "f"):
         return
-    what = (
-        f"loss became non-finite at step {first + int(bad.argmax())}"
-        if bad.any()
-        else f"parameters became non-finite in steps {first}..{chunk.step - 1}"
-    )
-    kept = (
-        f"the last good checkpoint (step {saved}) is kept in {out}"
-        if saved is not None
-        else "no checkpoint of this run was written"
-    )
+    what = f"parameters became non-finite in steps {first}..{chunk.step - 1}"
+    if bad.any():
+        what = f"loss became non-finite at step {first + int(bad.argmax())}"
+    kept = f"the last good checkpoint (step {saved}) is kept in {out}"
+    kept = "no checkpoint of this run was written" if saved is None else kept
     raise RunError(f"{what}; stopped, {kept}")
 
 
@@ -198,15 +130,9 @@ def _finish(cfg, out, splits, state, losses, timing, log, num_samples: int) -> d
     bn_stats = train.calibrate_bn(params, jnp.asarray(splits.data["train"][0]))
     checkpoint.save(out, cfg, splits.vocab, state, bn_stats, data_sha256=splits.sha256)
     split_losses = split_losses_of(params, bn_stats, splits.data)
-    metrics: dict[str, Any] = {
-        **{f"{k}_loss": v for k, v in split_losses.items()},
-        "steps": cfg.steps,
-        "backend": cfg.backend,
-        "device": str(jax.devices()[0].device_kind),
-        "config": cfg.to_dict(),
-        "data_sha256": splits.sha256,
-        **timing,
-    }
+    metrics: dict[str, Any] = {f"{k}_loss": v for k, v in split_losses.items()}
+    metrics.update(steps=cfg.steps, backend=cfg.backend, device=jax.devices()[0].device_kind)
+    metrics.update(config=cfg.to_dict(), data_sha256=splits.sha256, **timing)
     if cfg.running_stats:
         running = split_losses_of(params, state.bn_running, splits.data)
         metrics.update({f"{k}_loss_running_stats": v for k, v in running.items()})
@@ -235,23 +161,17 @@ def plot_losses(losses: np.ndarray, path: Path, window: int = 1000) -> bool:
     """Save log10(loss) averaged over ``window`` steps, as in the lectures; ``False``
     when matplotlib is not installed."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: no global backend or state
     except ImportError:
         return False
     done = losses[np.isfinite(losses)]
     window = max(1, min(window, len(done) // 10 or 1))
-    n = len(done) // window * window
-    curve = np.log10(done[:n]).reshape(-1, window).mean(1)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    curve = np.log10(done[: len(done) // window * window]).reshape(-1, window).mean(1)
+    fig = Figure(figsize=(6, 4), layout="tight")
+    ax = fig.subplots()
     ax.plot(np.arange(len(curve)) * window, curve)
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"log10 loss (mean of {window} steps)")
-    fig.tight_layout()
+    ax.set(xlabel="step", ylabel=f"log10 loss (mean of {window} steps)")
     fileio.write_atomic(path, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
     return True
 
 
@@ -270,5 +190,5 @@ def eval_run(out: str | os.PathLike[str], data_path=None, other_data: bool = Fal
     """The split losses of a saved run, recomputed from its checkpoint."""
     ckpt = load_run(out)
     splits = data.load_splits(data_path, block_size=ckpt.config.block_size)
-    _check_same_data(Path(out), ckpt, splits, other_data)
+    rundir.check_same_data(Path(out), ckpt, splits, other_data)
     return split_losses_of(ckpt.state.params, ckpt.bn_stats, splits.data)

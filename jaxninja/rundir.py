@@ -1,17 +1,10 @@
-"""What makes a run directory safe: exclusive, locked, stopped cleanly, sized in advance.
+"""What makes a run directory safe: exclusive, locked, resumable, stopped cleanly, sized.
 
-* **Exclusive.** The tool writes only its own file names (:data:`FILES`). A directory that
-  holds one of them without a jaxninja checkpoint is someone else's: it is refused unless
-  ``--overwrite`` says so. A checkpoint there needs ``--resume`` or ``--overwrite``.
-* **Locked.** A run holds an ``flock`` on :data:`LOCK` in its directory for its whole
-  life, so a second process (same ``--out``, same or another machine on a shared
-  filesystem that supports it) gets a one-line error instead of mixing two runs' files.
-  The kernel drops the lock when the process dies, however it dies.
-* **Stopped cleanly.** SIGINT (Ctrl-C) and SIGTERM (``kill``, Slurm, ``timeout``,
-  ``docker stop``) end the run after the current chunk, with a checkpoint; a second
-  signal stops at once (the last checkpoint is intact: every file is written atomically).
-* **Sized in advance.** :func:`check_memory` refuses a config that cannot fit in memory
-  before anything large is allocated.
+The tool writes only :data:`FILES`; a directory holding one of them without a checkpoint is
+someone else's (refused unless ``--overwrite``). An ``flock`` on :data:`LOCK` keeps a second
+process out for the run's whole life (the kernel drops it however the process dies). A resume
+checks config, vocabulary and data first. The first SIGINT/SIGTERM stops after the current
+chunk, a second one at once. :func:`check_memory` refuses a config too big for the machine.
 """
 
 from __future__ import annotations
@@ -26,8 +19,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from jaxninja import checkpoint, data
 from jaxninja.errors import JaxninjaError
-from jaxninja.train import TrainConfig
+from jaxninja.train import TrainConfig, TrainState
 
 FILES = ("checkpoint.npz", "losses.npy", "metrics.json", "loss.png")
 LOCK = ".jaxninja.lock"
@@ -64,12 +60,6 @@ def _check_owned(out: Path, resume: bool, overwrite: bool) -> None:
         )
 
 
-def _clear(out: Path) -> None:
-    """``--overwrite``: no file of the old run may outlive it next to the new one."""
-    for name in FILES:
-        (out / name).unlink(missing_ok=True)
-
-
 @contextmanager
 def claim(out: Path, *, resume: bool, overwrite: bool) -> Iterator[None]:
     """Create (if needed), check and lock run directory ``out`` for this process."""
@@ -90,7 +80,8 @@ def claim(out: Path, *, resume: bool, overwrite: bool) -> Iterator[None]:
             ) from None
         _check_owned(out, resume, overwrite)  # again, now that nobody else can change it
         if overwrite:  # only now: never delete the files of a run that holds the lock
-            _clear(out)
+            for name in FILES:
+                (out / name).unlink(missing_ok=True)
         yield
     finally:
         os.close(fd)
@@ -98,9 +89,8 @@ def claim(out: Path, *, resume: bool, overwrite: bool) -> Iterator[None]:
 
 @dataclass
 class Stop:
-    """Set by the first SIGINT/SIGTERM: ``requested`` names it, ``signum`` is its number."""
+    """``signum``: the number of the first SIGINT/SIGTERM (0: none yet)."""
 
-    requested: str | None = None
     signum: int = 0
 
 
@@ -112,15 +102,11 @@ def deferred_stop() -> Iterator[Stop]:
     stop = Stop()
 
     def handler(signum, frame):
-        if stop.requested:
-            stop.signum = signum
+        first, stop.signum = not stop.signum, signum
+        if not first:
             raise KeyboardInterrupt  # unwinds: a file being written is cleaned up
-        stop.requested, stop.signum = signal.Signals(signum).name, signum
-        print(
-            f"{stop.requested}: saving after the current chunk (send it again to stop now)",
-            file=sys.stderr,
-            flush=True,
-        )
+        msg = "saving after the current chunk (send it again to stop now)"
+        print(f"{signal.Signals(signum).name}: {msg}", file=sys.stderr, flush=True)
 
     signals = (signal.SIGINT, signal.SIGTERM)
     try:
@@ -131,30 +117,21 @@ def deferred_stop() -> Iterator[Stop]:
     try:
         yield stop
     except KeyboardInterrupt:
-        # XLA may still be running the chunk in its threads, and a normal interpreter
-        # exit under it can crash (SIGSEGV, measured): leave at once, the checkpoint
-        # on disk is the last complete one and the kernel releases the lock.
-        name = signal.Signals(stop.signum or signal.SIGINT).name
-        print(f"{name} again: stopped now; the last checkpoint is kept", file=sys.stderr)
+        # XLA may still run the chunk in its threads and a normal exit under it can crash
+        # (SIGSEGV, measured): leave at once; the kernel releases the lock.
+        signum = stop.signum or signal.SIGINT
         sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(128 + (stop.signum or signal.SIGINT))
+        msg = "again: stopped now; the last checkpoint is kept"
+        print(f"{signal.Signals(signum).name} {msg}", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
 
 
-def _physical_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 62  # unknown: do not refuse
-
-
 def memory_needed(cfg: TrainConfig, n_examples: int, vocab_size: int = 27) -> int:
-    """Bytes a run needs at its peak, roughly (float32/int32, 4 bytes each): the state
-    (params, gradients, optimizer), a chunk's gathered batches, a step's activations
-    and the evaluation of the whole training set at once."""
+    """Peak bytes of a run, roughly (4 per value): state (params, grads, optimizer), a
+    chunk's batches, a step's activations, the evaluation of the whole training set."""
     fan_in = cfg.block_size * cfg.n_embd
     params = vocab_size * cfg.n_embd + (fan_in + vocab_size + 4) * cfg.n_hidden + vocab_size
     batches = min(cfg.chunk_steps, cfg.steps) * cfg.batch_size * (cfg.block_size + 2)
@@ -165,7 +142,11 @@ def memory_needed(cfg: TrainConfig, n_examples: int, vocab_size: int = 27) -> in
 
 def check_memory(cfg: TrainConfig, n_examples: int, vocab_size: int = 27) -> None:
     """Raise :class:`RunError` when :func:`memory_needed` exceeds this machine's memory."""
-    need, have = memory_needed(cfg, n_examples, vocab_size), _physical_memory()
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        have = 1 << 62  # unknown: do not refuse
+    need = memory_needed(cfg, n_examples, vocab_size)
     if need > 0.8 * have:
         gib = 1 << 30
         raise RunError(
@@ -173,3 +154,40 @@ def check_memory(cfg: TrainConfig, n_examples: int, vocab_size: int = 27) -> Non
             f"machine has {have / gib:.0f} GiB; lower --n-hidden, --block-size, "
             f"--n-embd, --batch-size, --chunk-steps or --steps"
         )
+
+
+def check_same_data(out: Path, ckpt: checkpoint.Checkpoint, splits, other_data: bool) -> None:
+    """Raise :class:`RunError` unless ``ckpt`` was trained on ``splits``' vocabulary and
+    (unless ``other_data``) on the same data file."""
+    if ckpt.vocab != splits.vocab:
+        raise RunError(f"{out} holds a run trained on a different vocabulary")
+    if not other_data and ckpt.data_sha256 != splits.sha256:
+        raise RunError(
+            f"{out} was trained on another data file (sha256 {ckpt.data_sha256!s:.12}..., "
+            f"this one {splits.sha256[:12]}...); pass --other-data to use it anyway"
+        )
+
+
+def resume(
+    cfg: TrainConfig, out: Path, splits: data.Splits, other_data: bool, log
+) -> tuple[TrainState, np.ndarray]:
+    """The checkpoint's state, once checked to be this run's (config but ``steps``, vocab,
+    data), and the loss history (NaN where missing: a damaged file costs the history,
+    never the run)."""
+    ckpt = checkpoint.load(out)
+    theirs, ours = {**ckpt.config.to_dict(), "steps": None}, {**cfg.to_dict(), "steps": None}
+    diff = [f"{k}={theirs[k]!r} (asked {ours[k]!r})" for k in ours if theirs[k] != ours[k]]
+    if diff:
+        raise RunError(f"{out} holds a run with a different config: {', '.join(diff)}")
+    check_same_data(out, ckpt, splits, other_data)
+    if int(ckpt.state.step) > cfg.steps:
+        raise RunError(f"{out} is already at step {int(ckpt.state.step)} > --steps {cfg.steps}")
+    losses = np.full(cfg.steps, np.nan, np.float32)
+    try:  # memory-mapped: a header that claims terabytes allocates nothing
+        old = np.load(out / "losses.npy", mmap_mode="r", allow_pickle=False).reshape(-1)
+        losses[: len(old[: cfg.steps])] = np.asarray(old[: cfg.steps], np.float32)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, EOFError, TypeError) as e:
+        log(f"warning: {out / 'losses.npy'} is unreadable ({e}); the loss history restarts here")
+    return ckpt.state, losses
