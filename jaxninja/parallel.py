@@ -1,50 +1,9 @@
-"""Data-parallel training: each batch split over a 1-D device mesh, batch norm synchronized.
+"""Data-parallel training over a 1-D device mesh, on one process or a job of many.
 
-The global batch of every step is the one single-device training draws
-(:func:`jaxninja.train.batch_indices`); its rows are split into equal, contiguous slices,
-one per device, and the parameters are replicated. Inside ``jax.shard_map`` (with the
-default ``check_vma=True``):
-
-* batch norm takes its mean and variance over the *global* batch (``lax.psum`` of sums
-  and counts, Bessel's correction on the global ``n``), and its hand-written backward
-  rule psums its two batch reductions, so each device's ``dx`` is exactly its slice of
-  the single-device ``dx`` (:func:`jaxninja.ops.batch_norm` with ``axis_name``);
-* the loss is the mean over the global batch (:func:`jaxninja.model.loss` with
-  ``axis_name``);
-* gradients with respect to the replicated parameters come out summed over devices:
-  under ``check_vma`` the transpose of using a replicated value on varying data is a
-  ``psum``, so ``jax.grad`` returns the global gradient on every device, and every device
-  applies the same SGD update.
-
-So a run on ``N`` devices computes the same parameters as a run on one device, up to the
-order of floating-point additions. The chunk itself is
-:func:`jaxninja.train.make_train_chunk` with ``mesh=data_mesh(...)``.
-
-The mesh spans ``jax.devices()`` (all devices of all processes), so the same code runs on
-CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=N`` set before ``jax`` is
-imported), on GPUs and on TPUs.
-
-**Many processes** (one per host or per GPU, started by the cluster's launcher):
-:func:`initialize` joins JAX's distributed runtime (``jax.distributed.initialize``; gloo
-collectives on CPU) before anything else touches a device. The mesh then spans every
-process's devices and the training chunk is the same program: the state and the training
-set are global arrays replicated on every device (:func:`replicate`; every process reads
-the same data file, :func:`check_same`), the batch indices are drawn inside the program
-from the same seed, and each device trains on its own rows of each global batch, so
-``P`` processes x ``D`` devices train the same model as one process with ``P * D``
-devices, or one device, up to float rounding.
-Process 0 alone reads and writes the run directory; the others receive its state
-(:func:`from_main`) and agree with it on stopping (:func:`largest`). Calibration,
-evaluation and sampling at the end run on process 0 alone, on its first device, with the
-(replicated) trained parameters (:func:`local`).
-
-A process that dies takes the job down: JAX's coordination service notices the missing
-heartbeats (``heartbeat_timeout`` seconds; a dead process 0 is noticed at once) and ends
-every other process. JAX ends them from a C++ thread with a multi-line fatal log; a small
-filter process between the process and its stderr (:mod:`jaxninja.stderr_filter`) turns
-that into one ``error:`` line; a collective that fails first is one line too
-(:func:`lost_process`). Every file of the run directory is written atomically, so the last
-checkpoint stays valid and ``--resume`` continues, with any process count.
+Each global batch is split over the devices of all processes; batch norm and the loss
+reduce over the global batch (``axis_name``) and ``jax.grad`` of the replicated parameters
+is already the sum over devices, so any layout trains the same model as one device, up to
+float rounding. README "Data-parallel training" and "Many machines" tell the rest.
 """
 
 from __future__ import annotations
@@ -57,6 +16,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax import Array
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -65,30 +25,9 @@ from jaxninja import model, stderr_filter, train
 from jaxninja.errors import JaxninjaError
 from jaxninja.train import AXIS, ConfigError, TrainConfig
 
-Array = jax.Array
-
-__all__ = [
-    "AXIS",
-    "DistributedError",
-    "check_same",
-    "data_mesh",
-    "from_main",
-    "initialize",
-    "is_main",
-    "largest",
-    "leave_job",
-    "local",
-    "lost_process",
-    "replicate",
-    "sharded_loss_and_grads",
-]
-
-HEARTBEAT_TIMEOUT = 30
-"""Seconds without a heartbeat after which a process counts as dead (JAX's default: 100)."""
-CONNECT_TIMEOUT = 300
-"""Seconds every process waits for all the others to join (they may start minutes apart)."""
-SHUTDOWN_TIMEOUT = 300
-"""Seconds a finished process waits for the others at exit (process 0 still evaluates)."""
+HEARTBEAT_TIMEOUT = 30  # seconds without a heartbeat: a process counts as dead (JAX: 100)
+CONNECT_TIMEOUT = 300  # seconds to wait for every process to join (they may start apart)
+SHUTDOWN_TIMEOUT = 300  # seconds a finished process waits at exit (process 0 still evaluates)
 
 
 class DistributedError(JaxninjaError):
@@ -98,30 +37,23 @@ class DistributedError(JaxninjaError):
 def data_mesh(cfg: TrainConfig, devices: int | None = None) -> Mesh | None:
     """The 1-D mesh of ``devices`` devices for ``cfg``, or ``None`` for one device.
 
-    ``devices=None`` means all of ``jax.devices()`` (all processes' devices), or one
-    device for the ``manual`` backend.
-
-    Raises :class:`~jaxninja.train.ConfigError` when ``devices`` is not a positive
-    integer, exceeds the devices there are, when ``cfg.batch_size`` does not divide by
-    it, or when the backend cannot run sharded (``manual`` has no cross-device rule).
+    ``None``: all of ``jax.devices()`` (one for ``manual``, which has no cross-device rule).
+    :class:`~jaxninja.train.ConfigError` for a bad count, or one that ``cfg`` cannot use.
     """
     available = jax.device_count()
     data_parallel = train.BACKENDS[cfg.backend].data_parallel
     if jax.process_count() > 1:
         _check_job_devices(cfg, devices, available)
     if devices is None and not data_parallel:
-        return None  # e.g. manual: the hand-written backward pass has no cross-device rule
+        return None
     n = available if devices is None else devices
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ConfigError(f"devices must be a positive integer, got {devices!r}")
     if n > available:
-        hint = (
-            f"; on CPU set XLA_FLAGS=--xla_force_host_platform_device_count={n} before starting"
-            if jax.default_backend() == "cpu"
-            else ""
-        )
+        hint = f"; on CPU set XLA_FLAGS=--xla_force_host_platform_device_count={n} before starting"
         raise ConfigError(
-            f"--devices {n} asks for more devices than the {available} there are{hint}"
+            f"--devices {n} asks for more devices than the {available} there are"
+            + (hint if jax.default_backend() == "cpu" else "")
         )
     if cfg.batch_size % n:
         raise ConfigError(
@@ -130,27 +62,26 @@ def data_mesh(cfg: TrainConfig, devices: int | None = None) -> Mesh | None:
             + f"; use a --batch-size that is a multiple of {n} or a --devices that "
             f"divides {cfg.batch_size}"
         )
-    if n == 1:
-        return None
-    if not data_parallel:
+    if n > 1 and not data_parallel:
         raise ConfigError(
             f"backend {cfg.backend!r} runs on one device only (asked for {n}); "
             f"pass --devices 1 or --backend custom_vjp"
         )
-    return Mesh(np.array(jax.devices()[:n]), (AXIS,))
+    return Mesh(np.array(jax.devices()[:n]), (AXIS,)) if n > 1 else None
 
 
 def _check_job_devices(cfg: TrainConfig, devices: int | None, available: int) -> None:
     """A multi-process job trains on every device of every process, never on one alone."""
+    processes = jax.process_count()
     if devices not in (None, available):
         raise ConfigError(
-            f"--devices {devices}: a job of {jax.process_count()} processes trains on all "
+            f"--devices {devices}: a job of {processes} processes trains on all "
             f"{available} of their devices; leave --devices out"
         )
     if not train.BACKENDS[cfg.backend].data_parallel:
         raise ConfigError(
             f"backend {cfg.backend!r} runs on one device only; a job of "
-            f"{jax.process_count()} processes needs --backend custom_vjp or autodiff"
+            f"{processes} processes needs --backend custom_vjp or autodiff"
         )
 
 
@@ -166,43 +97,21 @@ def sharded_loss_and_grads(
         return loss, grads
 
     specs = (P(), P(AXIS), P(AXIS))
-    fn = jax.shard_map(loss_and_grads, mesh=mesh, in_specs=specs, out_specs=(P(), P()))
-    return jax.jit(fn)
+    return jax.jit(jax.shard_map(loss_and_grads, mesh=mesh, in_specs=specs, out_specs=(P(), P())))
 
 
-# --------------------------------------------------------------- joining a job
-
-
-def parse_coordinator(address: str) -> tuple[str, int]:
-    """``"HOST:PORT"`` (``"[::1]:PORT"`` for IPv6) -> ``(host, port)``.
-
-    >>> parse_coordinator("node001:8476")
-    ('node001', 8476)
-    """
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise DistributedError(
-            f"--coordinator must be HOST:PORT with a port in 1..65535, got {address!r}"
-        )
-    return host, int(port)
-
-
-LAUNCHERS = {
-    "JAX_COORDINATOR_ADDRESS": None,  # JAX's own; the rest is detected by JAX
+LAUNCHERS = {  # a launcher's process count -> one more variable that JAX's detection reads
+    "JAX_COORDINATOR_ADDRESS": None,  # JAX's own: an address, not a count
     "SLURM_STEP_NUM_TASKS": "SLURM_STEP_NODELIST",  # srun: a job step's task count
     "OMPI_COMM_WORLD_SIZE": "OMPI_MCA_orte_hnp_uri",  # Open MPI's mpirun
 }
-"""Environment variables of launchers whose job JAX joins without arguments: the variable
-(a process count, except JAX's address) and one more that JAX's detection reads."""
 
 
 def launched_job(environ: Mapping[str, str] = os.environ) -> bool:
-    """Whether a launcher started this process as one of several that JAX can join
-    with no arguments (Slurm's ``srun``, Open MPI's ``mpirun``, ``JAX_COORDINATOR_ADDRESS``).
+    """Whether a launcher (``srun``, ``mpirun``, ``JAX_COORDINATOR_ADDRESS``) started this
+    process as one of several, a job JAX joins with no arguments.
 
-    >>> launched_job({}), launched_job({"SLURM_STEP_NUM_TASKS": "1", "SLURM_STEP_NODELIST": "n1"})
-    (False, False)
-    >>> launched_job({"OMPI_COMM_WORLD_SIZE": "4", "OMPI_MCA_orte_hnp_uri": "x;tcp://10.0.0.1:1"})
+    >>> launched_job({"OMPI_COMM_WORLD_SIZE": "4", "OMPI_MCA_orte_hnp_uri": "x;tcp://h:1"})
     True
     """
     for count, needs in LAUNCHERS.items():
@@ -224,12 +133,9 @@ def initialize(
 ) -> int:
     """Join a multi-process job before anything touches a device; return the process count.
 
-    With ``coordinator`` (``HOST:PORT`` of process 0), ``num_processes`` and
-    ``process_id`` this process joins that job; with none of them, JAX's own cluster
-    detection joins the job a launcher started (:func:`launched_job`), and otherwise the
-    process runs alone (returns 1, nothing initialized). CPU collectives use gloo. A
-    process missing ``heartbeat_timeout`` seconds of heartbeats ends the job
-    (:mod:`jaxninja.stderr_filter` makes that one ``error:`` line).
+    All three of ``coordinator`` (process 0's ``HOST:PORT``), ``num_processes`` and
+    ``process_id``, or none: then join a launcher's job (:func:`launched_job`) or run alone
+    (returns 1). CPU collectives use gloo; stderr goes through :mod:`jaxninja.stderr_filter`.
 
     >>> initialize(environ={})  # no flags, no launcher: one process
     1
@@ -237,9 +143,9 @@ def initialize(
     given = {"--coordinator": coordinator, "--num-processes": num_processes}
     given["--process-id"] = process_id
     missing = [flag for flag, value in given.items() if value is None]
-    if len(missing) == len(given) and not launched_job(environ):
+    if len(missing) == 3 and not launched_job(environ):
         return 1
-    if missing and len(missing) < len(given):
+    if 0 < len(missing) < 3:
         raise DistributedError(
             f"--coordinator, --num-processes and --process-id go together; missing "
             f"{', '.join(missing)}"
@@ -266,8 +172,11 @@ def initialize(
 
 
 def _check_job_args(coordinator, num_processes, process_id, heartbeat_timeout) -> None:
-    if coordinator is not None:
-        parse_coordinator(coordinator)
+    host, _, port = (coordinator or "").rpartition(":")  # "[::1]:PORT" for IPv6
+    if coordinator is not None and not (host and port.isdigit() and 0 < int(port) < 65536):
+        raise DistributedError(
+            f"--coordinator must be HOST:PORT with a port in 1..65535, got {coordinator!r}"
+        )
     if num_processes is not None and num_processes < 1:
         raise DistributedError(f"--num-processes must be >= 1, got {num_processes}")
     if process_id is not None and not 0 <= process_id < (num_processes or 1):
@@ -280,9 +189,8 @@ def _check_job_args(coordinator, num_processes, process_id, heartbeat_timeout) -
 
 
 def leave_job(exit_code: int) -> int:
-    """End this process of a multi-process job now with ``exit_code`` (after flushing
-    stdout/stderr), skipping JAX's exit barrier, where it would wait for processes that
-    wait for it; the others see it gone and stop. Alone: return ``exit_code``.
+    """End this process of a job now, skipping JAX's exit barrier (which would wait for
+    processes that wait for this one); alone, return ``exit_code``.
 
     >>> leave_job(2)  # one process: nothing to leave
     2
@@ -294,18 +202,13 @@ def leave_job(exit_code: int) -> int:
     return exit_code
 
 
-# ------------------------------------------------------- data across processes
-
-
 def is_main() -> bool:
     """Whether this is process 0, the one that prints and writes the run directory."""
     return jax.process_index() == 0
 
 
 def from_main(tree: Any, mesh: Mesh | None) -> Any:
-    """Process 0's value of pytree ``tree`` (same structure everywhere), as arrays
-    replicated on every device of ``mesh`` (``None``: left on this process's default
-    device). Every process must call it: it is a collective."""
+    """Process 0's pytree ``tree``, :func:`replicate`-d (a collective: every process calls it)."""
     return replicate(multihost_utils.broadcast_one_to_all(tree), mesh)
 
 
@@ -321,14 +224,12 @@ def replicate(tree: Any, mesh: Mesh | None) -> Any:
 
 
 def local(tree: Any) -> Any:
-    """Replicated (global) arrays as arrays on this process's default device: what
-    single-device code (calibration, evaluation, sampling) takes."""
+    """Replicated (global) arrays as arrays on this process's default device."""
     return jax.tree.map(lambda a: jax.numpy.asarray(np.asarray(a)), tree)
 
 
 def largest(value: int) -> int:
-    """The largest ``value`` over all processes (a collective): e.g. the number of a
-    signal one process got, so that every process stops after the same chunk.
+    """The largest ``value`` over all processes (a collective), e.g. a signal's number.
 
     >>> largest(15)  # one process
     15
@@ -353,12 +254,8 @@ def check_same(text: str, what: str) -> None:
         )
 
 
-# ------------------------------------------------------ a dead process: one line
-
-
 def lost_process(error: BaseException) -> str | None:
-    """The one-line message for a JAX runtime error in a multi-process job (a collective
-    whose peer went away: gloo reports a reset connection), else ``None``.
+    """The one line for a JAX runtime error in a job (a collective lost its peer), or ``None``.
 
     >>> lost_process(RuntimeError("x")) is None  # one process: not ours to explain
     True
@@ -373,12 +270,8 @@ def _guard_stderr(coordinator: str) -> None:
     """Route this process's stderr (fd 2) through a :mod:`jaxninja.stderr_filter` process."""
     sys.stderr.flush()
     read, write = os.pipe()
-    subprocess.Popen(
-        [sys.executable, "-m", "jaxninja.stderr_filter", coordinator, str(CONNECT_TIMEOUT)],
-        stdin=read,
-        close_fds=True,
-        start_new_session=True,  # Ctrl-C / Slurm's signals reach the job, not the filter
-    )
+    cmd = [sys.executable, "-m", "jaxninja.stderr_filter", coordinator, str(CONNECT_TIMEOUT)]
+    subprocess.Popen(cmd, stdin=read, start_new_session=True)  # signals: for the job only
     os.close(read)
     os.dup2(write, 2)
     os.close(write)

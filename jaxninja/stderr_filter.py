@@ -1,12 +1,8 @@
 """One ``error:`` line instead of JAX's fatal "another task died" log.
 
-When a process of a multi-process job dies or hangs, JAX's distributed runtime ends every
-other process from a C++ thread: a few ``E``/``F`` log lines and a C++ stack trace on
-stderr, then ``abort()``. Python cannot catch that, so :func:`jaxninja.parallel.initialize`
-routes the process's stderr (fd 2) through ``python -m jaxninja.stderr_filter ADDRESS
-SECONDS``, a small process (standard library only) that copies everything else unchanged
-and prints one ``error:`` line for that log (:func:`filter_stderr`). The process still
-ends by ``SIGABRT`` (a non-zero exit).
+:func:`jaxninja.parallel.initialize` pipes stderr through ``python -m jaxninja.stderr_filter
+ADDRESS SECONDS`` (standard library only): JAX ends a job's processes from C++ (a log, a
+stack trace, ``abort()``), which Python cannot catch. The rest passes unchanged.
 """
 
 from __future__ import annotations
@@ -18,7 +14,7 @@ import select
 import signal
 import sys
 from collections.abc import Callable, Iterable
-from typing import Any, TextIO
+from typing import Any
 
 _LOG_LINE = re.compile(r"[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ")
 _FATAL = "Terminating process because the JAX distributed service detected fatal errors"
@@ -52,15 +48,13 @@ def filter_stderr(
     coordinator: str = "process 0",
     timeout: int = 300,
 ) -> bool:
-    """Copy ``lines`` to ``write``, but turn JAX's fatal "another task died" log (C++ log
-    lines, continuation lines and a stack trace) into one ``error:`` line.
+    """Copy ``lines`` to ``write``, but JAX's fatal log becomes one ``error:`` line; return
+    whether it came (then the rest was not read).
 
-    C++ log lines (``E1127 00:06:08.504 10919 file.cc:12] ...``) and what follows them are
-    held back until a ``None`` (a pause in the stream: JAX writes its error lines, the
-    fatal one and its details at once) or the end; a held block without the fatal line
-    is written unchanged. Returns whether it was fatal (then the rest was not read).
-    ``coordinator`` and ``timeout`` (seconds to join) go into the message of a process
-    that never joined.
+    A C++ log line (``E1127 00:06:08.504 10919 file.cc:12] ...``) and what follows it are
+    held until a ``None`` (a pause: JAX writes a fatal block at once) or the end, then
+    written unchanged unless fatal. ``coordinator`` and ``timeout`` (seconds to join) go
+    into the message of a process that never joined.
 
     >>> out = []
     >>> filter_stderr(["W1127 00:00:00.1 7 a.cc:1] hi", None, "ok"], out.append), out
@@ -92,30 +86,18 @@ def _stdin_lines(pause: float = 0.5) -> Iterable[str | None]:
             yield None
             continue
         chunk = os.read(fd, 65536)
-        if not chunk:
-            if buffer:
-                yield buffer.decode(errors="replace")
+        if not chunk:  # the end; a last line without a newline, if any
+            yield buffer.decode(errors="replace") or None
             return
         buffer += chunk
         *complete, buffer = buffer.split(b"\n")
-        for line in complete:
-            yield line.decode(errors="replace") + "\n"
+        yield from (line.decode(errors="replace") + "\n" for line in complete)
 
 
-def _run_filter(out: TextIO, coordinator: str, timeout: int) -> None:
-    """``python -m jaxninja.stderr_filter ADDRESS SECONDS``: stdin -> ``out`` until EOF
-    (the process whose stderr it is has ended). Signals are for that process, not this."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
+if __name__ == "__main__":  # until EOF: the process whose stderr this is has ended
+    for signum in (signal.SIGINT, signal.SIGTERM):  # they are for that process, not this
         signal.signal(signum, signal.SIG_IGN)
-
-    def write(text: str) -> None:
-        out.write(text)
-        out.flush()
-
-    if filter_stderr(_stdin_lines(), write, coordinator, timeout):
+    # stderr is line-buffered (Python >= 3.9): each line is out at once
+    if filter_stderr(_stdin_lines(), sys.stderr.write, sys.argv[1], int(sys.argv[2])):
         for _ in _stdin_lines():  # the stack trace: drained, not shown
             pass
-
-
-if __name__ == "__main__":
-    _run_filter(sys.stderr, sys.argv[1], int(sys.argv[2]))
