@@ -64,15 +64,14 @@ def save(
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise fileio.WriteError(f"cannot create {run_dir}: {e.strerror or e}") from e
-    meta = dict(format=FORMAT, config=config.to_dict(), vocab=list(vocab.itos))
-    meta = json.dumps({**meta, "data_sha256": data_sha256}).encode()
-    arrays: dict[str, Any] = {"meta": np.frombuffer(meta, dtype=np.uint8)}
+    meta = {"format": FORMAT, "config": config.to_dict(), "vocab": list(vocab.itos)}
+    text = json.dumps({**meta, "data_sha256": data_sha256}).encode()
+    arrays: dict[str, Any] = {"meta": np.frombuffer(text, dtype=np.uint8)}
     for path, leaf in jax.tree_util.tree_leaves_with_path(state):
         arrays["state" + jax.tree_util.keystr(path)] = np.asarray(leaf)
     arrays.update({f"bn_stats/{k}": np.asarray(v) for k, v in (bn_stats or {}).items()})
-    dest = run_dir / FILENAME
-    fileio.write_atomic(dest, lambda f: np.savez(f, **arrays))
-    return dest
+    fileio.write_atomic(run_dir / FILENAME, lambda f: np.savez(f, **arrays))
+    return run_dir / FILENAME
 
 
 def _listing(names: Collection[str], limit: int = 5, as_list: bool = False) -> str:

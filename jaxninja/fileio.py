@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -13,16 +14,13 @@ from jaxninja.errors import JaxninjaError
 
 
 class WriteError(JaxninjaError):
-    """A file the tool could not write: ``cannot write PATH: REASON`` (full disk, read-only
-    directory, missing parent, ...); nothing was left behind."""
+    """``cannot write PATH: REASON`` (full disk, read-only directory, ...); nothing is left."""
 
 
 def check_results_file(out: str | os.PathLike[str], tool: str) -> dict[str, Any]:
-    """Check, before any work and without touching anything, that the results file ``out``
-    can be written; return the results it holds (``{}`` when it does not exist).
-
-    An existing ``out`` must be a regular file holding a JSON object that ``tool`` wrote
-    (``{"tool": tool, ...}``): never a file, link, FIFO, device or directory of the user's.
+    """Check, before any work and touching nothing, that results file ``out`` can be
+    written: new, or a regular file holding ``{"tool": tool, ...}`` (never a link, FIFO,
+    device, directory or file of the user's). Return what it holds (``{}``: nothing).
 
     >>> with tempfile.TemporaryDirectory() as tmp:
     ...     check_results_file(Path(tmp, "new.json"), "jaxninja sweep")
@@ -64,14 +62,11 @@ def current_umask() -> int:
 def write_atomic(
     path: str | os.PathLike[str], write: Callable[[Any], None], mode: str = "wb"
 ) -> None:
-    """Write ``path`` so that it is always either the old file or the whole new one:
-    ``write(f)`` into a temporary file beside it, flush and fsync, give it the permissions
-    a plain ``open`` would (``0o666 & ~umask``: ``mkstemp`` makes it ``0o600``), then
-    rename it over ``path`` and fsync the directory.
-
-    If anything fails the temporary file is removed and ``path`` is untouched. An
-    ``OSError`` (``ENOSPC``, ``EROFS``, ``EACCES``, ...) becomes a :class:`WriteError`
-    naming ``path`` and the reason; any other exception of ``write`` passes through.
+    """Write ``path`` so that it is always the old file or the whole new one: ``write(f)``
+    into a temporary file beside it, fsync, give it a plain ``open``'s permissions
+    (``0o666 & ~umask``, not ``mkstemp``'s ``0o600``), rename it over ``path``, fsync the
+    directory. On failure the temporary file is removed; an ``OSError`` becomes a
+    :class:`WriteError` naming ``path``, other exceptions of ``write`` pass through.
 
     >>> with tempfile.TemporaryDirectory() as tmp:
     ...     p = Path(tmp, "a.txt")
@@ -104,14 +99,10 @@ def write_atomic(
 
 
 def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable; a directory that cannot be opened is left as is."""
-    try:
+    """Make the rename itself durable, where the file system can fsync a directory."""
+    with contextlib.suppress(OSError):
         dfd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass  # some file systems cannot fsync a directory; the data itself is synced
-    finally:
-        os.close(dfd)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)

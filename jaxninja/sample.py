@@ -56,13 +56,9 @@ def sample_ids(
     max_len: int = 32,
     temperature: float | Array = 1.0,
 ) -> Array:
-    """Draw ``num_samples`` sequences in parallel, ``(num_samples, max_len)`` int32 ids.
-
-    Each starts from the all-``.`` context and draws from ``softmax(logits / T)``
-    (:func:`tempered_choice`) until it draws ``.`` (id 0) or reaches ``max_len``
-    characters; everything after a row's ``.`` is 0. Batch norm uses ``bn_stats`` (eval
-    mode), so rows are independent.
-    """
+    """``(num_samples, max_len)`` int32 ids drawn in parallel from the all-``.`` context
+    with :func:`tempered_choice` until ``.`` (id 0; all 0 after it) or ``max_len``. Batch
+    norm uses ``bn_stats`` (eval mode), so rows are independent."""
 
     def step(carry, key_t):
         context, done = carry
@@ -93,11 +89,8 @@ def sample_names(
     max_len: int = 32,
     temperature: float = 1.0,
 ) -> list[str]:
-    """``num_samples`` names as strings (without the terminating ``.``).
-
-    ``temperature`` is any positive finite number (``1e-300`` is exact greedy decoding);
-    zero, negative and non-finite values raise :class:`~jaxninja.errors.JaxninjaError`.
-    """
+    """``num_samples`` names (without the final ``.``); ``temperature`` is any positive
+    finite number (``1e-300``: greedy), anything else raises :class:`JaxninjaError`."""
     n = _positive_int("num_samples", num_samples)
     length = _positive_int("max_len", max_len)
     t = temperature

@@ -7,10 +7,8 @@ vmapped over the train state, the seed (which draws the batches) and the learnin
 Member ``m`` computes the same run as ``jaxninja train --seed s_m --lr lr_m`` (up to
 float32 rounding of the batched kernels).
 
-Why: a vmapped step runs the same number of kernels on ``M`` times the data, which pays
-off where one small model leaves the hardware idle. On the 2-core CPU it was measured on
-it does not (``jaxninja bench``: 59-80 us per model-step for M = 1, 8, 32, against ~48
-us for one plain run): there, train the members one after another.
+It pays off where one small model leaves the hardware idle; on the 2-core CPU measured it
+does not (``jaxninja bench``: 59-80 us per model-step against ~48 us for one plain run).
 """
 
 from __future__ import annotations
@@ -20,6 +18,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import jax
@@ -95,13 +94,10 @@ def sweep_run(
     out: str | os.PathLike[str] | None = None,
     log: Log = print,
 ) -> dict[str, Any]:
-    """Train the ``seeds x lrs`` grid of ``cfg`` in one vmapped program and report each
-    member's final train/val loss (batch norm calibrated per member on the training set);
-    with ``out``, also write them there as JSON (checked writable before training).
-
-    Returns ``{"members": [{"seed", "lr", "train_loss", "val_loss"}, ...], "seconds",
-    "compile_seconds", "model_steps_per_second", "config"}``.
-    """
+    """Train the ``seeds x lrs`` grid of ``cfg`` in one vmapped program; return (and write
+    to ``out`` as JSON, checked writable first) ``{"members": [{"seed", "lr", "train_loss",
+    "val_loss", ...}, ...], "seconds", "compile_seconds", "model_steps_per_second", "config"}``
+    with batch norm calibrated per member on the training set."""
     t_start = time.perf_counter()
     cfg.validate()
     grid = members(seeds, lrs, cfg)
@@ -118,17 +114,8 @@ def sweep_run(
     )
     compile_s = run_s = 0.0
     last = np.full(len(grid), np.nan)
-    for chunk in train.run_chunks(
-        lambda n: make_sweep_chunk(cfg, n),
-        states,
-        m_seeds,
-        m_lrs,
-        Xtr,
-        Ytr,
-        start=0,
-        steps=cfg.steps,
-        chunk_steps=cfg.chunk_steps,
-    ):
+    make, steps = partial(make_sweep_chunk, cfg), dict(steps=cfg.steps, chunk_steps=cfg.chunk_steps)
+    for chunk in train.run_chunks(make, states, m_seeds, m_lrs, Xtr, Ytr, start=0, **steps):
         states, last = chunk.state, chunk.losses[:, -1]
         compile_s, run_s = compile_s + chunk.compile_seconds, run_s + chunk.run_seconds
         log(f"{chunk.step:7d}/{cfg.steps:7d}: " + " ".join(f"{v:.4f}" for v in last))
@@ -151,15 +138,12 @@ def _member_rows(grid, params, Xtr, splits, last, log: Log) -> list[dict[str, An
     names = [k for k in ("train", "val") if len(splits[k][1])]
     split_xy = [(jnp.asarray(splits[k][0]), jnp.asarray(splits[k][1])) for k in names]
     evals = np.asarray(_evaluate_members(params, Xtr, split_xy))  # (splits, M)
-    rows = []
-    for i, (seed, lr) in enumerate(grid):
-        row: dict[str, Any] = {"seed": seed, "lr": lr}
-        row.update({f"{k}_loss": round(float(evals[j][i]), 4) for j, k in enumerate(names)})
-        row["last_batch_loss"] = round(float(last[i]), 4)
-        rows.append(row)
+    rows: list[dict[str, Any]] = []
     log("| member | seed | lr | train | val |")
     log("|---:|---:|---:|---:|---:|")
-    for i, r in enumerate(rows):
-        train_loss, val_loss = r.get("train_loss", float("nan")), r.get("val_loss", float("nan"))
-        log(f"| {i} | {r['seed']} | {r['lr']:g} | {train_loss:.4f} | {val_loss:.4f} |")
+    for i, (seed, lr) in enumerate(grid):
+        losses = {f"{k}_loss": round(float(evals[j][i]), 4) for j, k in enumerate(names)}
+        rows.append({"seed": seed, "lr": lr, **losses, "last_batch_loss": round(float(last[i]), 4)})
+        tr, va = (losses.get(f"{k}_loss", float("nan")) for k in ("train", "val"))
+        log(f"| {i} | {seed} | {lr:g} | {tr:.4f} | {va:.4f} |")
     return rows
