@@ -253,8 +253,7 @@ def torch_entries(mod: Any, cfg: TrainConfig, steps: int, w: Workload) -> list[E
         row = _row(cfg, w, "torch", f"torch {name}", steps_per_repeat=n)
 
         def run() -> tuple[float, float]:
-            kw = {"n_hidden": cfg.n_hidden, "batch_size": cfg.batch_size, "steps": n}
-            r = mod.run_baseline(name, w.X, w.Y, w.vocab_size, **kw)
+            r = mod.run_baseline(name, w.X, w.Y, w.vocab_size, cfg.n_hidden, cfg.batch_size, n)
             row["final_loss"] = r["final_loss"]
             return r["us_per_step"], r["cpu_us_per_step"]
 
