@@ -1,21 +1,10 @@
 """Reusable ops with hand-written VJPs: the fused rules of Exercises 2 and 3.
 
-:func:`cross_entropy`, :func:`linear_cross_entropy` (the last layer and the loss fused,
-streaming over class chunks), :func:`batch_norm` / :func:`batch_norm_with_stats` (training
-mode) are :func:`jax.custom_vjp` ops; :func:`batch_norm_eval` (evaluation mode) and
-:func:`running_average` are plain ``jnp``: nothing there depends on the batch.
-
-For each custom-VJP op, ``jax.grad`` of any code that calls it runs the closed-form
-backward rule below instead of differentiating the forward pass. The backward
-rules are written in plain, differentiable ``jnp`` ops, so reverse-over-reverse
-(``jax.grad(jax.grad(f))``) works too. Forward mode on the op itself (``jax.jvp``,
-``jax.jacfwd``) is a limit of ``custom_vjp`` and raises ``TypeError``; take second
-derivatives reverse-over-reverse, ``jax.jacrev(jax.grad(f))``. (``jax.hessian``, forward
-over reverse, does work: its forward pass runs over our plain-``jnp`` backward rule.)
-
-The plain-``jnp`` references (:func:`cross_entropy_reference`,
-:func:`batch_norm_reference`) are what autodiff would differentiate; tests and the
-``autodiff`` training backend use them as the baseline.
+:func:`cross_entropy`, :func:`linear_cross_entropy`, :func:`batch_norm` and
+:func:`batch_norm_with_stats` are :func:`jax.custom_vjp` ops whose backward rules are
+differentiable ``jnp`` (``jax.jacrev(jax.grad(f))`` works; ``jax.jvp`` of the op itself
+raises ``TypeError``); the rest is plain ``jnp``, the ``*_reference`` functions being the
+autodiff baselines. 16-bit inputs are computed in float32 and come back in their dtype.
 """
 
 from __future__ import annotations
@@ -45,9 +34,6 @@ __all__ = [
 ]
 
 
-# --------------------------------------------------------------------------- helpers
-
-
 def _compute_dtype(dtype: Any) -> Any:
     """float16/bfloat16 are computed in float32; float32/float64 in themselves."""
     # Not jnp.promote_types: it refuses bfloat16 + float32 under strict promotion.
@@ -61,29 +47,19 @@ def _check_floating(name: str, x: Array) -> None:
         raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
 
 
-def _normalize_axes(axis: Axis, ndim: int, name: str = "axis") -> tuple[int, ...]:
+def _normalize_axes(axis: Axis, ndim: int) -> tuple[int, ...]:
     axes = (axis,) if isinstance(axis, int) else tuple(axis)
-    out = []
-    for a in axes:
-        if not -ndim <= a < ndim:
-            raise ValueError(f"{name}={axis} is out of range for an array of rank {ndim}")
-        out.append(a % ndim)
-    if len(set(out)) != len(out):
-        raise ValueError(f"{name}={axis} repeats an axis")
-    return tuple(sorted(out))
+    if not all(-ndim <= a < ndim for a in axes):
+        raise ValueError(f"axis={axis} is out of range for an array of rank {ndim}")
+    if len({a % ndim for a in axes}) != len(axes):
+        raise ValueError(f"axis={axis} repeats an axis")
+    return tuple(sorted(a % ndim for a in axes))
 
 
 def _varying_like(x: Array, p: Any) -> Any:
-    """Cast a replicated ``p`` (gain, bias, w) to "varying" over the mesh axes ``x`` varies on.
-
-    Inside ``jax.shard_map(..., check_vma=True)`` a custom-VJP rule must return
-    cotangents of the same varying/invariant type as its inputs; the local ``dgain`` is
-    varying, so the replicated ``gain`` enters the rule as varying. The transpose of that
-    cast is a ``psum``: ``jax.grad`` with respect to the replicated parameter is then the
-    global sum, like every other replicated parameter's gradient under ``check_vma``.
-    Without ``check_vma`` (or in ``pmap``, or outside any map) nothing is varying, nothing
-    is cast, and the rule's ``dgain``/``dbias`` stay the device's local contributions.
-    """
+    """Cast a replicated ``p`` (gain, bias, w) to "varying" over the mesh axes ``x`` varies on:
+    under ``shard_map(check_vma=True)`` a rule's cotangents must match its inputs' type; the
+    cast's transpose is a ``psum``, so the replicated parameter's gradient is the global sum."""
     if p is None or not hasattr(lax, "pcast"):
         return p
 
@@ -92,9 +68,6 @@ def _varying_like(x: Array, p: Any) -> Any:
 
     missing = tuple(varying(x) - varying(p))
     return lax.pcast(p, missing, to="varying") if missing else p
-
-
-# --------------------------------------------------------------------- cross-entropy
 
 
 class _Rows(NamedTuple):
@@ -159,11 +132,8 @@ def _cross_entropy_rows(logits: Any, labels: Any, axis: Any, where: Any) -> _Row
 
 
 def _label_index(labels: Array, num_classes: int) -> tuple[Array, Array]:
-    """``(index, valid)``: int32 class index (0 where invalid) and ``0 <= label < V``.
-
-    Compared in the labels' own dtype against a bound that fits it, so a uint8 label
-    never wraps against 300 classes; the cast to int32 happens only to valid labels.
-    """
+    """``(index, valid)``: int32 class index (0 where invalid) and ``0 <= label < V``,
+    compared in the labels' own dtype (a uint8 label never wraps against 300 classes)."""
     info = jnp.iinfo(labels.dtype)
     valid = jnp.ones(labels.shape, bool) if num_classes > info.max else labels < num_classes
     if info.min < 0:
@@ -177,18 +147,14 @@ def _row_losses(losses: Array, valid: Array, rows: Array | None) -> Array:
 
 
 def _row_cotangent(g: Array, valid: Array, rows: Array | None) -> Array:
-    """The losses' cotangent as the rules use it: exactly 0 on a masked row (whose
-    inputs are zeroed, so its gradient is exactly 0), NaN on a kept row with a bad label."""
+    """The losses' cotangent: exactly 0 on a masked row, NaN on a kept row with a bad label."""
     bad = ~valid if rows is None else ~valid & rows
     return jnp.where(bad, jnp.nan, _masked(rows, g))
 
 
 def _masked_logits(r: _Rows) -> Array:
-    """Logits with masked rows set to 0 (whatever they held: inf, NaN) and masked
-    classes to -inf. Elementwise: XLA fuses it into the passes that read it."""
-    x = r.x
-    if r.rows is not None:
-        x = jnp.where(r.rows[..., None], x, jnp.zeros((), x.dtype))
+    """Logits, masked rows set to 0 (whatever they held) and masked classes to -inf."""
+    x = _masked(None if r.rows is None else r.rows[..., None], r.x)
     if r.classes is not None:
         x = jnp.where(r.classes, x, jnp.asarray(-jnp.inf, x.dtype))
     return x
@@ -203,9 +169,7 @@ def _label_logit(r: _Rows, index: Array) -> Array:
 def cross_entropy_reference(
     logits: Array, labels: Array, axis: Axis = -1, where: Array | None = None
 ) -> Array:
-    """Plain-``jnp`` cross-entropy, differentiated by autodiff: the baseline for tests.
-
-    Same contract as :func:`cross_entropy`.
+    """Plain-``jnp`` cross-entropy (autodiff's baseline); contract of :func:`cross_entropy`.
 
     >>> import jax.numpy as jnp, numpy as np
     >>> losses = cross_entropy_reference(jnp.zeros((2, 4)), jnp.array([0, 3]))
@@ -238,9 +202,8 @@ def _cross_entropy_fwd(r: _Rows):
     index, valid = _label_index(r.labels, x.shape[-1])
     label_logit = _label_logit(r, index).astype(dtype)
     losses = _row_losses(jnp.log(s[..., 0]) + m[..., 0] - label_logit, valid, r.rows)
-    # Residuals: the logits the caller holds anyway, and two numbers per row. The
-    # backward pass recomputes exp (faster on CPU than writing and re-reading an (N, V)
-    # residual, and no (N, V) temporary in float32).
+    # Residuals: the logits (the caller holds them) and two numbers per row; recomputing
+    # exp is faster on CPU than writing and re-reading an (N, V) residual.
     return losses.astype(x.dtype), (r, m, s, index, valid)
 
 
@@ -257,14 +220,9 @@ def _cross_entropy_bwd(residuals, g):
 
 
 def _minus_onehot(p: Array, index: Array, g: Array, *, scatter: bool) -> Array:
-    """``p - g * onehot(index)`` along the last axis (``g`` is ``(..., 1)``).
-
-    Measured on the 2-core CPU (N=4096, V=32768): when the gradient is returned in p's
-    own dtype, a scatter of one number per row into p's buffer beats an ``(N, V)``
-    select by ~15% (XLA does not fuse that select into the exp pass: one more pass);
-    for 16-bit logits the select fuses with the cast to 16 bits and a scatter would add
-    a pass (~25% slower), so they take the select.
-    """
+    """``p - g * onehot(index)`` along the last axis (``g`` is ``(..., 1)``). Measured at
+    N=4096, V=32768: in p's own dtype a per-row scatter beats the unfused select by ~15%;
+    for 16-bit logits the select fuses with the cast (the scatter: ~25% slower)."""
     if scatter:
         flat = p.reshape(-1, p.shape[-1])
         rows = jnp.arange(flat.shape[0])
@@ -279,64 +237,38 @@ _cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 def cross_entropy(
     logits: Array, labels: Array, axis: Axis = -1, where: Array | None = None
 ) -> Array:
-    r"""Per-example softmax cross-entropy with integer labels, with a fused VJP.
+    r"""Per-example softmax cross-entropy with integer labels, with a fused VJP: losses of
+    shape ``labels.shape`` in ``logits``' dtype.
 
     .. math::
         \ell_i = \log \sum_j e^{z_{ij}} - z_{i, y_i}, \qquad
         \frac{\partial \ell_i}{\partial z_{ij}} = \mathrm{softmax}(z_i)_j - [j = y_i]
 
-    The forward pass is one max pass and one ``exp``-and-sum pass (``m = max_j z_j``,
-    ``s = sum_j exp(z_j - m)``, loss ``log s + m - z_y``); it keeps two numbers per row.
-    The backward pass is the single expression ``g * (exp(z - m) / s - onehot)`` (the
-    lecture's Exercise 2), recomputing ``exp`` rather than storing an ``(N, V)`` softmax
-    (on the 2-core CPU, re-reading the logits is cheaper than writing and re-reading a
-    residual). float16/bfloat16 logits are computed in float32; the loss and gradient
-    come back in their dtype.
+    Keeps two numbers per row (``max``, ``sum exp``); the backward pass recomputes ``exp``.
+    A label outside ``[0, num_classes)`` gives NaN loss and gradient for its row.
 
-    Measured once (``jax.jit(jax.grad(mean loss))``, min of 9 interleaved runs on the
-    2-core CPU, temp = ``compiled.memory_analysis().temp_size_in_bytes``; the maintained
-    figures are ``jaxninja bench ops``'s): float32 N=4096, V=32768: 0.93x optax's time,
-    0.1 MiB temp (optax 0.1 MiB, plain reference 512 MiB); N=3000, V=40000: 0.99x, 0 MiB
-    (optax 0.1, reference 458). bfloat16 N=4096, V=32768: 0.61x, 512 MiB (optax 1024,
-    reference 512); N=3000, V=40000: 0.69x, 458 MiB (optax 916, reference 916). The
-    16-bit temp is XLA CPU's: it materialises the float32 softmax between its
-    exp-and-sum fusion and the cast.
-
-    A label outside ``[0, num_classes)`` gives a NaN loss and NaN gradient for its row
-    (never a silently clamped answer); labels of any integer dtype (uint8 with 300
-    classes included) give the int32 answer. Callers reduce: use
-    ``cross_entropy(...).mean()`` for the lecture's loss.
+    Measured (``bench --ops``, 2-core CPU; the README has the maintained table):
+    float32 N=4096 V=32768: 0.93x optax's time, 0.1 MiB temp (reference 512).
+    bfloat16 N=4096 V=32768: 0.61x optax's time, 512 MiB temp (optax 1024).
 
     Args:
       logits: ``(..., num_classes)`` floating scores (the class axis is ``axis``).
       labels: integer class ids, the shape of ``logits`` without ``axis``.
       axis: the class axis, or a tuple of axes (then a label is a flat index into
         ``logits``' slice over those axes, in the tuple's order, as in optax).
-      where: optional boolean mask: the shape of ``labels`` (rows where it is ``False``
-        get loss 0 and gradient exactly 0, whatever their logits or labels hold: -1
-        padding, inf, NaN), or the shape of ``logits`` (optax's per-logit mask: False
-        classes are left out of the normaliser; a row with none gets 0).
+      where: optional bool mask, the shape of ``labels`` (False rows get loss 0 and
+        gradient exactly 0, whatever they hold) or of ``logits`` (optax's per-logit mask).
 
-    Returns:
-      losses, the shape of ``labels``, dtype of ``logits``.
-
-    Example:
-      >>> import jax, jax.numpy as jnp, numpy as np
-      >>> logits = jnp.array([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
-      >>> labels = jnp.array([0, 2])
-      >>> np.asarray(cross_entropy(logits, labels), np.float64).round(4).tolist()
-      [0.2395, 1.0986]
-      >>> dlogits = jax.grad(lambda z: cross_entropy(z, labels).mean())(logits)
-      >>> np.asarray(dlogits * 2, np.float64).round(4).tolist()  # softmax - onehot
-      [[-0.213, 0.1065, 0.1065], [0.3333, 0.3333, -0.6667]]
-
-    ``jax.jvp``/``jax.jacfwd`` of this op raise ``TypeError`` (``custom_vjp`` has no
-    forward mode); for second derivatives use ``jax.jacrev(jax.grad(f))``.
+    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> logits = jnp.array([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    >>> labels = jnp.array([0, 2])
+    >>> np.asarray(cross_entropy(logits, labels), np.float64).round(4).tolist()
+    [0.2395, 1.0986]
+    >>> dlogits = jax.grad(lambda z: cross_entropy(z, labels).mean())(logits)
+    >>> np.asarray(dlogits * 2, np.float64).round(4).tolist()  # softmax - onehot
+    [[-0.213, 0.1065, 0.1065], [0.3333, 0.3333, -0.6667]]
     """
     return _cross_entropy(_cross_entropy_rows(logits, labels, axis, where))
-
-
-# ------------------------------------------------------- fused linear + cross-entropy
 
 
 class _Linear(NamedTuple):
@@ -347,15 +279,6 @@ class _Linear(NamedTuple):
     bias: Array | None
     labels: Any  # (N,), any integer dtype (None in a cotangent)
     rows: Array | None  # (N,) bool: rows that count (None: all)
-
-
-# Elements of one (rows, chunk) block of logits: 2**22 float32 is 16 MiB, so the few
-# blocks alive at once stay far below the (N, V) logits at N in the thousands.
-_CHUNK_ELEMENTS = 2**22
-
-
-def _default_chunk(n: int, v: int) -> int:
-    return min(v, max(128, (_CHUNK_ELEMENTS // max(n, 1)) // 128 * 128))
 
 
 def _check_linear(x, w, bias, labels, where, chunk_size) -> None:
@@ -383,9 +306,8 @@ def _dot(a: Array, b: Array) -> Array:
 
 
 def _chunk_logits(lin: _Linear, x: Array, k: Array, chunk: int):
-    """Logits of class chunk ``k``, ``(N, chunk)`` in the compute dtype, -inf outside the
-    chunk's own columns. The last chunk is slid back to end at V (no padded copy of w);
-    the columns it shares with the previous chunk are not its own."""
+    """Logits of class chunk ``k``, ``(N, chunk)`` in the compute dtype; the last chunk is
+    slid back to end at V (no padded w) and is -inf on the columns it shares."""
     v = lin.w.shape[1]
     start = jnp.minimum(k * chunk, v - chunk)
     wc = lax.dynamic_slice_in_dim(lin.w, start, chunk, axis=1)
@@ -397,19 +319,13 @@ def _chunk_logits(lin: _Linear, x: Array, k: Array, chunk: int):
     return jnp.where(own, z, -jnp.inf), wc, start, cols, own
 
 
-def _linear_rows(lin: _Linear) -> Array:
-    """x with masked rows set to 0 (whatever they held)."""
-    x = lin.x
-    return x if lin.rows is None else jnp.where(lin.rows[:, None], x, jnp.zeros((), x.dtype))
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _linear_cross_entropy(lin: _Linear, chunk: int) -> Array:
     return _linear_cross_entropy_fwd(lin, chunk)[0]
 
 
 def _linear_cross_entropy_fwd(lin: _Linear, chunk: int):
-    x = _linear_rows(lin)
+    x = _masked(None if lin.rows is None else lin.rows[:, None], lin.x)  # masked rows: 0
     v, dtype = lin.w.shape[1], _compute_dtype(x.dtype)
 
     def body(carry, k):  # online log-sum-exp: rescale the running sum to the new max
@@ -433,7 +349,7 @@ def _linear_cross_entropy_fwd(lin: _Linear, chunk: int):
 
 def _linear_cross_entropy_bwd(chunk: int, residuals, g):
     lin, m, s, index, valid = residuals
-    x = _linear_rows(lin)
+    x = _masked(None if lin.rows is None else lin.rows[:, None], lin.x)  # masked rows: 0
     g = _row_cotangent(g.astype(m.dtype), valid, lin.rows)
     scale = (g / s)[:, None]
 
@@ -472,40 +388,22 @@ def linear_cross_entropy(
     where: Array | None = None,
     chunk_size: int | None = None,
 ) -> Array:
-    r"""``cross_entropy(x @ w + bias, labels)`` without ever building the ``(N, V)`` logits.
-
-    For a language model's last layer, ``z = x W + b`` with ``x (N, D)``, ``W (D, V)``:
+    r"""``cross_entropy(x @ w + bias, labels)`` (``labels.shape``, ``x``'s dtype) without ever
+    building the ``(N, V)`` logits.
 
     .. math::
         \ell_i = \log \sum_j e^{z_{ij}} - z_{i y_i},\qquad
         dz_{ij} = g_i\,\big(\mathrm{softmax}(z_i)_j - [j = y_i]\big),\qquad
         dx = dz\,W^\top,\quad dW = x^\top dz,\quad db = \textstyle\sum_i dz_{i\cdot}
 
-    (Exercise 2, then Exercise 1's matmul rules). Every term is a sum over classes, so
-    both passes stream over chunks of ``chunk_size`` classes (a ``lax.scan``): the forward
-    pass keeps a running max ``m_i`` and rescaled sum ``s_i = \sum_j e^{z_{ij} - m_i}``
-    (on a new max ``m'``, ``s \leftarrow s\,e^{m - m'} + \sum_{\text{chunk}} e^{z - m'}``);
-    the backward pass recomputes each chunk's logits, forms ``dz`` for the chunk and adds
-    ``dz W_c^\top`` to ``dx`` and ``x^\top dz`` to the chunk's columns of ``dW``. Only
-    ``(N, chunk)`` blocks and two numbers per row are ever alive.
+    for ``z = x W + b`` (Exercise 2, then Exercise 1's matmul rules). Both passes scan over
+    chunks of classes (online log-sum-exp forward, logits recomputed backward): only
+    ``(N, chunk)`` blocks are alive. Same guarantees as :func:`cross_entropy`.
 
-    Same guarantees as :func:`cross_entropy`: a label outside ``[0, V)`` gives NaN (its
-    row, and through ``dW`` every weight: the true gradient of a NaN loss); labels of
-    any integer dtype; ``where`` rows get loss 0 and exactly 0 gradient whatever ``x``
-    holds there. 16-bit inputs are computed in float32; gradients come back in each
-    input's dtype. Composes with ``jit``, ``vmap``, ``grad`` and ``grad``-of-``grad``
-    (the backward rule is differentiable ``jnp`` and ``lax.scan``), and runs
-    data-parallel under ``jax.shard_map`` with ``x``/``labels`` split over rows and
-    ``w``/``bias`` replicated (their gradient is then summed over devices, as for any
-    replicated parameter under ``check_vma``). ``jax.jvp`` raises (``custom_vjp``).
-
-    Measured once (``jax.grad`` w.r.t. ``x`` and ``w`` of the mean loss, 2-core CPU,
-    N=4096, default chunk 1024, min of 3 interleaved runs) against the unfused
-    ``cross_entropy(x @ w)``: float32 D=512, V=32768: 26 vs 512 MiB compiled temp
-    (1/20), 1.14x its time; D=512, V=65536: 26 vs 1024 MiB (1/39), 1.16x; D=256,
-    V=32768: 21 vs 512 MiB (1/24), 1.22x (one extra matmul: the backward pass recomputes
-    the logits). bfloat16 D=512, V=32768: 122 vs 584 MiB (1/4.8: XLA CPU runs 16-bit
-    matmuls on a float32 copy of ``w``), 1.09x.
+    Measured (2-core CPU, N=4096, chunk 1024) against ``cross_entropy(x @ w)``:
+    float32 D=512 V=32768: 26 vs 512 MiB temp, 1.14x its time.
+    float32 D=512 V=65536: 26 vs 1024 MiB temp, 1.16x its time.
+    bfloat16 D=512 V=32768: 122 vs 584 MiB temp, 1.09x its time.
 
     Args:
       x: ``(..., D)`` features; w: ``(D, V)``; bias: optional ``(V,)``; all one dtype.
@@ -513,9 +411,6 @@ def linear_cross_entropy(
       where: optional boolean row mask, the shape of ``labels``.
       chunk_size: classes per chunk; ``None`` picks ``2**22 / N`` rounded down to a
         multiple of 128 (16 MiB float32 blocks; all of V for small N).
-
-    Returns:
-      losses, the shape of ``labels``, dtype of ``x``.
 
     >>> import jax, jax.numpy as jnp
     >>> x, w = jnp.ones((2, 3)), jnp.arange(12.0).reshape(3, 4) / 10
@@ -529,15 +424,10 @@ def linear_cross_entropy(
     _check_linear(x, w, bias, labels, where, chunk_size)
     rows = None if where is None else jnp.asarray(where, bool).reshape(-1)
     n, v = math.prod(labels.shape), w.shape[1]
-    chunk = min(v, chunk_size or _default_chunk(n, v))
-    lin = _Linear(
-        x.reshape(n, x.shape[-1]), _varying_like(x, w), _varying_like(x, bias),
-        labels.reshape(n), rows,
-    )  # fmt: skip
+    chunk = min(v, chunk_size or max(128, (2**22 // max(n, 1)) // 128 * 128))
+    w, bias = _varying_like(x, w), _varying_like(x, bias)
+    lin = _Linear(x.reshape(n, x.shape[-1]), w, bias, labels.reshape(n), rows)
     return _linear_cross_entropy(lin, chunk).reshape(labels.shape)
-
-
-# ------------------------------------------------------------------------ batch norm
 
 
 def _check_eps(eps: Any) -> float:
@@ -552,23 +442,17 @@ def _check_eps(eps: Any) -> float:
 
 
 def _lift(p: Array, ndim: int, dtype: Any) -> Array:
-    """``p`` reshaped to rank ``ndim`` (leading 1s) and cast: explicit, so that
-    ``jax_numpy_rank_promotion="raise"`` and ``jax_numpy_dtype_promotion="strict"``
-    accept a ``(features,)`` gain or a float32 statistic next to bfloat16 ``x``."""
+    """``p`` reshaped to rank ``ndim`` and cast: explicit, so that strict rank and dtype
+    promotion accept a ``(features,)`` gain or a float32 statistic next to bfloat16 ``x``."""
     p = jnp.asarray(p, dtype)
     return p.reshape((1,) * (ndim - p.ndim) + p.shape)
 
 
-def _mapped_size(axis_name: Any) -> int:
-    """Number of devices (or vmapped instances) along ``axis_name``: a static int."""
-    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-    return math.prod(int(lax.axis_size(a)) for a in names)
-
-
 def _count(shape: tuple[int, ...], axes: tuple[int, ...], axis_name: Any) -> int:
     """Number of rows the statistics are taken over (global with ``axis_name``): static."""
-    n = math.prod(shape[a] for a in axes)
-    return n if axis_name is None else n * _mapped_size(axis_name)
+    names = () if axis_name is None else axis_name
+    names = names if isinstance(names, tuple) else (names,)
+    return math.prod([shape[a] for a in axes] + [int(lax.axis_size(a)) for a in names])
 
 
 def _sum(x: Array, axes: tuple[int, ...], axis_name: Any) -> Array:
@@ -590,31 +474,24 @@ def _check_broadcast(name: str, p: Array, shape: tuple[int, ...]) -> None:
         raise ValueError(f"{name} shape {jnp.shape(p)} does not broadcast to x shape {shape}")
 
 
-def _check_batch_norm(x, gain, bias, axes, unbiased, axis_name, where) -> None:
+def _prepare_batch_norm(x, gain, bias, axis=0, eps=1e-5, unbiased=True, axis_name=None, where=None):
+    """Validated arrays and static arguments, in the order the custom VJPs take them."""
+    x, gain, bias = jnp.asarray(x), jnp.asarray(gain), jnp.asarray(bias)
+    axes = _normalize_axes(axis, x.ndim)
     _check_floating("x", x)
     for name, p in (("gain", gain), ("bias", bias)):
         _check_floating(name, p)
         _check_broadcast(name, p, x.shape)
     if where is not None:
         _check_broadcast("where", where, x.shape)
+        where = jnp.broadcast_to(jnp.asarray(where, dtype=bool), x.shape)
     # With a mask the count is data-dependent: too few kept rows give NaN (documented).
-    if unbiased and where is None and _count(x.shape, axes, axis_name) < 2:
+    elif unbiased and _count(x.shape, axes, axis_name) < 2:
         raise ValueError(
             f"batch norm with unbiased=True needs at least 2 rows to normalise over "
             f"(Bessel's correction divides by n-1), got x shape {x.shape} with axis={axes}"
-            + ("" if axis_name is None else f" on each of {_mapped_size(axis_name)} devices")
+            + ("" if axis_name is None else f" on each of {_count((), (), axis_name)} devices")
         )
-
-
-def _prepare_batch_norm(x, gain, bias, axis, eps, unbiased, axis_name, where):
-    """Validated arrays and static arguments, in the order the custom VJPs take them."""
-    x, gain, bias = jnp.asarray(x), jnp.asarray(gain), jnp.asarray(bias)
-    axes = _normalize_axes(axis, x.ndim)
-    if where is not None:
-        where = jnp.asarray(where, dtype=bool)
-    _check_batch_norm(x, gain, bias, axes, unbiased, axis_name, where)
-    if where is not None:
-        where = jnp.broadcast_to(where, x.shape)
     gain, bias = _varying_like(x, gain), _varying_like(x, bias)
     return x, gain, bias, where, axes, _check_eps(eps), bool(unbiased), axis_name
 
@@ -632,31 +509,20 @@ def _stats(x, where, axes, unbiased, axis_name):
     return mean, var, n
 
 
-def batch_stats(
-    x: Array,
-    *,
-    axis: Axis = 0,
-    unbiased: bool = True,
-    axis_name: Any = None,
-    where: Array | None = None,
-) -> tuple[Array, Array]:
+def batch_stats(x: Array, **kwargs: Any) -> tuple[Array, Array]:
     """Batch mean and variance over ``axis`` (kept as size-1 dims), in at least float32.
 
-    With ``axis_name`` the statistics are over the global batch of a ``shard_map`` /
-    ``pmap`` axis. ``unbiased=True`` divides the squared deviations by ``n - 1`` (and
-    needs ``n >= 2`` rows in the global batch: fewer is a ``ValueError``). ``where``
-    (boolean, broadcastable to ``x``, like flax's ``mask``) keeps only the True entries.
+    Keyword arguments ``axis, unbiased, axis_name, where`` as in :func:`batch_norm`.
 
     >>> import jax.numpy as jnp
     >>> mean, var = batch_stats(jnp.array([[1.0], [2.0], [3.0]]))
     >>> mean.tolist(), var.tolist()
     ([[2.0]], [[1.0]])
-    >>> batch_stats(jnp.array([[1.0], [2.0], [9.0]]), where=jnp.array([[1], [1], [0]]))[0]
-    Array([[1.5]], dtype=float32)
     """
     x = jnp.asarray(x)
-    x, _, _, where, axes, _, unbiased, _ = _prepare_batch_norm(
-        x.astype(_compute_dtype(x.dtype)), 1.0, 0.0, axis, 0.0, unbiased, axis_name, where
+    x = x.astype(_compute_dtype(x.dtype))
+    x, _, _, where, axes, _, unbiased, axis_name = _prepare_batch_norm(
+        x, 1.0, 0.0, eps=0.0, **kwargs
     )
     return _stats(x, where, axes, unbiased, axis_name)[:2]
 
@@ -689,16 +555,12 @@ def _constant_over(p: Array, axes: tuple[int, ...], ndim: int) -> bool:
 def _shift(mean: Array) -> tuple[Array, Array]:
     """``(k, mean - k)``: a per-feature shift ``k`` near the mean, and the exact remainder.
 
-    The backward pass needs ``sum(dy * (x - mean))`` and ``x - mean``; it takes them as
-    ``sum(dy * (x - k)) - (mean - k) * sum(dy)`` (the shifted-data trick: cancellation
-    costs at most ``2^-8 |mean| / std``) and ``x - (k + (mean - k))`` (the mean bit for
-    bit: ``mean - k`` is exact by Sterbenz's lemma). Spelt so, the forward variance, the
-    backward batch sum and the output each broadcast a *different* per-feature vector:
-    XLA CPU's YNNPACK reduction fusions leave an operand that has other users out of
-    the fusion and store it as a full ``(N, H)`` array (measured at N=8192, H=1024,
-    float32: 32 MiB temp and 1.3x flax's time when they share the mean's broadcast; 0 MiB
-    and ~0.85x spelt like this). ``k`` is the mean rounded to 7 mantissa bits.
-    """
+    ``k`` is the mean rounded to 7 mantissa bits. The backward pass takes ``sum(dy * (x -
+    mean))`` as ``sum(dy * (x - k)) - (mean - k) * sum(dy)`` (cancellation costs at most
+    ``2^-8 |mean| / std``) and ``x - mean`` as ``x - (k + (mean - k))`` (exact: Sterbenz),
+    so no two passes broadcast the same vector and XLA CPU's reduction fusions store no
+    ``(N, H)`` operand (N=8192, H=1024, float32: 0 MiB temp and ~0.85x flax's time; 32
+    MiB and 1.3x with the mean's broadcast shared)."""
     bits = jnp.finfo(mean.dtype).nexp
     k = lax.stop_gradient(lax.reduce_precision(mean, exponent_bits=bits, mantissa_bits=7))
     return k, mean - k
@@ -718,9 +580,8 @@ def _bn_backward(axes, unbiased, axis_name, res, dy, dmean=None, dvar=None):
     s1 = jnp.sum(dxhat, axis=axes, keepdims=True)
     s2 = (jnp.sum(dxhat * (xs - k), axis=axes, keepdims=True) - d * s1) * var_inv
     xc = xs - (k + d)  # x - mean
-    # dgain, dbias are this device's contributions (taken before the psum below). Under
-    # shard_map with check_vma, _varying_like's cast makes jax.grad sum them over
-    # devices; under check_vma=False or pmap callers psum them with the other gradients.
+    # dgain, dbias: this device's part (before the psum below); under check_vma the cast
+    # of _varying_like makes jax.grad sum them, else callers psum them like any gradient.
     dgain = _reduce_to(s2 if constant else dy * xc * var_inv, gain.shape).astype(gain.dtype)
     bias_sum = constant and _constant_over(bias, axes, dy.ndim)
     dbias = _reduce_to(s1 if bias_sum else dy, bias.shape).astype(bias.dtype)
@@ -741,21 +602,16 @@ def _batch_norm_op(with_stats: bool) -> Any:
     """The custom-VJP op over :func:`_bn_forward`'s arguments, returning ``y`` or
     ``(y, mean, var)``; the static arguments ``axes, eps, unbiased, axis_name`` come last."""
 
-    def outputs(y, mean, var):
-        return (y, mean, var) if with_stats else y
-
-    def primal(x, gain, bias, where, axes, eps, unbiased, axis_name):
-        return outputs(*_bn_forward(x, gain, bias, where, axes, eps, unbiased, axis_name)[:3])
-
-    # Named like the module attribute (jaxprs, tracebacks and tests show the name).
-    primal.__name__ = primal.__qualname__ = (
-        "_batch_norm_with_stats" if with_stats else "_batch_norm"
-    )
-    op = jax.custom_vjp(primal, nondiff_argnums=(4, 5, 6, 7))
-
     def fwd(x, gain, bias, where, axes, eps, unbiased, axis_name):
         y, mean, var, res = _bn_forward(x, gain, bias, where, axes, eps, unbiased, axis_name)
-        return outputs(y, mean, var), res
+        return ((y, mean, var) if with_stats else y), res
+
+    def primal(*args):
+        return fwd(*args)[0]
+
+    # Named like the module attribute (jaxprs, tracebacks and tests show the name).
+    primal.__name__ = primal.__qualname__ = "_batch_norm" + ("_with_stats" * with_stats)
+    op = jax.custom_vjp(primal, nondiff_argnums=(4, 5, 6, 7))
 
     def bwd(axes, eps, unbiased, axis_name, res, cotangents):
         dy, dmean, dvar = cotangents if with_stats else (cotangents, None, None)
@@ -780,121 +636,66 @@ def batch_norm(
     axis_name: Any = None,
     where: Array | None = None,
 ) -> Array:
-    r"""Batch normalisation with the batch's statistics and a fused, hand-written VJP.
+    r"""Batch normalisation with the batch's statistics and a fused, hand-written VJP; ``y``
+    has the shape and dtype of ``x``.
 
     .. math::
         \hat x = (x - \mu)(\sigma^2 + \epsilon)^{-1/2}, \qquad y = \gamma \hat x + \beta
 
-    with :math:`\mu, \sigma^2` the mean and variance over ``axis`` (``n`` rows);
-    ``unbiased=True`` divides by ``n - 1`` (Bessel's correction, as in the lecture),
-    ``unbiased=False`` by ``n`` (flax's ``BatchNorm``). The VJP is the closed form of
-    Exercise 3, with a mask :math:`m` (1 for the rows that count, ``n = \sum m``),
+    with :math:`\mu, \sigma^2` over ``axis`` (``n`` rows; ``unbiased=False`` is flax's
+    ``BatchNorm``). The VJP is Exercise 3's closed form, with a row mask ``m``:
 
     .. math::
         dx = \frac{\gamma (\sigma^2+\epsilon)^{-1/2}}{n}\Big(n\,dy - m\big(\textstyle\sum dy
              + \frac{n}{n-\mathrm{ddof}}\,\hat x \sum (dy\,\hat x)\big)\Big),\quad
         d\gamma = \textstyle\sum dy\,\hat x,\quad d\beta = \sum dy
 
-    (sums over ``axis``), not autodiff of the forward. With ``axis_name`` (inside
-    ``shard_map``/``pmap``) the statistics and the two sums of the backward rule are
-    taken over the global batch, so each device's ``dx`` is its slice of the
-    single-device ``dx``. The gradient of a replicated ``gain``/``bias`` follows the
-    mapping's convention for every replicated parameter: under ``jax.shard_map`` with
-    ``check_vma=True`` (the default) it is already summed over devices; under
-    ``check_vma=False`` or ``pmap`` it is the device's own contribution, to be summed
-    (``lax.psum``) with the other parameter gradients. float16/bfloat16 inputs are normalised
-    with float32 statistics and come back in their own dtype.
+    (sums over ``axis``). A replicated ``gain``/``bias`` gets the map's usual gradient:
+    summed over devices under ``shard_map(check_vma=True)``, else the device's own part.
 
-    Measured against ``flax.linen.BatchNorm`` (``jax.grad`` w.r.t. x, scale, bias of
-    ``mean(y * c)``, N=8192, H=1024, ``bench.measure_case`` on the 2-core CPU): float32
-    0.85-0.99x its time, 0 MiB compiled temp (flax 0); bfloat16 0.93-1.01x, 64 MiB (flax
-    64). The backward pass keeps ``x`` (not ``xhat``) and per-feature numbers, and spells
-    ``x - mean`` three ways so that XLA CPU's reduction fusions store no ``(N, H)``
-    array (see ``_shift``); float32 gradient error at mean/std = 500 equals the plain
-    reference's (flax's, with its one-pass variance, is ~600x larger).
-
-    Unlike flax, whose ``axis`` is the *feature* axis, ``axis`` here names the axes
-    *reduced over* (the batch axes), as in ``jnp.mean``. ``axis_name`` works under
-    ``jax.shard_map``, ``pmap`` and ``jax.vmap(..., axis_name=...)``, with ``jax.grad``
-    inside or outside the map (the global count is static, so the backward rule needs no
-    collective beyond its two sums).
+    Measured against ``flax.linen.BatchNorm`` (N=8192, H=1024, 2-core CPU; see ``_shift``):
+    float32: 0.85-0.99x its time, 0 MiB compiled temp (flax 0).
+    bfloat16: 0.93-1.01x its time, 64 MiB (flax 64).
+    float32 gradient error at mean/std = 500: the plain reference's (flax ~600x larger).
 
     Args:
-      x: ``(n, ...)`` activations (any rank; ``axis`` says which axes are the batch).
-      gain, bias: arrays that broadcast to ``x``, e.g. ``(1, features)`` or ``(features,)``.
+      x: ``(n, ...)`` activations (any rank).
+      gain, bias: broadcast to ``x``, e.g. ``(1, features)`` or ``(features,)``.
       eps: added to the variance; finite and ``>= 0``.
-      unbiased: Bessel's correction (needs ``n >= 2``; a ``ValueError`` otherwise, also
-        for a global batch of 1 under ``shard_map``).
-      axis: int or tuple of ints, the axes to normalise over.
-      axis_name: a mapped axis name for cross-device statistics, or ``None``.
-      where: optional boolean mask broadcastable to ``x`` (flax's ``mask``), e.g.
-        ``(n, 1)`` for padded rows: statistics use only the True entries; every entry is
-        normalised with them. Fewer than ``1 + unbiased`` kept rows give NaN.
+      unbiased: divide the variance by ``n - 1`` (Bessel's correction; needs ``n >= 2``).
+      axis: int or tuple of ints, the axes reduced over (the batch axes, as in ``jnp.mean``;
+        flax's ``axis`` is the feature axis).
+      axis_name: a ``shard_map``/``pmap``/``vmap`` axis: global-batch statistics and sums.
+      where: optional bool mask broadcastable to ``x`` (flax's ``mask``): statistics over
+        the True entries only (fewer than ``1 + unbiased`` give NaN).
 
-    Returns:
-      ``y``, shape and dtype of ``x``.
-
-    Example:
-      >>> import jax, jax.numpy as jnp
-      >>> x = jnp.array([[1.0, 2.0], [3.0, 6.0], [5.0, 10.0]])
-      >>> y = batch_norm(x, jnp.ones((1, 2)), jnp.zeros((1, 2)), eps=0.0)
-      >>> y.round(4).tolist()
-      [[-1.0, -1.0], [0.0, 0.0], [1.0, 1.0]]
-      >>> f = lambda x: (batch_norm(x, jnp.ones(2), jnp.zeros(2)) ** 3).sum()
-      >>> jax.grad(f)(x).shape
-      (3, 2)
-
-    ``jax.jvp``/``jax.jacfwd`` of this op raise ``TypeError`` (``custom_vjp`` has no
-    forward mode); for second derivatives use ``jax.jacrev(jax.grad(f))``.
+    >>> import jax, jax.numpy as jnp
+    >>> x = jnp.array([[1.0, 2.0], [3.0, 6.0], [5.0, 10.0]])
+    >>> batch_norm(x, jnp.ones((1, 2)), jnp.zeros((1, 2)), eps=0.0).round(4).tolist()
+    [[-1.0, -1.0], [0.0, 0.0], [1.0, 1.0]]
+    >>> jax.grad(lambda x: (batch_norm(x, jnp.ones(2), jnp.zeros(2)) ** 3).sum())(x).shape
+    (3, 2)
     """
-    args = _prepare_batch_norm(x, gain, bias, axis, eps, unbiased, axis_name, where)
-    return _batch_norm(*args)
+    return _batch_norm(*_prepare_batch_norm(x, gain, bias, axis, eps, unbiased, axis_name, where))
 
 
 def batch_norm_with_stats(
-    x: Array,
-    gain: Array,
-    bias: Array,
-    *,
-    eps: float = 1e-5,
-    unbiased: bool = True,
-    axis: Axis = 0,
-    axis_name: Any = None,
-    where: Array | None = None,
+    x: Array, gain: Array, bias: Array, **kwargs: Any
 ) -> tuple[Array, Array, Array]:
-    """:func:`batch_norm` that also returns the batch ``(mean, var)`` it used.
-
-    One pass over ``x`` gives both the output and the statistics (for running averages).
-    The VJP covers all three outputs, so differentiating through the statistics is
-    correct too; when they are only used as auxiliary data their cotangents are zero.
-
-    Returns:
-      ``(y, mean, var)``; ``mean`` and ``var`` keep ``axis`` as size-1 dims and are in at
-      least float32.
+    """:func:`batch_norm` (same keyword arguments) that also returns the ``(mean, var)`` it
+    used, from the same pass; they keep ``axis`` as size-1 dims, in at least float32. The
+    VJP covers all three outputs (zero cotangents when they are only auxiliary data).
 
     >>> import jax.numpy as jnp
     >>> y, mean, var = batch_norm_with_stats(jnp.array([[0.0], [2.0]]), 1.0, 0.0)
     >>> mean.tolist(), var.tolist()
     ([[1.0]], [[2.0]])
     """
-    args = _prepare_batch_norm(x, gain, bias, axis, eps, unbiased, axis_name, where)
-    return _batch_norm_with_stats(*args)
+    return _batch_norm_with_stats(*_prepare_batch_norm(x, gain, bias, **kwargs))
 
 
-def batch_norm_reference(
-    x: Array,
-    gain: Array,
-    bias: Array,
-    *,
-    eps: float = 1e-5,
-    unbiased: bool = True,
-    axis: Axis = 0,
-    axis_name: Any = None,
-    where: Array | None = None,
-) -> Array:
-    """Plain-``jnp`` batch norm, differentiated by autodiff: the baseline for tests.
-
-    Same contract as :func:`batch_norm`.
+def batch_norm_reference(x: Array, gain: Array, bias: Array, **kwargs: Any) -> Array:
+    """Plain-``jnp`` batch norm (autodiff's baseline); the arguments of :func:`batch_norm`.
 
     >>> import jax.numpy as jnp, numpy as np
     >>> x = jnp.array([[1.0], [3.0]])
@@ -902,8 +703,7 @@ def batch_norm_reference(
     >>> np.asarray(y, np.float64).round(4).tolist()  # +-1/sqrt(2): var is 2 with n-1
     [[-0.7071], [0.7071]]
     """
-    args = _prepare_batch_norm(x, gain, bias, axis, eps, unbiased, axis_name, where)
-    return _bn_forward(*args)[0]
+    return _bn_forward(*_prepare_batch_norm(x, gain, bias, **kwargs))[0]
 
 
 def batch_norm_eval(
@@ -914,10 +714,8 @@ def batch_norm_eval(
     .. math::
         y = \gamma\,(x - \mu)\,(\sigma^2 + \epsilon)^{-1/2} + \beta
 
-    with ``mean``/``var`` e.g. running averages (:func:`running_average`) or the
-    statistics of the whole training set. Plain ``jnp`` (autodiff is already the fused
-    rule here: nothing depends on the batch). Computed in at least float32, returned in
-    ``x``'s dtype. ``gain``, ``bias``, ``mean``, ``var`` must broadcast to ``x``.
+    with ``mean``/``var`` e.g. running averages or whole-training-set statistics, all
+    broadcasting to ``x``. Computed in at least float32, returned in ``x``'s dtype.
 
     >>> import jax.numpy as jnp
     >>> x = jnp.array([[1.0, 2.0], [3.0, 4.0]])
@@ -938,9 +736,8 @@ def batch_norm_eval(
 def running_average(running: Any, batch: Any, momentum: Any = 0.999) -> Any:
     """``momentum * running + (1 - momentum) * batch``, leaf by leaf over two pytrees.
 
-    flax's convention: ``momentum`` is the weight kept on the running value, so the
-    lecture's ``0.999 * running + 0.001 * batch`` is ``momentum=0.999``. Each result
-    has its running leaf's shape and dtype. A Python ``momentum`` must be in ``[0, 1]``.
+    flax's convention (the lecture's ``0.999 * running + 0.001 * batch`` is
+    ``momentum=0.999``); each result keeps its running leaf's shape and dtype.
 
     >>> import jax.numpy as jnp
     >>> running_average({"mean": jnp.zeros(2)}, {"mean": jnp.ones(2)}, momentum=0.75)
@@ -956,8 +753,7 @@ def running_average(running: Any, batch: Any, momentum: Any = 0.999) -> Any:
                 f"running{jax.tree_util.keystr(path)} has shape {r.shape} but the batch "
                 f"statistic has shape {b.shape}"
             )
-        # A Python momentum stays a (weakly typed) Python float: 1 - 0.999 is then exact
-        # to float64 before the one rounding to r's dtype.
+        # A Python momentum stays a weak Python float: 1 - 0.999 is rounded once, to r's.
         m = momentum if isinstance(momentum, int | float) else jnp.asarray(momentum, r.dtype)
         return (m * r + (1 - m) * b.astype(r.dtype)).astype(r.dtype)
 
