@@ -11,12 +11,12 @@ hidden state. The architecture (lecture notation, ``n`` examples, ``H`` hidden u
     logits = h @ W2 + b2                (n, vocab_size)
     loss   = mean cross-entropy(logits, Y)
 
-The dtype of every computation follows the params (``init_params(..., dtype=...)``):
-float32 by default, float64 (with ``jax_enable_x64``) for exact gradient checks.
+Every computation runs in the params' dtype (float64 with ``jax_enable_x64`` for checks).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -40,15 +40,11 @@ def init_params(
     block_size: int = 3,
     dtype: Any = jnp.float32,
 ) -> Params:
-    """Parameters with the lecture's (deliberately non-standard) init scales.
-
-    ``W1`` is Kaiming-scaled for tanh, ``(5/3)/sqrt(fan_in)``; the biases, ``W2`` and the
-    batch-norm affine parameters are small random numbers rather than zeros, because
-    zeros can hide a wrong backward pass.
-
-    Returns:
-      ``{"C": (vocab, n_embd), "W1": (block*n_embd, H), "b1": (H,), "W2": (H, vocab),
-      "b2": (vocab,), "bngain": (1, H), "bnbias": (1, H)}``.
+    """Parameters with the lecture's init scales: ``W1`` Kaiming for tanh,
+    ``(5/3)/sqrt(fan_in)``; biases, ``W2`` and the batch-norm affine small random numbers,
+    not zeros (zeros can hide a wrong backward pass). Shapes: ``C (vocab, n_embd)``,
+    ``W1 (block*n_embd, H)``, ``b1 (H,)``, ``W2 (H, vocab)``, ``b2 (vocab,)``,
+    ``bngain``/``bnbias (1, H)``.
 
     >>> import jax
     >>> p = init_params(jax.random.key(42), n_hidden=64)
@@ -57,10 +53,7 @@ def init_params(
     """
     fan_in = n_embd * block_size
     kC, k1, kb1, k2, kb2, kg, kb = jax.random.split(key, 7)
-
-    def normal(k: Array, shape: tuple[int, ...]) -> Array:
-        return jax.random.normal(k, shape, dtype)
-
+    normal = functools.partial(jax.random.normal, dtype=dtype)
     return {
         "C": normal(kC, (vocab_size, n_embd)),
         "W1": normal(k1, (fan_in, n_hidden)) * (5 / 3) / fan_in**0.5,
@@ -88,9 +81,8 @@ def head(params: Params, hpreact: Array) -> Array:
 def forward(params: Params, X: Array, bn_stats: BNStats | None = None) -> Array:
     """Logits ``(n, vocab_size)`` for contexts ``X`` ``(n, block_size)`` of int ids.
 
-    With ``bn_stats=None`` batch norm uses the batch's own statistics (training mode,
-    :func:`jaxninja.ops.batch_norm`); with ``{"mean": (1, H), "var": (1, H)}`` it uses
-    those (evaluation and sampling, any batch size: :func:`jaxninja.ops.batch_norm_eval`).
+    ``bn_stats=None``: batch norm with the batch's statistics (training mode); else
+    ``{"mean": (1, H), "var": (1, H)}`` (evaluation and sampling, any batch size).
 
     >>> import jax, jax.numpy as jnp
     >>> p = init_params(jax.random.key(0))
@@ -100,16 +92,13 @@ def forward(params: Params, X: Array, bn_stats: BNStats | None = None) -> Array:
     hprebn = hidden_preactivation(params, X)
     gain, bias = params["bngain"], params["bnbias"]
     if bn_stats is None:
-        hpreact = ops.batch_norm(hprebn, gain, bias, eps=BN_EPS)
-    else:
-        hpreact = ops.batch_norm_eval(
-            hprebn, gain, bias, bn_stats["mean"], bn_stats["var"], eps=BN_EPS
-        )
-    return head(params, hpreact)
+        return head(params, ops.batch_norm(hprebn, gain, bias, eps=BN_EPS))
+    mean, var = bn_stats["mean"], bn_stats["var"]
+    return head(params, ops.batch_norm_eval(hprebn, gain, bias, mean, var, eps=BN_EPS))
 
 
 def _reference_batch_norm_with_stats(x, gain, bias, *, eps, axis_name):
-    """Plain-``jnp`` batch norm plus its (constant) batch statistics."""
+    """Plain-``jnp`` batch norm and its batch statistics (constants for autodiff)."""
     y = ops.batch_norm_reference(x, gain, bias, eps=eps, axis_name=axis_name)
     mean, var = jax.lax.stop_gradient(ops.batch_stats(x, axis_name=axis_name))
     return y, mean, var
@@ -118,14 +107,12 @@ def _reference_batch_norm_with_stats(x, gain, bias, *, eps, axis_name):
 def loss_with_stats(
     params: Params, X: Array, Y: Array, *, axis_name: Any = None, reference: bool = False
 ) -> tuple[Array, BNStats]:
-    """Mean cross-entropy in training mode, and the batch-norm statistics of the batch.
+    """Mean cross-entropy in training mode, and the batch's batch-norm statistics (aux data
+    for ``has_aux``: running averages from the same forward pass).
 
-    ``reference=False`` runs the hand-written VJPs of :mod:`jaxninja.ops`;
-    ``reference=True`` their plain-``jnp`` references, which ``jax.grad`` differentiates
-    by autodiff. With ``axis_name`` (inside ``shard_map``) ``X, Y`` are this device's rows
-    of a batch split over that mesh axis: batch norm and the mean are over the global
-    batch, so every device gets the single-device loss. The statistics are auxiliary data
-    for ``jax.value_and_grad(..., has_aux=True)`` (running averages): one forward pass.
+    ``reference=True`` runs the plain-``jnp`` references instead of the hand-written VJPs.
+    With ``axis_name`` (inside ``shard_map``) ``X, Y`` are this device's rows: batch norm
+    and the mean are global, so every device gets the single-device loss.
 
     >>> import jax, jax.numpy as jnp
     >>> p = init_params(jax.random.key(0), n_hidden=8)
@@ -138,10 +125,8 @@ def loss_with_stats(
         bn, ce = _reference_batch_norm_with_stats, ops.cross_entropy_reference
     else:
         bn, ce = ops.batch_norm_with_stats, ops.cross_entropy
-    hprebn = hidden_preactivation(params, X)
-    hpreact, mean, var = bn(
-        hprebn, params["bngain"], params["bnbias"], eps=BN_EPS, axis_name=axis_name
-    )
+    hprebn, gain, bias = hidden_preactivation(params, X), params["bngain"], params["bnbias"]
+    hpreact, mean, var = bn(hprebn, gain, bias, eps=BN_EPS, axis_name=axis_name)
     losses = ce(head(params, hpreact), Y)
     if axis_name is None:
         loss_value = losses.mean()
@@ -154,9 +139,7 @@ def loss_with_stats(
 def loss(
     params: Params, X: Array, Y: Array, *, axis_name: Any = None, reference: bool = False
 ) -> Array:
-    """The model's loss: :func:`loss_with_stats` without the statistics.
-
-    ``jax.grad(loss)`` runs the hand-written rules of :mod:`jaxninja.ops`.
+    """:func:`loss_with_stats` without the statistics; ``jax.grad(loss)`` runs our VJPs.
 
     >>> import jax, jax.numpy as jnp
     >>> p = init_params(jax.random.key(0))
@@ -168,6 +151,5 @@ def loss(
 
 
 def reference_loss(params: Params, X: Array, Y: Array) -> Array:
-    """``loss(..., reference=True)``: plain ``jnp``, what the ``autodiff`` backend and the
-    tests' baselines differentiate."""
+    """``loss(..., reference=True)``: the plain-``jnp`` baseline autodiff differentiates."""
     return loss(params, X, Y, reference=True)
