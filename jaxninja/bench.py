@@ -1,18 +1,15 @@
 """``jaxninja bench``: how fast the training step and the ops run, against peers.
 
-:func:`run_bench` times the training step of each setting ``HxB`` (hidden x batch) and
-backend, the PyTorch baselines of :mod:`jaxninja.bench_torch` (when torch is installed)
-and ``M`` models in one vmapped program (:mod:`jaxninja.sweep`); :func:`run_ops_bench`
-(``bench --ops``) times the jitted gradient of each op against its peer and autodiff, and
-its compiled temporary memory. The rows of a table are timed in interleaved rounds of one
-process, so that a burst of outside load hits them alike: compare rows of one run, never
-runs of different days. Both share one ``bench.json`` (the ops under ``"ops"``), checked
-before any work and written atomically. The README's "Speed" section has the figures.
+:func:`run_bench`: the training step per setting ``HxB`` (hidden x batch) and backend, the
+PyTorch baselines of :mod:`jaxninja.bench_torch` and vmapped sweeps; :func:`run_ops_bench`
+(``bench --ops``): time and compiled temporary memory of each op's jitted gradient against
+its peers. Rows of a table are timed in interleaved rounds of one process (compare rows of
+one run, never runs of different days); both write one ``bench.json``, checked before any
+work. The README's "Speed" section has the method and the figures.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import json
 import math
@@ -22,7 +19,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import jax
@@ -39,9 +35,6 @@ Entry = tuple[dict[str, Any], Timer]  # a row of a table and the timer of its fi
 DEFAULT_SETTINGS = ((200, 32), (1024, 256))
 DEFAULT_MEMBERS = (1, 8, 32)
 TOOL = "jaxninja bench"  # what a results file says it is: the only --out a bench replaces
-
-
-# ------------------------------------------------------------------ shared measurement
 
 
 def summary(values: Sequence[float]) -> dict[str, float]:
@@ -88,7 +81,9 @@ def call_timer(fn: Callable[..., Any], args: tuple[Any, ...], target_s: float = 
 
     def run() -> tuple[float]:
         t = time.perf_counter()
-        jax.block_until_ready([fn(*args) for _ in range(k)][-1])
+        for _ in range(k):  # only the last output is kept alive, as in a loop of the user's
+            out = fn(*args)
+        jax.block_until_ready(out)
         return ((time.perf_counter() - t) / k * 1e3,)
 
     return run
@@ -154,9 +149,6 @@ def md_table(head: Sequence[str], align: str, rows: Iterable[Sequence[str]]) -> 
     return [lines[0], "|" + "".join("---|" if a == "l" else "---:|" for a in align), *lines[1:]]
 
 
-# ------------------------------------------------------------------ training benchmark
-
-
 def parse_settings(text: str) -> list[tuple[int, int]]:
     """``"200x32,1024x256"`` -> ``[(200, 32), (1024, 256)]`` (hidden units x batch).
 
@@ -182,12 +174,10 @@ def step_flops(cfg: TrainConfig, vocab_size: int) -> float:
 
 
 class Workload(NamedTuple):
-    """The training split (numpy for PyTorch, jax for JAX) and its vocabulary size."""
+    """The training split and its vocabulary size."""
 
-    X: np.ndarray
-    Y: np.ndarray
-    Xj: jax.Array
-    Yj: jax.Array
+    X: jax.Array
+    Y: jax.Array
     vocab_size: int
 
 
@@ -226,7 +216,7 @@ def backend_entries(
     for backend in backends:
         b = TrainConfig(**{**cfg.to_dict(), "backend": backend}).validate()
         chunk, state = train.make_train_chunk(b, steps), train.init_state(b, w.vocab_size)
-        out.append(chunk_entry(b, w, backend, steps, chunk, state, w.Xj, w.Yj))
+        out.append(chunk_entry(b, w, backend, steps, chunk, state, w.X, w.Y))
     return out
 
 
@@ -235,12 +225,11 @@ def sweep_entries(cfg: TrainConfig, members: Sequence[int], steps: int, w: Workl
     out = []
     for m in members:
         seeds = list(range(cfg.seed, cfg.seed + m))
-        states, chunk = (
-            sweep.init_states(cfg, seeds, w.vocab_size),
-            sweep.make_sweep_chunk(cfg, steps),
+        states, chunk = sweep.init_states(cfg, seeds, w.vocab_size), sweep.make_sweep_chunk
+        rest = (jnp.asarray(seeds, jnp.int32), jnp.full((m,), cfg.lr, jnp.float32), w.X, w.Y)
+        out.append(
+            chunk_entry(cfg, w, f"sweep M={m}", steps, chunk(cfg, steps), states, *rest, m=m)
         )
-        rest = (jnp.asarray(seeds, jnp.int32), jnp.full((m,), cfg.lr, jnp.float32), w.Xj, w.Yj)
-        out.append(chunk_entry(cfg, w, f"sweep M={m}", steps, chunk, states, *rest, m=m))
     return out
 
 
@@ -305,11 +294,9 @@ def markdown_table(result: dict[str, Any]) -> str:
     )
 
 
-TORCH_LABELS = {
-    "torch autograd": "loss.backward()",
-    "torch lecture_loop": "lecture loop",
-    "torch vectorised_dc": "vectorised dC",
-}
+TORCH_LABELS = dict(
+    autograd="loss.backward()", lecture_loop="lecture loop", vectorised_dc="vectorised dC"
+)
 
 
 def summary_ratios(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -324,8 +311,10 @@ def summary_ratios(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
             if auto and (setting, name) in us:
                 out[f"{setting} {name}/autodiff"] = us[(setting, name)] / auto
         for name, label in TORCH_LABELS.items():
-            if (setting, name) in us:
-                out[f"{setting} speedup of custom_vjp over {label}"] = us[(setting, name)] / base
+            if (setting, f"torch {name}") in us:
+                out[f"{setting} speedup of custom_vjp over {label}"] = (
+                    us[(setting, f"torch {name}")] / base
+                )
     return dict(sorted(out.items()))
 
 
@@ -337,18 +326,6 @@ def _check_options(settings: Sequence, backends: Sequence[str], members: Sequenc
             raise ConfigError(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
     if any(m < 1 for m in members):
         raise ConfigError(f"sweep sizes must be >= 1, got {list(members)}")
-
-
-def _torch_module(use_torch: bool, log: Log) -> Any | None:
-    """:mod:`jaxninja.bench_torch` when wanted and torch is installed, else ``None``."""
-    if not use_torch:
-        return None
-    from jaxninja import bench_torch
-
-    if bench_torch.torch is None:
-        log("  (torch not installed: no PyTorch rows; pip install 'jaxninja[bench]')")
-        return None
-    return bench_torch
 
 
 def run_bench(
@@ -374,11 +351,15 @@ def run_bench(
     previous, machine = start_run(repeats, out, log)
     repeats, scale = (min(repeats, 2), 10) if quick else (repeats, 1)
     splits = data.load_splits(data_path, block_size=3)
-    X, Y = splits.data["train"]
-    w = Workload(X, Y, jnp.asarray(X), jnp.asarray(Y), splits.vocab.size)
+    X, Y = (jnp.asarray(a) for a in splits.data["train"])
+    w = Workload(X, Y, splits.vocab.size)
     machine["peak"] = peak = machine_peak(repeats=3 if quick else 5)
     log(f"  float32 {peak['matmul']} matmul: {peak['gflops']:.0f} GFLOP/s")
-    torch_mod = _torch_module(use_torch, log)
+    from jaxninja import bench_torch  # imports torch when installed: only here
+
+    torch_mod = bench_torch if use_torch and bench_torch.torch is not None else None
+    if use_torch and torch_mod is None:
+        log("  (torch not installed: no PyTorch rows; pip install 'jaxninja[bench]')")
     rows: list[dict[str, Any]] = []
     for H, B in settings:
         cfg = TrainConfig(n_hidden=H, batch_size=B).validate()
@@ -399,12 +380,8 @@ def run_bench(
     result = end_run(machine, options, rows, torch=_version("torch") if torch_mod else None)
     result["summary"] = summary_ratios(rows)
     result["table"] = markdown_table(result)
-    log(
-        "\n"
-        + result["table"]
-        + "\n"
-        + "".join(f"\n{k}: {v:.2f}" for k, v in result["summary"].items())
-    )
+    log("\n" + result["table"] + "\n")
+    log("\n".join(f"{k}: {v:.2f}" for k, v in result["summary"].items()))
     save_results(out, {**result, **({"ops": previous["ops"]} if "ops" in previous else {})}, log)
     return result
 
@@ -414,11 +391,9 @@ def run_bench(
 Loss = Callable[..., jax.Array]
 
 
-@dataclass(frozen=True)
-class OpCase:
-    """One row of an op's table: a size, a dtype and the losses compared on it (ours
-    first; ratios are ours over the second in time and over the smallest of the others
-    in memory), ``missing``: those that cannot run here, and why."""
+class OpCase(NamedTuple):
+    """One row of an op's table: a size, a dtype, the losses compared (ours first) and
+    ``missing``: those that cannot run here, and why."""
 
     op: str
     size: dict[str, int]
@@ -426,7 +401,7 @@ class OpCase:
     make_args: Callable[[], tuple[Any, ...]]
     argnums: tuple[int, ...]
     impls: dict[str, Loss]
-    missing: dict[str, str] = field(default_factory=dict)
+    missing: dict[str, str] = {}  # never mutated
 
 
 def _normal(key: int, shape: tuple[int, ...], dtype: Any, scale: float = 1.0) -> jax.Array:
@@ -506,23 +481,16 @@ def linear_cross_entropy_case(n: int, d: int, v: int, dtype: str) -> OpCase:
 def ops_cases(quick: bool = False) -> list[OpCase]:
     """The sizes users meet (N in the thousands, V from 27 to 65536, float32 and
     bfloat16; about 3 minutes on 2 CPU cores); ``quick``: tiny sizes, a smoke test."""
-    if quick:
-        ce = [cross_entropy_case(64, 27, "float32"), cross_entropy_case(64, 300, "bfloat16")]
-        return [
-            *ce,
-            batch_norm_case(64, 32, "float32"),
-            linear_cross_entropy_case(64, 16, 300, "float32"),
-        ]
-    dts = ("float32", "bfloat16")
-    ce_sizes = ((4096, 27), (4096, 1024), (4096, 32768), (2048, 65536))
-    return (
-        [cross_entropy_case(n, v, dt) for n, v in ce_sizes for dt in dts]
-        + [batch_norm_case(n, h, dt) for n, h in ((32, 200), (8192, 1024)) for dt in dts]
-        + [
-            linear_cross_entropy_case(4096, d, v, "float32")
-            for d, v in ((256, 32768), (512, 65536))
-        ]
-    )
+    ce: list = [(64, 27, "float32"), (64, 300, "bfloat16")]
+    bn, lce = [(64, 32, "float32")], [(64, 16, 300, "float32")]
+    if not quick:
+        dts = ("float32", "bfloat16")
+        ce = [(n, v, dt) for n, v in ((4096, 27), (4096, 1024), (4096, 32768)) for dt in dts]
+        ce += [(2048, 65536, dt) for dt in dts]
+        bn = [(n, h, dt) for n, h in ((32, 200), (8192, 1024)) for dt in dts]
+        lce = [(4096, 256, 32768, "float32"), (4096, 512, 65536, "float32")]
+    cases = [cross_entropy_case(*a) for a in ce] + [batch_norm_case(*a) for a in bn]
+    return cases + [linear_cross_entropy_case(*a) for a in lce]
 
 
 def measure_case(case: OpCase, repeats: int, budget_s: float = 20.0) -> dict[str, Any]:
@@ -623,12 +591,8 @@ def run_ops_bench(
     repeats = min(repeats, 2) if quick else repeats
     rows = []
     for case in ops_cases(quick):
-        rows.append(row := measure_case(case, repeats))
-        got = [
-            f"{n} {_ms(s['ms']['median'])} ms {_mib(s['temp_bytes'])} MiB"
-            for n, s in row["impls"].items()
-        ]
-        log(f"  {case.op} {case.size} {case.dtype}: " + ", ".join(got))
+        rows.append(measure_case(case, repeats))
+        log(f"  {case.op} " + ops_table(rows[-1:], case.op).splitlines()[4])
     options = {"quick": quick, "repeats": repeats}
     result = end_run(machine, options, rows, optax=_version("optax"), flax=_version("flax"))
     result["table"] = ops_markdown(result)
