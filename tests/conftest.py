@@ -156,6 +156,7 @@ EXPERIMENT_COMMANDS = {
     "exercise1": ["exercise1_manual_backprop.py"],
     "exercise2": ["exercise2_cross_entropy.py", "--out", "{out}/dl.png"],
     "exercise3": ["exercise3_batchnorm.py"],
+    "float32_rounding": ["float32_rounding.py"],
 }
 _experiments: dict[str, tuple[Path, subprocess.Popen]] = {}
 _scratch: list[str] = []

@@ -109,3 +109,18 @@ def test_exercise3_batchnorm(runs):
     assert set(rows) == {"hprebn", "hprebn (vjp)"}
     for r in rows.values():
         assert r["approx"] == "True " and float(r["maxdiff"]) < 1e-7
+
+
+def test_float32_rounding_counts_the_tanh_step(runs):
+    """experiments/float32_rounding.py: JAX's transposed tanh rule, jitted (hence with an
+    FMA on XLA:CPU), is jax.grad's dhpreact bit for bit; the lecture's formula is not."""
+    stdout, _ = run(runs, "float32_rounding")
+    counts = {}
+    for line in stdout.splitlines():
+        m = re.match(r"^(\w+)\s+(\d+) of (\d+) entries differ", line)
+        if m:
+            counts[m[1]] = (int(m[2]), int(m[3]))
+    assert set(counts) == {"lecture", "jax_form", "jax_form_eager", "numpy_fma", "numpy_no_fma"}
+    assert {size for _, size in counts.values()} == {32 * 64}
+    assert counts["jax_form"][0] == 0
+    assert counts["lecture"][0] > 0
