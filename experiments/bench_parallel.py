@@ -51,8 +51,8 @@ def bench_data_parallel(
     for n in device_counts:
         t = time.perf_counter()
         state = train.init_state(cfg, splits.vocab.size)
-        compiled = train.make_train_chunk(cfg, steps, mesh=parallel.data_mesh(cfg, n))
-        compiled = compiled.lower(state, Xtr, Ytr).compile()
+        chunk = train.make_train_chunk(cfg, steps, mesh=parallel.data_mesh(cfg, n))
+        compiled = chunk.lower(state, Xtr, Ytr).compile()
         compile_s = time.perf_counter() - t
         best, losses = float("inf"), None
         for _ in range(repeats):
@@ -60,27 +60,10 @@ def bench_data_parallel(
             t = time.perf_counter()
             state, losses = jax.block_until_ready(compiled(state, Xtr, Ytr))
             best = min(best, time.perf_counter() - t)
-        results.append(
-            {
-                "devices": n,
-                "steps_per_second": round(steps / best, 2),
-                "ms_per_step": round(1e3 * best / steps, 3),
-                "compile_seconds": round(compile_s, 2),
-                "final_loss": round(float(np.asarray(losses)[-1]), 4),
-            }
-        )
+        row = {"devices": n, "steps_per_second": round(steps / best, 2)}
+        row |= {"ms_per_step": round(1e3 * best / steps, 3), "compile_seconds": round(compile_s, 2)}
+        results.append(row | {"final_loss": round(float(np.asarray(losses)[-1]), 4)})
     return results
-
-
-def _one(args: argparse.Namespace, counts: list[int]) -> list[dict]:
-    return bench_data_parallel(
-        counts,
-        batch_size=args.batch_size,
-        n_hidden=args.n_hidden,
-        steps=args.steps,
-        repeats=args.repeats,
-        data_path=args.data,
-    )
 
 
 def main() -> None:
@@ -90,17 +73,14 @@ def main() -> None:
     p.add_argument("--n-hidden", type=int, default=1024)
     p.add_argument("--steps", type=int, default=20, help="steps per timed chunk")
     p.add_argument("--repeats", type=int, default=3, help="timed chunks; the best is kept")
-    p.add_argument(
-        "--in-process",
-        action="store_true",
-        help="time all counts in this process (on the devices jax finds)",
-    )
+    p.add_argument("--in-process", action="store_true", help="one process, jax's devices")
     p.add_argument("--data", help="word list (default: names.txt)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.child or args.in_process:
-        rows = _one(args, args.devices)
+        sizes = {k: getattr(args, k) for k in ("batch_size", "n_hidden", "steps", "repeats")}
+        rows = bench_data_parallel(args.devices, **sizes, data_path=args.data)
         if args.child:
             print(json.dumps(rows))
             return
