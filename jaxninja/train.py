@@ -1,10 +1,9 @@
 """Training, batch-norm calibration and evaluation: Exercise 4 as a fused, jitted loop.
 
-One training step is ``grads = backend(params, Xb, Yb)`` followed by an ``optax.sgd``
-update. :func:`make_train_chunk` fuses ``n`` such steps into one compiled
-``jax.lax.scan``; the minibatch indices of step ``s`` come from
-``fold_in(key(seed), s)``, so a run is a pure function of its config and the result does
-not depend on how it was chunked (which is what makes ``--resume`` exact).
+One step is ``grads = backend(params, Xb, Yb)`` and an ``optax.sgd`` update;
+:func:`make_train_chunk` fuses ``n`` steps into one ``lax.scan``. Step ``s`` draws its batch
+from ``fold_in(key(seed), s)``: a run is a pure function of its config, however chunked
+(so ``--resume`` is exact).
 """
 
 from __future__ import annotations
@@ -38,15 +37,13 @@ class ConfigError(JaxninjaError):
     """A training configuration that cannot run; the message names the field."""
 
 
-# ------------------------------------------------------------------------ backends
 GradFn = Callable[..., tuple[tuple[Array, model.BNStats], model.Params]]
 """``(params, X, Y, axis_name=None) -> ((loss, batch_stats), grads)``."""
 
 
 def _manual(params: model.Params, X: Array, Y: Array, axis_name: Any = None):
     loss, grads = ninja.manual_grads(params, X, Y)
-    mean, var = ops.batch_stats(model.hidden_preactivation(params, X))  # unused: pruned
-    return (loss, {"mean": mean, "var": var}), grads
+    return (loss, calibrate_bn(params, X)), grads  # the statistics: pruned unless used
 
 
 def _autodiff(reference: bool) -> GradFn:
@@ -73,17 +70,15 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_int(name: str, value: Any, low: int) -> None:
+def _check_int(name: str, value: Any, low: int, kind: str = "a positive integer") -> None:
     if not _is_int(value) or value < low:
-        kind = "a positive integer" if low else "a non-negative integer"
         raise ConfigError(f"{name} must be {kind}, got {value!r}")
-    if value > INT32_MAX:  # steps and schedule boundaries travel as int32
+    if value > INT32_MAX:  # steps, schedule boundaries and seeds travel as int32
         raise ConfigError(f"{name} must be at most {INT32_MAX}, got {value!r}")
 
 
 def _check_positive_float(name: str, value: Any) -> None:
-    number = isinstance(value, float) or _is_int(value)
-    if not number or not math.isfinite(value) or value <= 0:
+    if not (isinstance(value, float) or _is_int(value)) or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
     if not FLOAT32_TINY <= value <= FLOAT32_MAX:  # float32 would make it 0 or inf
         raise ConfigError(
@@ -113,13 +108,9 @@ class TrainConfig:
         """Return self, or raise :class:`ConfigError` naming the bad field."""
         for name in ("n_embd", "n_hidden", "block_size", "steps", "chunk_steps"):
             _check_int(name, getattr(self, name), 1)
-        if not _is_int(self.batch_size) or self.batch_size < 2:
-            what = "at least 2 (batch norm divides by n-1)"
-            raise ConfigError(f"batch_size must be {what}, got {self.batch_size!r}")
-        _check_int("lr_decay_step", self.lr_decay_step, 0)
-        _check_int("seed", self.seed, 0)
-        if self.seed > INT32_MAX:  # seeds travel as int32 (sweeps vmap over them)
-            raise ConfigError(f"seed must be at most {INT32_MAX}, got {self.seed!r}")
+        _check_int("batch_size", self.batch_size, 2, "at least 2 (batch norm divides by n-1)")
+        _check_int("lr_decay_step", self.lr_decay_step, 0, "a non-negative integer")
+        _check_int("seed", self.seed, 0, "a non-negative integer")
         _check_positive_float("lr", self.lr)
         _check_positive_float("lr_decay", self.lr_decay)
         _check_positive_float("lr * lr_decay", self.lr * self.lr_decay)
@@ -168,10 +159,8 @@ def init_state(cfg: TrainConfig, vocab_size: int, dtype: Any = jnp.float32) -> T
     params = model.init_params(
         jax.random.key(cfg.seed), vocab_size, cfg.n_embd, cfg.n_hidden, cfg.block_size, dtype
     )
-    running = {
-        "mean": jnp.zeros((1, cfg.n_hidden), jnp.promote_types(dtype, jnp.float32)),
-        "var": jnp.ones((1, cfg.n_hidden), jnp.promote_types(dtype, jnp.float32)),
-    }
+    shape, stats_dtype = (1, cfg.n_hidden), jnp.promote_types(dtype, jnp.float32)
+    running = {"mean": jnp.zeros(shape, stats_dtype), "var": jnp.ones(shape, stats_dtype)}
     return TrainState(params, make_optimizer(cfg).init(params), jnp.zeros((), jnp.int32), running)
 
 
@@ -181,29 +170,25 @@ def batch_indices(
     """Minibatch row indices ``(len(steps), batch_size)``: step ``s`` draws uniformly with
     replacement from ``fold_in(key(seed), s)``, whatever chunk it runs in. ``seed``
     (default ``cfg.seed``) may be a traced value, as in sweeps."""
-    seed = cfg.seed if seed is None else seed
-    data_key = jax.random.fold_in(jax.random.key(seed), 1)  # not the init key
-    return jax.vmap(
-        lambda s: jax.random.randint(
-            jax.random.fold_in(data_key, s), (cfg.batch_size,), 0, n_examples
-        )
-    )(steps)
+    key = jax.random.key(cfg.seed if seed is None else seed)
+    data_key = jax.random.fold_in(key, 1)  # not the init key
+
+    def draw(s: Array) -> Array:
+        return jax.random.randint(jax.random.fold_in(data_key, s), (cfg.batch_size,), 0, n_examples)
+
+    return jax.vmap(draw)(steps)
 
 
 def train_step(
     cfg: TrainConfig, optimizer: optax.GradientTransformation, axis_name: Any = None
 ) -> Callable[[TrainState, tuple[Array, Array]], tuple[TrainState, Array]]:
-    """One SGD step on a gathered minibatch ``(Xb, Yb)``: the body of the chunk's scan.
-
-    ``axis_name``: the batch is split over that mesh axis (the backend's loss, batch norm
-    and gradients are then global). With ``cfg.running_stats`` the lecture's running
-    averages ``0.999 * running + 0.001 * batch`` follow the statistics of the step's own
-    forward pass (``has_aux``)."""
+    """One SGD step on a gathered minibatch ``(Xb, Yb)`` (the body of the chunk's scan), split
+    over the mesh axis ``axis_name`` if given; ``cfg.running_stats`` updates the running
+    averages (momentum 0.999) from the step's own forward pass (``has_aux``)."""
     grad_fn = BACKENDS[cfg.backend].grad
 
     def step(state: TrainState, batch: tuple[Array, Array]) -> tuple[TrainState, Array]:
-        Xb, Yb = batch
-        (loss, stats), grads = grad_fn(state.params, Xb, Yb, axis_name=axis_name)
+        (loss, stats), grads = grad_fn(state.params, *batch, axis_name=axis_name)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         running = state.bn_running
@@ -217,23 +202,11 @@ def train_step(
 def make_train_chunk(
     cfg: TrainConfig, n_steps: int, mesh: Mesh | None = None, unroll: int = 1
 ) -> jax.stages.Wrapped:
-    """A jitted ``(state, Xtr, Ytr) -> (state, losses[n_steps])`` running ``n_steps``
-    SGD steps in one ``lax.scan``. The state's buffers are donated (updated in place).
-
-    With a ``mesh`` (:func:`jaxninja.parallel.data_mesh`) the state and the training set
-    are replicated, step ``s`` draws the same global batch as on one device, and each
-    device trains on its contiguous slice of it: the whole scan runs inside one
-    ``shard_map``, whose only communication is the all-reduces of batch norm, the loss
-    and the gradients (see :mod:`jaxninja.parallel`).
-
-    Speed notes (measured with ``jaxninja bench``): the minibatches of the whole chunk
-    are drawn and gathered *before* the scan, as one vectorised gather
-    (``n_steps * batch_size * (block_size + 1)`` int32s, 5 MB for the default
-    10,000-step chunk), so the loop body holds only the training step; two scalar gathers
-    of random rows per step cost more than the step's small kernels. ``unroll=1`` is the
-    fastest on CPU (unrolling only adds buffer copies)."""
-    axis_name = None if mesh is None else AXIS
-    step = train_step(cfg, make_optimizer(cfg), axis_name)
+    """A jitted ``(state, Xtr, Ytr) -> (state, losses[n_steps])``: ``n_steps`` SGD steps in
+    one ``lax.scan``, the state donated; with a ``mesh`` each device trains on its slice of
+    the same global batch, in one ``shard_map``. Minibatches are gathered before the scan in
+    one vectorised gather (faster than per-step ones); ``unroll=1`` is the fastest on CPU."""
+    step = train_step(cfg, make_optimizer(cfg), None if mesh is None else AXIS)
 
     def scan(state: TrainState, batches: tuple[Array, Array]) -> tuple[TrainState, Array]:
         return jax.lax.scan(step, state, batches, unroll=min(unroll, n_steps))
@@ -268,12 +241,9 @@ def run_chunks(
     steps: int,
     chunk_steps: int,
 ) -> Iterator[Chunk]:
-    """The one training loop: run steps ``start..steps`` in chunks of ``chunk_steps``.
-
-    ``make_chunk(n)`` builds the jitted ``(state, *args) -> (state, losses)`` of ``n``
-    steps; it is compiled once per chunk length, ahead of time, so compile time is
-    measured apart from run time.
-    """
+    """The one training loop: steps ``start..steps`` in chunks of ``chunk_steps``; the jitted
+    ``make_chunk(n)``, ``(state, *args) -> (state, losses)``, is compiled ahead of time once
+    per length (compile time measured apart)."""
     compiled: dict[int, Any] = {}
     step = start
     while step < steps:
@@ -286,9 +256,8 @@ def run_chunks(
         state, losses = compiled[n](state, *args)
         while not losses.is_ready():  # wait in Python, so signal handlers run meanwhile
             time.sleep(0.005)
-        losses = np.asarray(losses)
         step += n
-        yield Chunk(step, state, losses, compile_seconds, time.perf_counter() - t)
+        yield Chunk(step, state, np.asarray(losses), compile_seconds, time.perf_counter() - t)
 
 
 @jax.jit
