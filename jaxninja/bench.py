@@ -49,9 +49,8 @@ def summary(values: Sequence[float]) -> dict[str, float]:
 
 
 def rounds(timers: Sequence[Timer], repeats: int, budget_s: float = math.inf) -> list[list[dict]]:
-    """Call every timer once per round, round ``r`` starting at timer ``r`` (so neither
-    outside load nor what ran just before favours one); after 3 rounds stop once
-    ``budget_s`` is spent. Per timer, a :func:`summary` of each of its figures."""
+    """Per timer, a :func:`summary` of each figure it returns over ``repeats`` rounds (round
+    ``r`` starts at timer ``r``: no order favours one; after 3, stop past ``budget_s``)."""
     values: list[list[tuple[float, ...]]] = [[] for _ in timers]
     start = time.perf_counter()
     for r in range(repeats):
@@ -105,8 +104,7 @@ def loadavg() -> list[float] | None:
 
 
 def start_run(repeats: int, out: str | os.PathLike[str] | None, log: Log) -> tuple[dict, dict]:
-    """Check ``repeats`` and ``out`` before any work: the results ``out`` holds and the
-    machine (its load average now)."""
+    """Check ``repeats`` and ``out`` before any work: the results ``out`` holds, the machine."""
     if repeats < 1:
         raise ConfigError(f"repeats must be >= 1, got {repeats}")
     previous = fileio.check_results_file(out, TOOL) if out else {}
@@ -125,8 +123,7 @@ def end_run(machine: dict, options: dict, rows: list, **versions: str | None) ->
 
 
 def save_results(out: str | os.PathLike[str] | None, results: dict, log: Log = print) -> None:
-    """Write ``results`` (JSON) to ``out`` atomically, if given (a failing write is one
-    ``cannot write`` error; the tables were printed before)."""
+    """Write ``results`` (JSON) to ``out`` atomically, if given (after the tables)."""
     if out:
         text = json.dumps({"tool": TOOL, **results}, indent=2, default=float)
         fileio.write_atomic(out, lambda f: f.write(text), "w")
@@ -191,9 +188,8 @@ def _row(cfg: TrainConfig, w: Workload, kind: str, name: str, **extra: Any) -> d
 def chunk_entry(
     cfg: TrainConfig, w: Workload, name: str, steps: int, jitted: Any, *args: Any, m: int = 0
 ) -> Entry:
-    """The row of a compiled chunk ``jitted(state, *rest)`` of ``steps`` steps of
-    ``m`` models (0: one plain model), run once (warm-up), and its timer: wall and CPU us
-    per (model-)step, the donated state passed on from run to run."""
+    """The row of a compiled, warmed-up chunk ``jitted(state, *rest)`` of ``steps`` steps of
+    ``m`` models (0: one), and its timer: wall and CPU us per (model-)step."""
     fn, compile_s = compile_timed(jitted, *args)
     state, rest = jax.block_until_ready(fn(*args))[0], args[1:]
     units = steps * max(m, 1)
@@ -234,10 +230,10 @@ def sweep_entries(cfg: TrainConfig, members: Sequence[int], steps: int, w: Workl
 
 
 def torch_entries(mod: Any, cfg: TrainConfig, steps: int, w: Workload) -> list[Entry]:
-    """One entry per PyTorch baseline (the lecture's loop runs 1/4 of the steps at large
-    batches: its Python double loop is that slow)."""
+    """One entry per PyTorch baseline."""
 
     def entry(name: str) -> Entry:
+        # the lecture's Python double loop is that slow at large batches
         n = max(1, steps // 4) if name == "lecture_loop" and cfg.batch_size > 64 else steps
         row = _row(cfg, w, "torch", f"torch {name}", steps_per_repeat=n)
 
@@ -252,8 +248,7 @@ def torch_entries(mod: Any, cfg: TrainConfig, steps: int, w: Workload) -> list[E
 
 
 def time_entries(entries: Sequence[Entry], repeats: int, log: Log) -> list[dict[str, Any]]:
-    """Time the entries in interleaved rounds: their rows with ``us_per_step`` and
-    ``cpu_us_per_step`` (and ``model_steps_per_s`` for sweeps)."""
+    """The entries' rows, with their timings from interleaved rounds."""
     rows = [row for row, _ in entries]
     for row, (wall, cpu) in zip(rows, rounds([t for _, t in entries], repeats), strict=True):
         row["us_per_step"], row["cpu_us_per_step"] = wall, cpu
@@ -264,8 +259,7 @@ def time_entries(entries: Sequence[Entry], repeats: int, log: Log) -> list[dict[
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    """The rows of a result as a markdown table (``ratio``: row us/step over the
-    custom_vjp us/step of the same setting; < 1 is faster than custom_vjp)."""
+    """The rows as a markdown table; ratio: over custom_vjp of the same setting."""
     m, v, peak = result["machine"], result["versions"], result["machine"]["peak"]["gflops"]
     rows = result["rows"]
     base = {r["setting"]: r["us_per_step"]["median"] for r in rows if r["row"] == "custom_vjp"}
@@ -283,20 +277,17 @@ def markdown_table(result: dict[str, Any]) -> str:
         )
     head = "setting|row|us/step (median)|spread|CPU us/step|compile s|MFLOP/step|% of peak"
     torch = f", torch {v['torch']}" if v.get("torch") else ""
-    return "\n".join(
-        [
-            f"Machine: {m['cpu_count']} CPUs, float32 matmul peak {peak:.0f} GFLOP/s "
-            f"({m['peak']['matmul']}); load average {m['loadavg_start']} at start, "
-            f"{m['loadavg_end']} at end. jax {v['jax']}{torch}.",
-            "",
-            *md_table([*head.split("|"), "ratio to custom_vjp"], "ll" + "r" * 7, table),
-        ]
+    title = (
+        f"Machine: {m['cpu_count']} CPUs, float32 matmul peak {peak:.0f} GFLOP/s "
+        f"({m['peak']['matmul']}); load average {m['loadavg_start']} at start, "
+        f"{m['loadavg_end']} at end. jax {v['jax']}{torch}."
     )
+    cols = [*head.split("|"), "ratio to custom_vjp"]
+    return "\n".join([title, "", *md_table(cols, "ll" + "r" * 7, table)])
 
 
-TORCH_LABELS = dict(
-    autograd="loss.backward()", lecture_loop="lecture loop", vectorised_dc="vectorised dC"
-)
+TORCH_LABELS = {"autograd": "loss.backward()", "lecture_loop": "lecture loop"}
+TORCH_LABELS["vectorised_dc"] = "vectorised dC"
 
 
 def summary_ratios(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -311,10 +302,8 @@ def summary_ratios(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
             if auto and (setting, name) in us:
                 out[f"{setting} {name}/autodiff"] = us[(setting, name)] / auto
         for name, label in TORCH_LABELS.items():
-            if (setting, f"torch {name}") in us:
-                out[f"{setting} speedup of custom_vjp over {label}"] = (
-                    us[(setting, f"torch {name}")] / base
-                )
+            if t := us.get((setting, f"torch {name}")):
+                out[f"{setting} speedup of custom_vjp over {label}"] = t / base
     return dict(sorted(out.items()))
 
 
@@ -423,13 +412,15 @@ def cross_entropy_case(n: int, v: int, dtype: str) -> OpCase:
         "optax": lambda x, y: _mean(optax.softmax_cross_entropy_with_integer_labels(x, y)),
         "reference": lambda x, y: _mean(ops.cross_entropy_reference(x, y)),
     }
-    make = lambda: (_normal(0, (n, v), dtype), _labels(1, n, v))  # noqa: E731
+
+    def make() -> tuple[jax.Array, ...]:
+        return _normal(0, (n, v), dtype), _labels(1, n, v)
+
     return OpCase("cross_entropy", {"N": n, "V": v}, dtype, make, (0,), impls)
 
 
 def _flax_batch_norm() -> Loss | str:
-    """``flax.linen.BatchNorm`` (training mode, biased variance) as a loss of
-    ``(x, gain, bias, cotangent)``, or why it cannot run."""
+    """``flax.linen.BatchNorm`` (training mode) as a loss of ``(x, g, b, c)``, or why not."""
     if importlib.util.find_spec("flax") is None:
         return "flax not installed (pip install flax)"
     from flax import linen as nn
@@ -479,8 +470,7 @@ def linear_cross_entropy_case(n: int, d: int, v: int, dtype: str) -> OpCase:
 
 
 def ops_cases(quick: bool = False) -> list[OpCase]:
-    """The sizes users meet (N in the thousands, V from 27 to 65536, float32 and
-    bfloat16; about 3 minutes on 2 CPU cores); ``quick``: tiny sizes, a smoke test."""
+    """The sizes users meet (about 3 minutes on 2 CPU cores); ``quick``: a smoke test."""
     ce: list = [(64, 27, "float32"), (64, 300, "bfloat16")]
     bn, lce = [(64, 32, "float32")], [(64, 16, 300, "float32")]
     if not quick:
@@ -494,8 +484,7 @@ def ops_cases(quick: bool = False) -> list[OpCase]:
 
 
 def measure_case(case: OpCase, repeats: int, budget_s: float = 20.0) -> dict[str, Any]:
-    """Time (interleaved rounds; after 3, at most ``budget_s``) and compiled temporary
-    memory of the jitted gradient of every implementation of ``case``."""
+    """Time and compiled temporary memory of each implementation's jitted gradient."""
     args, grads = case.make_args(), {}
     for name, loss in case.impls.items():
         grads[name] = compile_timed(jax.jit(jax.grad(loss, argnums=case.argnums)), *args)
@@ -543,8 +532,7 @@ def _mib(n: int | None) -> str:
 
 
 def ops_table(rows: Sequence[dict[str, Any]], op: str) -> str:
-    """One op's rows as a markdown table: ms (median) and temp MiB per implementation,
-    then the ratios (ours over the peer; < 1 is better for ours)."""
+    """One op's rows as a markdown table: ms and temp MiB per implementation, ratios."""
     rows = [r for r in rows if r["op"] == op]
     impls = list(dict.fromkeys(n for r in rows for n in r["impls"]))
     ratios = list(dict.fromkeys(k for r in rows for k in r["ratios"]))
@@ -584,9 +572,8 @@ def run_ops_bench(
     out: str | os.PathLike[str] | None = "bench.json",
     log: Log = print,
 ) -> dict[str, Any]:
-    """``jaxninja bench --ops``: measure every case of :func:`ops_cases`, print the
-    markdown tables and write the result under ``"ops"`` in ``out`` (keeping the training
-    rows there). ``quick``: tiny sizes, 2 rounds."""
+    """``jaxninja bench --ops``: measure :func:`ops_cases`, print the tables, write them
+    under ``"ops"`` in ``out`` (keeping the training rows). ``quick``: tiny, 2 rounds."""
     previous, machine = start_run(repeats, out, log)
     repeats = min(repeats, 2) if quick else repeats
     rows = []
