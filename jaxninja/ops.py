@@ -509,10 +509,17 @@ def _stats(x, where, axes, unbiased, axis_name):
     return mean, var, n
 
 
-def batch_stats(x: Array, **kwargs: Any) -> tuple[Array, Array]:
+def batch_stats(
+    x: Array,
+    *,
+    unbiased: bool = True,
+    axis: Axis = 0,
+    axis_name: Any = None,
+    where: Array | None = None,
+) -> tuple[Array, Array]:
     """Batch mean and variance over ``axis`` (kept as size-1 dims), in at least float32.
 
-    Keyword arguments ``axis, unbiased, axis_name, where`` as in :func:`batch_norm`.
+    The keyword arguments are :func:`batch_norm`'s.
 
     >>> import jax.numpy as jnp
     >>> mean, var = batch_stats(jnp.array([[1.0], [2.0], [3.0]]))
@@ -522,7 +529,7 @@ def batch_stats(x: Array, **kwargs: Any) -> tuple[Array, Array]:
     x = jnp.asarray(x)
     x = x.astype(_compute_dtype(x.dtype))
     x, _, _, where, axes, _, unbiased, axis_name = _prepare_batch_norm(
-        x, 1.0, 0.0, eps=0.0, **kwargs
+        x, 1.0, 0.0, eps=0.0, unbiased=unbiased, axis=axis, axis_name=axis_name, where=where
     )
     return _stats(x, where, axes, unbiased, axis_name)[:2]
 
@@ -680,7 +687,15 @@ def batch_norm(
 
 
 def batch_norm_with_stats(
-    x: Array, gain: Array, bias: Array, **kwargs: Any
+    x: Array,
+    gain: Array,
+    bias: Array,
+    *,
+    eps: float = 1e-5,
+    unbiased: bool = True,
+    axis: Axis = 0,
+    axis_name: Any = None,
+    where: Array | None = None,
 ) -> tuple[Array, Array, Array]:
     """:func:`batch_norm` (same keyword arguments) that also returns the ``(mean, var)`` it
     used, from the same pass; they keep ``axis`` as size-1 dims, in at least float32. The
@@ -691,10 +706,23 @@ def batch_norm_with_stats(
     >>> mean.tolist(), var.tolist()
     ([[1.0]], [[2.0]])
     """
-    return _batch_norm_with_stats(*_prepare_batch_norm(x, gain, bias, **kwargs))
+    args = _prepare_batch_norm(
+        x, gain, bias, eps=eps, unbiased=unbiased, axis=axis, axis_name=axis_name, where=where
+    )
+    return _batch_norm_with_stats(*args)
 
 
-def batch_norm_reference(x: Array, gain: Array, bias: Array, **kwargs: Any) -> Array:
+def batch_norm_reference(
+    x: Array,
+    gain: Array,
+    bias: Array,
+    *,
+    eps: float = 1e-5,
+    unbiased: bool = True,
+    axis: Axis = 0,
+    axis_name: Any = None,
+    where: Array | None = None,
+) -> Array:
     """Plain-``jnp`` batch norm (autodiff's baseline); the arguments of :func:`batch_norm`.
 
     >>> import jax.numpy as jnp, numpy as np
@@ -703,7 +731,11 @@ def batch_norm_reference(x: Array, gain: Array, bias: Array, **kwargs: Any) -> A
     >>> np.asarray(y, np.float64).round(4).tolist()  # +-1/sqrt(2): var is 2 with n-1
     [[-0.7071], [0.7071]]
     """
-    return _bn_forward(*_prepare_batch_norm(x, gain, bias, **kwargs))[0]
+    return _bn_forward(
+        *_prepare_batch_norm(
+            x, gain, bias, eps=eps, unbiased=unbiased, axis=axis, axis_name=axis_name, where=where
+        )
+    )[0]
 
 
 def batch_norm_eval(
