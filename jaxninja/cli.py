@@ -30,6 +30,15 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(USAGE_ERROR)
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's help ends with its default, unless there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _number(kind: type, what: str, ok: Callable[[Any], bool]) -> Callable[[str], Any]:
     """An argparse ``type``: a finite number of ``kind`` for which ``ok`` holds."""
 
@@ -250,8 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="jaxninja", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (handler, about, options) in COMMANDS.items():
-        defaults = argparse.ArgumentDefaultsHelpFormatter  # help shows each default
-        command = sub.add_parser(name, help=about, formatter_class=defaults)
+        command = sub.add_parser(name, help=about, formatter_class=_Help)
         _add_options(command, options)
         command.set_defaults(func=handler)
         if name == "train":
