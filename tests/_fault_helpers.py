@@ -29,7 +29,9 @@ import time
 import numpy as np
 
 
-def _stall_save(k: int) -> None:
+def _on_kth_savez(k: int, fail) -> None:
+    """np.savez as usual, except its ``k``-th call: ``fail(file, data)`` with the bytes the
+    archive would have held."""
     real_savez = np.savez
     calls = [0]
 
@@ -39,7 +41,13 @@ def _stall_save(k: int) -> None:
             return real_savez(file, *args, **kwds)
         buf = io.BytesIO()
         real_savez(buf, *args, **kwds)
-        data = buf.getvalue()
+        fail(file, buf.getvalue())
+
+    np.savez = savez
+
+
+def _stall_save(k: int) -> None:
+    def stall(file, data):
         file.write(data[: len(data) // 2])
         file.flush()
         os.fsync(file.fileno())
@@ -47,23 +55,15 @@ def _stall_save(k: int) -> None:
         time.sleep(120)  # the test kills us long before this ends
         raise SystemExit("stall-save: not killed")
 
-    np.savez = savez
+    _on_kth_savez(k, stall)
 
 
 def _enospc_save(k: int) -> None:
-    real_savez = np.savez
-    calls = [0]
-
-    def savez(file, *args, **kwds):
-        calls[0] += 1
-        if calls[0] != k:
-            return real_savez(file, *args, **kwds)
-        buf = io.BytesIO()
-        real_savez(buf, *args, **kwds)
-        file.write(buf.getvalue()[:1000])
+    def full(file, data):
+        file.write(data[:1000])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    np.savez = savez
+    _on_kth_savez(k, full)
 
 
 def _slow_save(seconds: float) -> None:
