@@ -67,10 +67,11 @@ def train_run(
         state = parallel.from_main(state, mesh)  # alone: as is
         start = int(state.step)
         state, timing = _train_loop(cfg, out, splits, state, losses, mesh, stop, log, start)
-        timing.update(steps_this_run=cfg.steps - start, processes=jax.process_count())
         timing.update(
+            steps_this_run=cfg.steps - start,
             seconds=round(time.perf_counter() - t_start, 3),
             devices=1 if mesh is None else mesh.size,
+            processes=jax.process_count(),
         )
         if not main:
             return {}

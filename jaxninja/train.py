@@ -211,14 +211,15 @@ def make_train_chunk(
     def scan(state: TrainState, batches: tuple[Array, Array]) -> tuple[TrainState, Array]:
         return jax.lax.scan(step, state, batches, unroll=min(unroll, n_steps))
 
+    if mesh is not None:  # batches (n_steps, batch, ...): split the batch axis, replicate the rest
+        scan = jax.shard_map(scan, mesh=mesh, in_specs=(P(), P(None, AXIS)), out_specs=(P(), P()))
+
     def chunk(state: TrainState, Xtr: Array, Ytr: Array) -> tuple[TrainState, Array]:
         idx = batch_indices(cfg, state.step + jnp.arange(n_steps), Xtr.shape[0])
         return scan(state, (Xtr[idx], Ytr[idx]))
 
     if mesh is None:
         return jax.jit(chunk, donate_argnums=0)
-    # batches are (n_steps, batch, ...): split the batch axis, replicate the rest
-    scan = jax.shard_map(scan, mesh=mesh, in_specs=(P(), P(None, AXIS)), out_specs=(P(), P()))
     replicated = NamedSharding(mesh, P())
     return jax.jit(chunk, donate_argnums=0, in_shardings=replicated, out_shardings=replicated)
 
