@@ -1,24 +1,6 @@
-"""``jaxninja check``: every hand-written gradient against ``jax.grad``, in one table.
-
-:func:`run_check` draws one training batch and prints the lecture's ``cmp`` rows for
-Exercise 1 (the 26 gradients of :func:`jaxninja.ninja.backward_atomized` against
-:func:`jaxninja.ninja.reference_grads`), Exercises 2-3 (the fused rules, the batch-norm one
-fed the reference ``dhpreact``) and Exercise 4 (:func:`~jaxninja.ninja.manual_grads` against
-``jax.grad(model.loss)``, 7 rows). Everything compared is ``jax.jit``-compiled; why not
-every float32 row is bit-exact: README, "Why not 26/26 bit-exact".
-
-Example (a tiny made-up word list; the CLI uses names.txt):
-
->>> import tempfile, pathlib
->>> with tempfile.TemporaryDirectory() as tmp:
-...     path = pathlib.Path(tmp, "names.txt")
-...     _ = path.write_text("\\n".join(["emma", "olivia", "ava", "isabella", "sophia"] * 20))
-...     report = run_check("float64", n_hidden=16, data=path)
->>> report.ok, report.n_exact >= 11, [len(rows) for rows in report.rows.values()]
-(True, True, [26, 2, 7])
->>> print(report.format().splitlines()[-1])  # doctest: +ELLIPSIS
-float64: .../26 Exercise-1 rows bit-exact; all 35 rows within 1e-12
-"""
+"""``jaxninja check``: every hand-written gradient against ``jax.grad``, in one table: the
+lecture's ``cmp`` rows for Exercises 1-4, all ``jax.jit``-compiled (README, "Why not 26/26
+bit-exact", says why not every float32 row is)."""
 
 from __future__ import annotations
 
@@ -35,8 +17,6 @@ from jaxninja import model, ninja
 from jaxninja.data import load_splits
 from jaxninja.ninja import Comparison, compare
 
-__all__ = ["TOLERANCES", "CheckReport", "run_check"]
-
 TOLERANCES: Mapping[str, float] = {"float32": 1e-6, "float64": 1e-12}
 """Max abs difference per row (gradients are 1e-3 to 1e-1): float32's is ~30x the largest
 measured (3.0e-8, seeds 0-19, H = 64 and 200), far below a wrong formula's (~3%)."""
@@ -45,14 +25,7 @@ SECTION_EX1 = "Exercise 1: manual backprop through the atomized forward pass vs 
 SECTION_FUSED = "Exercises 2-3: fused backward rules vs jax.grad"
 SECTION_EX4 = "Exercise 4: manual_grads vs jax.grad(model.loss)"
 
-# Module-level jitted functions, so that repeated checks reuse the compiled programs.
-_forward = jax.jit(ninja.forward_atomized)
-_backward = jax.jit(ninja.backward_atomized)
-_reference = jax.jit(ninja.reference_grads)
-_ce_backward = jax.jit(ninja.cross_entropy_backward)
-_bn_backward = jax.jit(ninja.batch_norm_backward)
-_manual = jax.jit(ninja.manual_grads)
-_autodiff = jax.jit(jax.grad(model.loss))
+_autodiff = jax.jit(jax.grad(model.loss))  # one wrapper, so that repeated checks reuse it
 
 
 @dataclass(frozen=True)
@@ -70,7 +43,6 @@ class CheckReport:
 
     @property
     def all_rows(self) -> tuple[Comparison, ...]:
-        """Every row of every section, in order."""
         return tuple(row for rows in self.rows.values() for row in rows)
 
     @property
@@ -80,22 +52,21 @@ class CheckReport:
 
     @property
     def ok(self) -> bool:
-        """Every row within the tolerance."""
         return not self.failures
 
     @property
     def n_exact(self) -> int:
-        """How many of the 26 Exercise-1 rows are bit-for-bit equal to ``jax.grad``'s."""
+        """How many of the Exercise-1 rows are bit-for-bit equal to ``jax.grad``'s."""
         return sum(r.exact for r in self.rows[SECTION_EX1])
 
     def summary(self) -> str:
         """One line, e.g. ``float32: 11/26 Exercise-1 rows bit-exact; all 35 rows within 1e-06``."""
-        n, bad, tol = len(self.all_rows), self.failures, f"{self.tolerance:.0e}"
-        head = f"{self.dtype}: {self.n_exact}/{len(self.rows[SECTION_EX1])} Exercise-1 rows"
+        ex1, bad, tol = self.rows[SECTION_EX1], self.failures, f"{self.tolerance:.0e}"
+        head = f"{self.dtype}: {self.n_exact}/{len(ex1)} Exercise-1 rows bit-exact"
         if not bad:
-            return f"{head} bit-exact; all {n} rows within {tol}"
+            return f"{head}; all {len(self.all_rows)} rows within {tol}"
         names = ", ".join(r.name for r in bad)
-        return f"{head} bit-exact; {len(bad)} of {n} rows exceed {tol}: {names}"
+        return f"{head}; {len(bad)} of {len(self.all_rows)} rows exceed {tol}: {names}"
 
     def format(self) -> str:
         """The lecture-style table: a title, each section's header and rows, the summary."""
@@ -107,8 +78,6 @@ class CheckReport:
         for title, rows in self.rows.items():
             lines += ["", title, *map(str, rows)]
         return "\n".join([*lines, "", self.summary()])
-
-    __str__ = format
 
 
 def training_batch(data: Any, seed: int, batch_size: int) -> tuple[int, np.ndarray, np.ndarray]:
@@ -125,22 +94,26 @@ def run_check(
     seed: int = 42,
     batch_size: int = 32,
     data: str | os.PathLike[str] | None = None,
-    *,
-    tolerance: float | None = None,
 ) -> CheckReport:
-    """Compare every hand-written gradient with ``jax.grad`` on one training batch.
+    """Compare every hand-written gradient with ``jax.grad`` on one training batch: ``seed``
+    seeds the parameters and the batch (``batch_size >= 2`` rows drawn with replacement),
+    float64 turns on ``jax_enable_x64`` for this call only. On a made-up word list:
 
-    ``dtype`` float64 turns on ``jax_enable_x64`` for this call only; ``seed`` seeds the
-    parameters and the batch (``batch_size >= 2`` rows drawn with replacement); ``data``
-    is as in :func:`jaxninja.data.load_splits`. The CLI prints ``report.format()`` and
-    exits 1 unless ``report.ok``.
+    >>> import tempfile, pathlib
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     path = pathlib.Path(tmp, "names.txt")
+    ...     _ = path.write_text("\\n".join(["emma", "olivia", "ava", "isabella", "sophia"] * 20))
+    ...     report = run_check("float64", n_hidden=16, data=path)
+    >>> report.ok, report.n_exact >= 11, [len(rows) for rows in report.rows.values()]
+    (True, True, [26, 2, 7])
+    >>> print(report.format().splitlines()[-1])  # doctest: +ELLIPSIS
+    float64: .../26 Exercise-1 rows bit-exact; all 35 rows within 1e-12
     """
     name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
     if name not in TOLERANCES:
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
     if batch_size < 2:
         raise ValueError(f"batch_size must be at least 2 (Bessel's correction), got {batch_size}")
-    tol = TOLERANCES[name] if tolerance is None else float(tolerance)
     vocab_size, Xn, Yn = training_batch(data, seed, batch_size)
 
     with jax.enable_x64(name == "float64"):
@@ -149,21 +122,20 @@ def run_check(
         params = model.init_params(
             jax.random.key(seed), vocab_size, n_hidden=n_hidden, dtype=jnp.dtype(name)
         )
-        acts = _forward(params, X, Y)
-        manual = _backward(params, acts, X, Y)
-        ref = _reference(params, X, Y)
-        ex1 = tuple(compare(g, manual[g], ref[g]) for g in ninja.GRADIENTS)
+        acts = jax.jit(ninja.forward_atomized)(params, X, Y)
+        manual = jax.jit(ninja.backward_atomized)(params, acts, X, Y)
+        ref = jax.jit(ninja.reference_grads)(params, X, Y)
+        dlogits = jax.jit(ninja.cross_entropy_backward)(acts["logits"], Y)
+        bn_args = (ref["hpreact"], params["bngain"], acts["bnvar_inv"], acts["bnraw"])
+        dhprebn = jax.jit(ninja.batch_norm_backward)(*bn_args)
+        grads, auto = jax.jit(ninja.manual_grads)(params, X, Y)[1], _autodiff(params, X, Y)
 
-        dlogits = _ce_backward(acts["logits"], Y)
-        dhprebn = _bn_backward(ref["hpreact"], params["bngain"], acts["bnvar_inv"], acts["bnraw"])
-        fused = (
+    rows = {
+        SECTION_EX1: tuple(compare(g, manual[g], ref[g]) for g in ninja.GRADIENTS),
+        SECTION_FUSED: (
             compare("logits (fused)", dlogits, ref["logits"]),
             compare("hprebn (fused)", dhprebn, ref["hprebn"]),
-        )
-
-        _, grads = _manual(params, X, Y)
-        auto = _autodiff(params, X, Y)
-        ex4 = tuple(compare(k, grads[k], auto[k]) for k in model.PARAM_NAMES)
-
-    rows = {SECTION_EX1: ex1, SECTION_FUSED: fused, SECTION_EX4: ex4}
-    return CheckReport(name, n_hidden, seed, batch_size, tol, rows)
+        ),
+        SECTION_EX4: tuple(compare(k, grads[k], auto[k]) for k in model.PARAM_NAMES),
+    }
+    return CheckReport(name, n_hidden, seed, batch_size, TOLERANCES[name], rows)

@@ -1,17 +1,4 @@
-r"""Sampling names from a trained model: jitted, batched, with ``jax.random``.
-
-Temperature without dividing by it. Drawing from :math:`\mathrm{softmax}(z / T)` is the
-Gumbel-max trick :math:`\arg\max_i (z_i / T + g_i)` with :math:`g_i` i.i.d. standard
-Gumbel noise, and since :math:`T > 0` scaling by :math:`T` keeps the argmax:
-
-.. math::
-    \arg\max_i \,(z_i / T + g_i) \;=\; \arg\max_i \,(z_i + T g_i).
-
-For :math:`T < 1` the right-hand form is computed, for :math:`T \ge 1` the left: neither
-overflows, so every positive finite temperature is handled exactly. A temperature too
-small for float32 (``1e-300``) rounds :math:`T g` to 0, which is :math:`T \to 0`'s exact
-limit, greedy (argmax) decoding; a huge one rounds :math:`z / T` to 0, uniform sampling.
-"""
+"""Sampling names from a trained model: jitted, batched, with ``jax.random``."""
 
 from __future__ import annotations
 
@@ -30,8 +17,10 @@ Array = jax.Array
 
 
 def tempered_choice(key: Array, logits: Array, temperature: float | Array) -> Array:
-    """One draw per row from ``softmax(logits / temperature)`` (int32, ``logits.shape[:-1]``),
-    computed without dividing by small temperatures (see the module docstring).
+    r"""One draw per row from ``softmax(logits / T)`` (int32, ``logits.shape[:-1]``), exact for
+    every positive finite ``T``: with Gumbel noise :math:`g`, :math:`\arg\max_i (z_i / T + g_i)
+    = \arg\max_i (z_i + T g_i)`, computed on the left for :math:`T \ge 1` and on the right for
+    :math:`T < 1`, so neither overflows; ``1e-300`` rounds :math:`T g` to 0: greedy decoding.
 
     >>> z = jnp.array([[0.0, 2.0, 1.0]])
     >>> int(tempered_choice(jax.random.key(0), z, 1e-30)[0])  # T -> 0: the argmax
@@ -60,23 +49,14 @@ def sample_ids(
     with :func:`tempered_choice` until ``.`` (id 0; all 0 after it) or ``max_len``. Batch
     norm uses ``bn_stats`` (eval mode), so rows are independent."""
 
-    def step(carry, key_t):
-        context, done = carry
-        logits = model.forward(params, context, bn_stats)
-        ix = jnp.where(done, 0, tempered_choice(key_t, logits, temperature))
-        context = jnp.concatenate([context[:, 1:], ix[:, None]], axis=1)
-        return (context, done | (ix == 0)), ix
+    def step(context: Array, key_t: Array) -> tuple[Array, Array]:
+        ix = tempered_choice(key_t, model.forward(params, context, bn_stats), temperature)
+        return jnp.concatenate([context[:, 1:], ix[:, None]], axis=1), ix
 
     context = jnp.zeros((num_samples, block_size), jnp.int32)
-    done = jnp.zeros((num_samples,), bool)
-    _, ids = jax.lax.scan(step, (context, done), jax.random.split(key, max_len))
-    return ids.T
-
-
-def _positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or operator.index(value) < 1:
-        raise JaxninjaError(f"{name} must be a positive integer, got {value!r}")
-    return operator.index(value)
+    _, ids = jax.lax.scan(step, context, jax.random.split(key, max_len))
+    ended = jnp.cumsum(ids.T == 0, axis=1) > 0  # at or after the first '.'
+    return jnp.where(ended, 0, ids.T)
 
 
 def sample_names(
@@ -91,11 +71,13 @@ def sample_names(
 ) -> list[str]:
     """``num_samples`` names (without the final ``.``); ``temperature`` is any positive
     finite number (``1e-300``: greedy), anything else raises :class:`JaxninjaError`."""
-    n = _positive_int("num_samples", num_samples)
-    length = _positive_int("max_len", max_len)
+    for name, n in (("num_samples", num_samples), ("max_len", max_len)):
+        if isinstance(n, bool) or operator.index(n) < 1:
+            raise JaxninjaError(f"{name} must be a positive integer, got {n!r}")
     t = temperature
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0):
         raise JaxninjaError(f"temperature must be a positive finite number, got {t!r}")
+    n, length = int(num_samples), int(max_len)
     block_size = params["W1"].shape[0] // params["C"].shape[1]
     ids = sample_ids(
         params, bn_stats, key, num_samples=n, block_size=block_size, max_len=length, temperature=t
