@@ -1,11 +1,5 @@
-"""The one error type of the tool's expected failures.
-
-Everything a user can cause (bad arguments, a bad data file, a damaged checkpoint, an
-unwritable run directory) raises a subclass of :class:`JaxninjaError` whose message names
-the problem; ``jaxninja.cli.main`` prints it as one ``error: ...`` line and exits 2.
-Library functions called with wrong arguments raise ``ValueError``/``TypeError`` as JAX
-does (``JaxninjaError`` is a ``ValueError`` too).
-"""
+"""The one error type of the tool's expected failures: ``jaxninja.cli.main`` prints it as one
+``error: ...`` line and exits 2. It is a ``ValueError``, as JAX raises for bad arguments."""
 
 
 class JaxninjaError(ValueError):

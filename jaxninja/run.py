@@ -1,8 +1,7 @@
 """A training run on disk: data -> chunks of fused steps -> checkpoints -> metrics -> samples.
 
-A run directory holds ``checkpoint.npz`` (:mod:`jaxninja.checkpoint`), ``losses.npy`` (every
-step's loss, NaN where not yet run), ``metrics.json``, ``loss.png`` and the lock that keeps a
-second process out (:mod:`jaxninja.rundir`).
+A run directory holds ``checkpoint.npz``, ``losses.npy`` (every step's loss, NaN where not yet
+run), ``metrics.json``, ``loss.png`` and the lock of :mod:`jaxninja.rundir`.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ from jaxninja import checkpoint, data, fileio, parallel, rundir, sample, train
 from jaxninja.rundir import Interrupted, RunError
 from jaxninja.train import TrainConfig
 
-__all__ = ["Interrupted", "RunError", "eval_run", "load_run", "train_run"]
 print_flush = partial(print, flush=True)  # progress lines reach a pipe (``| tee``) as printed
 
 
@@ -44,16 +42,15 @@ def train_run(
     """Train ``cfg`` on the lecture's split of ``data_path`` into run directory ``out``;
     return the metrics (also written to ``metrics.json``).
 
-    ``devices`` (default: all) splits each batch over that many devices; it is not part of
-    ``cfg``, so a run may resume on another count. Ctrl-C/SIGTERM stop after the current
-    chunk, with a checkpoint. In a multi-process job every process calls this; process 0
-    alone reads and writes ``out`` and logs, the others train their rows and return ``{}``.
+    ``devices`` (default: all; not part of ``cfg``, a resume may change it) splits each batch.
+    Ctrl-C/SIGTERM stop after the current chunk, with a checkpoint. In a multi-process job
+    every process calls this; process 0 alone touches ``out`` and logs, the others return ``{}``.
     """
     t_start = time.perf_counter()
     cfg.validate()
     mesh = parallel.data_mesh(cfg, devices)
     main = parallel.is_main()
-    log = log if main else (lambda line: None)  # the report is process 0's
+    log = log if main else (lambda line: None)
     splits = data.load_splits(data_path, block_size=cfg.block_size)
     parallel.check_same(splits.sha256, "data file (sha256)")
     rundir.check_memory(cfg, len(splits.data["train"][1]), splits.vocab.size)
@@ -65,24 +62,17 @@ def train_run(
         if resume and main:
             state, losses = rundir.resume(cfg, out, splits, other_data, log)
         state = parallel.from_main(state, mesh)  # alone: as is
-        start = int(state.step)
-        state, timing = _train_loop(cfg, out, splits, state, losses, mesh, stop, log, start)
-        timing.update(
-            steps_this_run=cfg.steps - start,
-            seconds=round(time.perf_counter() - t_start, 3),
-            devices=1 if mesh is None else mesh.size,
-            processes=jax.process_count(),
-        )
+        state, timing = _train_loop(cfg, out, splits, state, losses, mesh, stop, log, t_start)
         if not main:
             return {}
-        state = parallel.local(state)
-        return _finish(cfg, out, splits, state, losses, timing, log, num_samples)
+        return _finish(cfg, out, splits, parallel.local(state), losses, timing, log, num_samples)
 
 
-def _train_loop(cfg, out, splits, state, losses, mesh, stop, log, start: int):
-    """Chunks until ``cfg.steps``: finiteness check, progress lines, checkpoint."""
+def _train_loop(cfg, out, splits, state, losses, mesh, stop, log, t_start: float):
+    """Chunks until ``cfg.steps``: finiteness check, progress lines, checkpoint; the timings."""
     Xtr, Ytr = parallel.replicate(splits.data["train"], mesh)  # check_same: same everywhere
-    saved = start if start > 0 else None  # step of the newest checkpoint of this run
+    start = int(state.step)
+    saved = start or None  # step of the newest checkpoint of this run
     compile_s = run_s = 0.0
     make = partial(train.make_train_chunk, cfg, mesh=mesh)
     steps = dict(start=start, steps=cfg.steps, chunk_steps=cfg.chunk_steps)
@@ -107,8 +97,14 @@ def _train_loop(cfg, out, splits, state, losses, mesh, stop, log, start: int):
                 f"saved in {out}. Continue with the same command plus --resume",
                 signum,
             )
-    per_second = round((cfg.steps - start) / run_s, 1) if run_s else None
-    return state, {"compile_seconds": round(compile_s, 3), "steps_per_second": per_second}
+    return state, {
+        "compile_seconds": round(compile_s, 3),
+        "steps_per_second": round((cfg.steps - start) / run_s, 1) if run_s else None,
+        "steps_this_run": cfg.steps - start,
+        "seconds": round(time.perf_counter() - t_start, 3),
+        "devices": 1 if mesh is None else mesh.size,
+        "processes": jax.process_count(),
+    }
 
 
 def _check_finite(chunk: train.Chunk, first: int, out: Path, saved: int | None) -> None:
@@ -157,20 +153,19 @@ def split_losses_of(params, bn_stats, splits: dict) -> dict[str, float]:
     }
 
 
-def plot_losses(losses: np.ndarray, path: Path, window: int = 1000) -> bool:
-    """Save log10(loss) averaged over ``window`` steps, as in the lectures; ``False``
-    when matplotlib is not installed."""
+def plot_losses(losses: np.ndarray, path: Path) -> bool:
+    """Save log10(loss) averaged over windows of up to 1000 steps, as in the lectures;
+    ``False`` when matplotlib is not installed."""
     try:
         from matplotlib.figure import Figure  # no pyplot: no global backend or state
     except ImportError:
         return False
     done = losses[np.isfinite(losses)]
-    window = max(1, min(window, len(done) // 10 or 1))
+    window = max(1, min(1000, len(done) // 10))
     curve = np.log10(done[: len(done) // window * window]).reshape(-1, window).mean(1)
     fig = Figure(figsize=(6, 4), layout="tight")
-    ax = fig.subplots()
-    ax.plot(np.arange(len(curve)) * window, curve)
-    ax.set(xlabel="step", ylabel=f"log10 loss (mean of {window} steps)")
+    fig.subplots().plot(np.arange(len(curve)) * window, curve)
+    fig.axes[0].set(xlabel="step", ylabel=f"log10 loss (mean of {window} steps)")
     fileio.write_atomic(path, lambda f: fig.savefig(f, format="png"))
     return True
 

@@ -2,9 +2,7 @@
 
 The tool writes only :data:`FILES`; a directory holding one of them without a checkpoint is
 someone else's (refused unless ``--overwrite``). An ``flock`` on :data:`LOCK` keeps a second
-process out for the run's whole life (the kernel drops it however the process dies). A resume
-checks config, vocabulary and data first. The first SIGINT/SIGTERM stops after the current
-chunk, a second one at once. :func:`check_memory` refuses a config too big for the machine.
+process out for the run's whole life (the kernel drops it however the process dies).
 """
 
 from __future__ import annotations
@@ -43,21 +41,20 @@ class Interrupted(RunError):
 
 def _check_owned(out: Path, resume: bool, overwrite: bool) -> None:
     has_checkpoint = (out / FILES[0]).exists()
-    if resume:
-        if not has_checkpoint:
-            raise RunError(f"{out}: nothing to resume (no {FILES[0]})")
+    if resume and not has_checkpoint:
+        raise RunError(f"{out}: nothing to resume (no {FILES[0]})")
+    foreign = [name for name in FILES[1:] if (out / name).exists() or (out / name).is_symlink()]
+    if resume or overwrite or not (foreign or has_checkpoint):
         return
-    if has_checkpoint and not overwrite:
+    if has_checkpoint:
         raise RunError(
             f"{out} already holds a run; pass --resume to continue it, --overwrite to "
             f"replace it, or --out to choose another directory"
         )
-    foreign = [name for name in FILES[1:] if (out / name).exists() or (out / name).is_symlink()]
-    if foreign and not has_checkpoint and not overwrite:
-        raise RunError(
-            f"{out} holds {', '.join(foreign)} but no jaxninja run; pass --overwrite to "
-            f"replace them, or --out to choose another directory"
-        )
+    raise RunError(
+        f"{out} holds {', '.join(foreign)} but no jaxninja run; pass --overwrite to "
+        f"replace them, or --out to choose another directory"
+    )
 
 
 @contextmanager
@@ -89,9 +86,7 @@ def claim(out: Path, *, resume: bool, overwrite: bool) -> Iterator[None]:
 
 @dataclass
 class Stop:
-    """``signum``: the number of the first SIGINT/SIGTERM (0: none yet)."""
-
-    signum: int = 0
+    signum: int = 0  # the first SIGINT/SIGTERM received (0: none yet)
 
 
 @contextmanager
@@ -108,12 +103,10 @@ def deferred_stop() -> Iterator[Stop]:
         msg = "saving after the current chunk (send it again to stop now)"
         print(f"{signal.Signals(signum).name}: {msg}", file=sys.stderr, flush=True)
 
-    signals = (signal.SIGINT, signal.SIGTERM)
     try:
-        previous = {s: signal.signal(s, handler) for s in signals}
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:  # not the main thread: leave the signals alone
-        yield stop
-        return
+        previous = {}
     try:
         yield stop
     except KeyboardInterrupt:
@@ -129,30 +122,25 @@ def deferred_stop() -> Iterator[Stop]:
             signal.signal(s, h)
 
 
-def memory_needed(cfg: TrainConfig, n_examples: int, vocab_size: int = 27) -> int:
-    """Peak bytes of a run, roughly (4 per value): state (params, grads, optimizer), a
-    chunk's batches, a step's activations, the evaluation of the whole training set."""
+def check_memory(cfg: TrainConfig, n_examples: int, vocab_size: int = 27) -> None:
+    """Raise :class:`RunError` when a run's peak memory, roughly (4 bytes per value: state
+    with grads and optimizer, a chunk's batches, a step's activations, the evaluation of
+    the whole training set), exceeds 80% of this machine's."""
     fan_in = cfg.block_size * cfg.n_embd
     params = vocab_size * cfg.n_embd + (fan_in + vocab_size + 4) * cfg.n_hidden + vocab_size
     batches = min(cfg.chunk_steps, cfg.steps) * cfg.batch_size * (cfg.block_size + 2)
     step = cfg.batch_size * (fan_in + 8 * cfg.n_hidden + 4 * vocab_size)
     evaluation = n_examples * (cfg.block_size + fan_in + 3 * cfg.n_hidden + 3 * vocab_size)
-    return 4 * (4 * params + batches + step + evaluation + cfg.steps)
-
-
-def check_memory(cfg: TrainConfig, n_examples: int, vocab_size: int = 27) -> None:
-    """Raise :class:`RunError` when :func:`memory_needed` exceeds this machine's memory."""
+    gib = 4 * (4 * params + batches + step + evaluation + cfg.steps) / (1 << 30)
     try:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
     except (ValueError, OSError, AttributeError):
-        have = 1 << 62  # unknown: do not refuse
-    need = memory_needed(cfg, n_examples, vocab_size)
-    if need > 0.8 * have:
-        gib = 1 << 30
+        return  # unknown: do not refuse
+    if gib > 0.8 * have:
         raise RunError(
-            f"this config needs about {math.ceil(need / gib):,} GiB of memory and the "
-            f"machine has {have / gib:.0f} GiB; lower --n-hidden, --block-size, "
-            f"--n-embd, --batch-size, --chunk-steps or --steps"
+            f"this config needs about {math.ceil(gib):,} GiB of memory and the machine has "
+            f"{have:.0f} GiB; lower --n-hidden, --block-size, --n-embd, --batch-size, "
+            f"--chunk-steps or --steps"
         )
 
 
