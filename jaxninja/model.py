@@ -1,7 +1,5 @@
-"""The Exercise-4 network as pure functions on a params dict.
-
-``init_params(key, ...) -> params`` and ``forward(params, X) -> logits``: no classes, no
-hidden state. The architecture (lecture notation, ``n`` examples, ``H`` hidden units)::
+"""The Exercise-4 network as pure functions on a params dict (lecture notation, ``n``
+examples, ``H`` hidden units)::
 
     emb    = C[X]                       (n, block_size, n_embd)
     embcat = emb.reshape(n, -1)         (n, block_size * n_embd)
@@ -97,18 +95,11 @@ def forward(params: Params, X: Array, bn_stats: BNStats | None = None) -> Array:
     return head(params, ops.batch_norm_eval(hprebn, gain, bias, mean, var, eps=BN_EPS))
 
 
-def _reference_batch_norm_with_stats(x, gain, bias, *, eps, axis_name):
-    """Plain-``jnp`` batch norm and its batch statistics (constants for autodiff)."""
-    y = ops.batch_norm_reference(x, gain, bias, eps=eps, axis_name=axis_name)
-    mean, var = jax.lax.stop_gradient(ops.batch_stats(x, axis_name=axis_name))
-    return y, mean, var
-
-
 def loss_with_stats(
     params: Params, X: Array, Y: Array, *, axis_name: Any = None, reference: bool = False
 ) -> tuple[Array, BNStats]:
-    """Mean cross-entropy in training mode, and the batch's batch-norm statistics (aux data
-    for ``has_aux``: running averages from the same forward pass).
+    """Mean cross-entropy in training mode, and the batch's batch-norm statistics (the aux
+    data of ``has_aux``: running averages from the same forward pass).
 
     ``reference=True`` runs the plain-``jnp`` references instead of the hand-written VJPs.
     With ``axis_name`` (inside ``shard_map``) ``X, Y`` are this device's rows: batch norm
@@ -121,13 +112,15 @@ def loss_with_stats(
     >>> stats["mean"].shape, sorted(g) == sorted(p)
     ((1, 8), True)
     """
-    if reference:
-        bn, ce = _reference_batch_norm_with_stats, ops.cross_entropy_reference
-    else:
-        bn, ce = ops.batch_norm_with_stats, ops.cross_entropy
     hprebn, gain, bias = hidden_preactivation(params, X), params["bngain"], params["bnbias"]
-    hpreact, mean, var = bn(hprebn, gain, bias, eps=BN_EPS, axis_name=axis_name)
-    losses = ce(head(params, hpreact), Y)
+    if reference:  # the statistics are constants to autodiff, as in the custom VJP
+        hpreact = ops.batch_norm_reference(hprebn, gain, bias, eps=BN_EPS, axis_name=axis_name)
+        mean, var = jax.lax.stop_gradient(ops.batch_stats(hprebn, axis_name=axis_name))
+        losses = ops.cross_entropy_reference(head(params, hpreact), Y)
+    else:
+        bn = ops.batch_norm_with_stats(hprebn, gain, bias, eps=BN_EPS, axis_name=axis_name)
+        hpreact, mean, var = bn
+        losses = ops.cross_entropy(head(params, hpreact), Y)
     if axis_name is None:
         loss_value = losses.mean()
     else:

@@ -1,21 +1,18 @@
 """Becoming a backprop ninja: the lecture's four exercises, by hand, in JAX.
 
 * Exercise 1: :func:`forward_atomized` splits the forward pass into the lecture's 20 named
-  intermediates and :func:`backward_atomized` backpropagates through every one of them by
-  hand; :func:`reference_grads` gets the same 26 gradients from ``jax.grad``.
+  intermediates, :func:`backward_atomized` backpropagates through each by hand and
+  :func:`reference_grads` gets the same 26 gradients from ``jax.grad`` (the baseline).
 * Exercise 2: :func:`cross_entropy_backward`, ``dlogits`` in one expression.
 * Exercise 3: :func:`batch_norm_backward`, ``dhprebn`` in one expression.
 * Exercise 4: :func:`manual_grads`, the whole network's backward pass with no autodiff.
 
-The variable names are the lecture's (``d<name>`` is the gradient of the loss with
-respect to ``<name>``). Nothing in this module calls ``jax.grad`` except
-:func:`reference_grads`, the baseline.
+The names are the lecture's: ``d<name>`` is the gradient of the loss with respect to ``<name>``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,18 +22,16 @@ from jaxninja.model import BN_EPS, Params
 
 Array = jax.Array
 
-INTERMEDIATES = (
-    "emb", "embcat", "hprebn", "bnmeani", "bndiff", "bndiff2", "bnvar", "bnvar_inv",
-    "bnraw", "hpreact", "h", "logits", "logit_maxes", "norm_logits", "counts",
-    "counts_sum", "counts_sum_inv", "probs", "logprobs", "loss",
-)  # fmt: skip
+INTERMEDIATES = tuple(
+    "emb embcat hprebn bnmeani bndiff bndiff2 bnvar bnvar_inv bnraw hpreact h logits"
+    " logit_maxes norm_logits counts counts_sum counts_sum_inv probs logprobs loss".split()
+)
 # The 26 gradients Exercise 1 compares, in the order the lecture computes them.
-GRADIENTS = (
-    "logprobs", "probs", "counts_sum_inv", "counts_sum", "counts", "norm_logits",
-    "logit_maxes", "logits", "h", "W2", "b2", "hpreact", "bngain", "bnbias", "bnraw",
-    "bnvar_inv", "bnvar", "bndiff2", "bndiff", "bnmeani", "hprebn", "embcat", "W1", "b1",
-    "emb", "C",
-)  # fmt: skip
+GRADIENTS = tuple(
+    "logprobs probs counts_sum_inv counts_sum counts norm_logits logit_maxes logits h W2 b2"
+    " hpreact bngain bnbias bnraw bnvar_inv bnvar bndiff2 bndiff bnmeani hprebn embcat W1 b1"
+    " emb C".split()
+)
 
 
 def forward_atomized(
@@ -44,9 +39,8 @@ def forward_atomized(
 ) -> dict[str, Array]:
     """The forward pass in the lecture's small steps: ``{name: value}`` for all 20.
 
-    ``taps`` (zeros by default) are added to the named intermediates so that
-    ``jax.grad`` with respect to a tap is the gradient with respect to that
-    intermediate: this is how :func:`reference_grads` exposes them to autodiff.
+    ``taps`` (zeros by default) are added to the named intermediates so that ``jax.grad``
+    with respect to a tap is the gradient with respect to that intermediate.
 
     >>> import jax, jax.numpy as jnp
     >>> from jaxninja.model import init_params
@@ -63,44 +57,43 @@ def forward_atomized(
     C, W1, b1, W2, b2 = (params[k] for k in ("C", "W1", "b1", "W2", "b2"))
     bngain, bnbias = params["bngain"], params["bnbias"]
     n = X.shape[0]
-    a: dict[str, Array] = {}
-    a["emb"] = emb = tap("emb", C[X])
-    a["embcat"] = embcat = tap("embcat", emb.reshape(n, -1))
-    a["hprebn"] = hprebn = tap("hprebn", embcat @ W1 + b1)
+    emb = tap("emb", C[X])
+    embcat = tap("embcat", emb.reshape(n, -1))
+    hprebn = tap("hprebn", embcat @ W1 + b1)
     # batch norm, with Bessel's correction (divide by n-1) as in the lecture
-    a["bnmeani"] = bnmeani = tap("bnmeani", 1 / n * hprebn.sum(0, keepdims=True))
-    a["bndiff"] = bndiff = tap("bndiff", hprebn - bnmeani)
-    a["bndiff2"] = bndiff2 = tap("bndiff2", bndiff**2)
-    a["bnvar"] = bnvar = tap("bnvar", 1 / (n - 1) * bndiff2.sum(0, keepdims=True))
-    a["bnvar_inv"] = bnvar_inv = tap("bnvar_inv", (bnvar + BN_EPS) ** -0.5)
-    a["bnraw"] = bnraw = tap("bnraw", bndiff * bnvar_inv)
-    a["hpreact"] = hpreact = tap("hpreact", bngain * bnraw + bnbias)
-    a["h"] = h = tap("h", jnp.tanh(hpreact))
-    a["logits"] = logits = tap("logits", h @ W2 + b2)
+    bnmeani = tap("bnmeani", 1 / n * hprebn.sum(0, keepdims=True))
+    bndiff = tap("bndiff", hprebn - bnmeani)
+    bndiff2 = tap("bndiff2", bndiff**2)
+    bnvar = tap("bnvar", 1 / (n - 1) * bndiff2.sum(0, keepdims=True))
+    bnvar_inv = tap("bnvar_inv", (bnvar + BN_EPS) ** -0.5)
+    bnraw = tap("bnraw", bndiff * bnvar_inv)
+    hpreact = tap("hpreact", bngain * bnraw + bnbias)
+    h = tap("h", jnp.tanh(hpreact))
+    logits = tap("logits", h @ W2 + b2)
     # cross-entropy, spelled out; the max is subtracted for numerical stability
-    a["logit_maxes"] = logit_maxes = tap("logit_maxes", logits.max(1, keepdims=True))
-    a["norm_logits"] = norm_logits = tap("norm_logits", logits - logit_maxes)
-    a["counts"] = counts = tap("counts", jnp.exp(norm_logits))
-    a["counts_sum"] = counts_sum = tap("counts_sum", counts.sum(1, keepdims=True))
-    a["counts_sum_inv"] = counts_sum_inv = tap("counts_sum_inv", counts_sum**-1)
-    a["probs"] = probs = tap("probs", counts * counts_sum_inv)
-    a["logprobs"] = logprobs = tap("logprobs", jnp.log(probs))
-    a["loss"] = -logprobs[jnp.arange(n), Y].mean()
-    return a
+    logit_maxes = tap("logit_maxes", logits.max(1, keepdims=True))
+    norm_logits = tap("norm_logits", logits - logit_maxes)
+    counts = tap("counts", jnp.exp(norm_logits))
+    counts_sum = tap("counts_sum", counts.sum(1, keepdims=True))
+    counts_sum_inv = tap("counts_sum_inv", counts_sum**-1)
+    probs = tap("probs", counts * counts_sum_inv)
+    logprobs = tap("logprobs", jnp.log(probs))
+    loss = -logprobs[jnp.arange(n), Y].mean()
+
+    local = locals()
+    return {name: local[name] for name in INTERMEDIATES}
 
 
 def reference_grads(params: Params, X: Array, Y: Array) -> dict[str, Array]:
-    """The 26 gradients of Exercise 1 from ``jax.grad``: the baseline to compare with.
-
-    Parameters are differentiated directly; every intermediate is differentiated
-    through a zero tap added to it in :func:`forward_atomized`.
-    """
+    """The 26 gradients of Exercise 1 from ``jax.grad``: parameters directly, every
+    intermediate through a zero tap of :func:`forward_atomized`."""
     acts = forward_atomized(params, X, Y)
-    tapped = [g for g in GRADIENTS if g not in params]
-    taps = {name: jnp.zeros_like(acts[name]) for name in tapped}
-    dparams, dtaps = jax.grad(lambda p, t: forward_atomized(p, X, Y, t)["loss"], argnums=(0, 1))(
-        params, taps
-    )
+    taps = {name: jnp.zeros_like(acts[name]) for name in GRADIENTS if name not in params}
+
+    def loss(params: Params, taps: dict[str, Array]) -> Array:
+        return forward_atomized(params, X, Y, taps)["loss"]
+
+    dparams, dtaps = jax.grad(loss, argnums=(0, 1))(params, taps)
     grads = {**dparams, **dtaps}
     return {name: grads[name] for name in GRADIENTS}
 
@@ -110,25 +103,19 @@ def backward_atomized(
 ) -> dict[str, Array]:
     """Exercise 1: backpropagate by hand through every intermediate, in the lecture's order.
 
-    Args:
-      params: the model parameters.
-      acts: :func:`forward_atomized` ``(params, X, Y)``.
-      X, Y: the batch, ``(n, block_size)`` and ``(n,)`` int ids.
-
-    Returns:
-      ``{name: dname}`` for the 26 names of :data:`GRADIENTS`, each the shape of its value.
+    ``acts`` is :func:`forward_atomized` ``(params, X, Y)``, ``X, Y`` the batch
+    (``(n, block_size)`` and ``(n,)`` int ids). Returns ``{name: dname}`` for the 26 names of
+    :data:`GRADIENTS`, each the shape of its value.
     """
     C, W1, W2, bngain = params["C"], params["W1"], params["W2"], params["bngain"]
-    emb, embcat, hprebn = acts["emb"], acts["embcat"], acts["hprebn"]
-    bndiff, bndiff2, bnvar, bnvar_inv = (
-        acts["bndiff"], acts["bndiff2"], acts["bnvar"], acts["bnvar_inv"]
-    )  # fmt: skip
-    bnraw, h, logits = acts["bnraw"], acts["h"], acts["logits"]
-    counts, counts_sum, counts_sum_inv = acts["counts"], acts["counts_sum"], acts["counts_sum_inv"]
-    probs = acts["probs"]
+    emb, embcat, hprebn, bndiff, bndiff2, bnvar, bnvar_inv, bnraw, h, logits = (
+        acts[k] for k in "emb embcat hprebn bndiff bndiff2 bnvar bnvar_inv bnraw h logits".split()
+    )
+    counts, counts_sum, counts_sum_inv, probs = (
+        acts[k] for k in ("counts", "counts_sum", "counts_sum_inv", "probs")
+    )
     n = X.shape[0]
     ones = jnp.ones_like
-
     # loss = -mean(logprobs[range(n), Y])
     dlogprobs = jnp.zeros_like(acts["logprobs"]).at[jnp.arange(n), Y].set(-1.0 / n)
     # logprobs = log(probs)
@@ -146,7 +133,8 @@ def backward_atomized(
     dlogits = dnorm_logits
     dlogit_maxes = (-dnorm_logits).sum(1, keepdims=True)
     # logit_maxes = logits.max(1): the gradient flows to the argmax of each row
-    dlogits = dlogits + jax.nn.one_hot(logits.argmax(1), logits.shape[1], dtype=logits.dtype) * dlogit_maxes  # noqa: E501  # fmt: skip
+    onehot_max = jax.nn.one_hot(logits.argmax(1), logits.shape[1], dtype=logits.dtype)
+    dlogits = dlogits + onehot_max * dlogit_maxes
     # logits = h @ W2 + b2
     dh = dlogits @ W2.T
     dW2 = h.T @ dlogits
@@ -209,13 +197,8 @@ def batch_norm_backward(dhpreact: Array, bngain: Array, bnvar_inv: Array, bnraw:
 
 
 def manual_grads(params: Params, X: Array, Y: Array) -> tuple[Array, Params]:
-    """Exercise 4: loss and gradients of the whole network, with no autodiff at all.
-
-    The forward pass is computed compactly; the backward pass uses the fused rules of
-    Exercises 2 and 3 and a scatter-add for the embedding table.
-
-    Returns:
-      ``(loss, grads)`` with ``grads`` the same pytree structure as ``params``.
+    """Exercise 4: ``(loss, grads)`` of the whole network with no autodiff at all: a compact
+    forward pass, then the fused rules of Exercises 2 and 3 and a scatter-add for ``C``.
 
     >>> import jax, jax.numpy as jnp
     >>> from jaxninja.model import init_params, loss
@@ -254,16 +237,12 @@ def manual_grads(params: Params, X: Array, Y: Array) -> tuple[Array, Params]:
     dW1 = embcat.T @ dhprebn
     db1 = dhprebn.sum(0)
     dC = jnp.zeros_like(C).at[X].add(dembcat.reshape(emb.shape))
-    grads = {"C": dC, "W1": dW1, "b1": db1, "W2": dW2, "b2": db2,
-             "bngain": dbngain, "bnbias": dbnbias}  # fmt: skip
-    return loss, grads
+
+    local = locals()
+    return loss, {name: local["d" + name] for name in params}
 
 
-# ----------------------------------------------------------------- the lecture's cmp
-
-
-@dataclass(frozen=True)
-class Comparison:
+class Comparison(NamedTuple):
     """One row of the lecture's ``cmp`` table."""
 
     name: str
@@ -289,7 +268,7 @@ def compare(name: str, manual: Any, reference: Any) -> Comparison:
     if manual.shape != reference.shape:
         raise ValueError(f"{name}: shape {manual.shape} differs from reference {reference.shape}")
     return Comparison(
-        name=name,
+        name,
         exact=bool(np.array_equal(manual, reference)),
         approximate=bool(np.allclose(manual, reference)),
         maxdiff=float(np.max(np.abs(manual - reference), initial=0.0)),

@@ -1,14 +1,9 @@
 """Train many models at once: ``jax.vmap`` over the fused training chunk.
 
-A sweep is ``M`` members that share the architecture, data and schedule shape but differ
-in seed (initialisation and minibatch order) and/or learning rate. All members run in
-ONE compiled program: :func:`make_sweep_chunk` is :func:`jaxninja.train.make_train_chunk`
-vmapped over the train state, the seed (which draws the batches) and the learning rate.
-Member ``m`` computes the same run as ``jaxninja train --seed s_m --lr lr_m`` (up to
-float32 rounding of the batched kernels).
-
-It pays off where one small model leaves the hardware idle; on the 2-core CPU measured it
-does not (``jaxninja bench``: 59-80 us per model-step against ~48 us for one plain run).
+A sweep is ``M`` members that share the architecture, data and schedule shape but differ in
+seed (initialisation and minibatch order) and/or learning rate, all in ONE compiled program.
+Member ``m`` computes the same run as ``jaxninja train --seed s_m --lr lr_m`` (up to float32
+rounding of the batched kernels).
 """
 
 from __future__ import annotations
@@ -23,14 +18,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxninja import data, fileio, train
+from jaxninja import data, fileio, model, train
 from jaxninja.train import ConfigError, TrainConfig, TrainState
 
 Array = jax.Array
 TOOL = "jaxninja sweep"  # what a results file says it is
-Log = Callable[[str], None]
 
 
 def members(
@@ -59,30 +52,17 @@ def init_states(cfg: TrainConfig, seeds: Sequence[int], vocab_size: int) -> Trai
     return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
 
-def make_sweep_chunk(cfg: TrainConfig, n_steps: int, unroll: int = 1) -> jax.stages.Wrapped:
+def make_sweep_chunk(cfg: TrainConfig, n_steps: int) -> jax.stages.Wrapped:
     """A jitted ``(states, seeds[M], lrs[M], Xtr, Ytr) -> (states, losses[M, n_steps])``:
     :func:`jaxninja.train.make_train_chunk` vmapped over members. ``cfg.seed`` and
     ``cfg.lr`` are unused (each member brings its own); the states are donated."""
 
     def member_chunk(state: TrainState, seed: Array, lr: Array, Xtr: Array, Ytr: Array):
         step = train.train_step(cfg, train.make_optimizer(cfg, lr))
-        steps = state.step + jnp.arange(n_steps)
-        idx = train.batch_indices(cfg, steps, Xtr.shape[0], seed)
-        return jax.lax.scan(step, state, (Xtr[idx], Ytr[idx]), unroll=min(unroll, n_steps))
+        idx = train.batch_indices(cfg, state.step + jnp.arange(n_steps), Xtr.shape[0], seed)
+        return jax.lax.scan(step, state, (Xtr[idx], Ytr[idx]))
 
     return jax.jit(jax.vmap(member_chunk, in_axes=(0, 0, 0, None, None)), donate_argnums=0)
-
-
-@jax.jit
-def _evaluate_members(params, Xtr, splits_xy):
-    """Per member: calibrate batch norm on ``Xtr``, then the mean loss of every split
-    (``lax.map``, one member at a time: the activations of a whole split are large)."""
-
-    def one(p):
-        stats = train.calibrate_bn(p, Xtr)
-        return [train.evaluate(p, stats, X, Y) for X, Y in splits_xy]
-
-    return jax.lax.map(one, params)
 
 
 def sweep_run(
@@ -92,15 +72,14 @@ def sweep_run(
     data_path: str | os.PathLike[str] | None = None,
     *,
     out: str | os.PathLike[str] | None = None,
-    log: Log = print,
+    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train the ``seeds x lrs`` grid of ``cfg`` in one vmapped program; return (and write
     to ``out`` as JSON, checked writable first) ``{"members": [{"seed", "lr", "train_loss",
     "val_loss", ...}, ...], "seconds", "compile_seconds", "model_steps_per_second", "config"}``
     with batch norm calibrated per member on the training set."""
     t_start = time.perf_counter()
-    cfg.validate()
-    grid = members(seeds, lrs, cfg)
+    grid = members(seeds, lrs, cfg)  # validates cfg with every member's seed and lr
     if out is not None:
         fileio.check_results_file(out, TOOL)
     splits = data.load_splits(data_path, block_size=cfg.block_size)
@@ -113,13 +92,19 @@ def sweep_run(
         f"batch {cfg.batch_size}, backend {cfg.backend})"
     )
     compile_s = run_s = 0.0
-    last = np.full(len(grid), np.nan)
     make, steps = partial(make_sweep_chunk, cfg), dict(steps=cfg.steps, chunk_steps=cfg.chunk_steps)
     for chunk in train.run_chunks(make, states, m_seeds, m_lrs, Xtr, Ytr, start=0, **steps):
         states, last = chunk.state, chunk.losses[:, -1]
         compile_s, run_s = compile_s + chunk.compile_seconds, run_s + chunk.run_seconds
         log(f"{chunk.step:7d}/{cfg.steps:7d}: " + " ".join(f"{v:.4f}" for v in last))
-    rows = _member_rows(grid, states.params, Xtr, splits.data, last, log)
+    log("| member | seed | lr | train | val |")
+    log("|---:|---:|---:|---:|---:|")
+    rows = []
+    for i, (seed, lr) in enumerate(grid):
+        losses = _evaluate(states.params, i, Xtr, splits.data)
+        rows.append({"seed": seed, "lr": lr, **losses, "last_batch_loss": round(float(last[i]), 4)})
+        tr, va = (losses.get(f"{k}_loss", float("nan")) for k in ("train", "val"))
+        log(f"| {i} | {seed} | {lr:g} | {tr:.4f} | {va:.4f} |")
     result = {
         "members": rows,
         "seconds": round(time.perf_counter() - t_start, 3),
@@ -133,17 +118,12 @@ def sweep_run(
     return result
 
 
-def _member_rows(grid, params, Xtr, splits, last, log: Log) -> list[dict[str, Any]]:
-    """Each member's calibrated train/val loss, printed as a table and returned."""
-    names = [k for k in ("train", "val") if len(splits[k][1])]
-    split_xy = [(jnp.asarray(splits[k][0]), jnp.asarray(splits[k][1])) for k in names]
-    evals = np.asarray(_evaluate_members(params, Xtr, split_xy))  # (splits, M)
-    rows: list[dict[str, Any]] = []
-    log("| member | seed | lr | train | val |")
-    log("|---:|---:|---:|---:|---:|")
-    for i, (seed, lr) in enumerate(grid):
-        losses = {f"{k}_loss": round(float(evals[j][i]), 4) for j, k in enumerate(names)}
-        rows.append({"seed": seed, "lr": lr, **losses, "last_batch_loss": round(float(last[i]), 4)})
-        tr, va = (losses.get(f"{k}_loss", float("nan")) for k in ("train", "val"))
-        log(f"| {i} | {seed} | {lr:g} | {tr:.4f} | {va:.4f} |")
-    return rows
+def _evaluate(params: model.Params, i: int, Xtr: Array, splits: dict) -> dict[str, float]:
+    """Member ``i``'s ``{"train_loss", "val_loss"}`` (non-empty splits), batch norm
+    calibrated on ``Xtr``."""
+    p = jax.tree.map(lambda a: a[i], params)
+    stats = train.calibrate_bn(p, Xtr)
+    splits = {k: xy for k, xy in splits.items() if k in ("train", "val") and len(xy[1])}
+    return {
+        f"{k}_loss": round(float(train.evaluate(p, stats, X, Y)), 4) for k, (X, Y) in splits.items()
+    }

@@ -12,7 +12,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -29,16 +29,11 @@ Array = jax.Array
 FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)
 FLOAT32_TINY = float(jnp.finfo(jnp.float32).tiny)  # smaller becomes 0 or denormal
 INT32_MAX = 2**31 - 1
-AXIS = "data"
-"""The mesh axis a data-parallel batch is split over (:mod:`jaxninja.parallel`)."""
+AXIS = "data"  # the mesh axis a data-parallel batch is split over
 
 
 class ConfigError(JaxninjaError):
     """A training configuration that cannot run; the message names the field."""
-
-
-GradFn = Callable[..., tuple[tuple[Array, model.BNStats], model.Params]]
-"""``(params, X, Y, axis_name=None) -> ((loss, batch_stats), grads)``."""
 
 
 def _manual(params: model.Params, X: Array, Y: Array, axis_name: Any = None):
@@ -46,39 +41,32 @@ def _manual(params: model.Params, X: Array, Y: Array, axis_name: Any = None):
     return (loss, calibrate_bn(params, X)), grads  # the statistics: pruned unless used
 
 
-def _autodiff(reference: bool) -> GradFn:
-    grad = jax.value_and_grad(model.loss_with_stats, has_aux=True)
-    return lambda p, X, Y, axis_name=None: grad(p, X, Y, axis_name=axis_name, reference=reference)
-
-
 class Backend(NamedTuple):
-    grad: GradFn
+    grad: Callable[..., Any]  # (params, X, Y, axis_name=None) -> ((loss, batch_stats), grads)
     data_parallel: bool  # has a cross-device (``axis_name``) rule
     about: str
 
 
-BACKENDS: dict[str, Backend] = {
-    "custom_vjp": Backend(_autodiff(False), True, "jax.grad through the hand-written VJPs"),
+_autodiff = jax.value_and_grad(model.loss_with_stats, has_aux=True)
+BACKENDS: dict[str, Backend] = {  # the one table of training backends
+    "custom_vjp": Backend(_autodiff, True, "jax.grad through the hand-written VJPs"),
     "manual": Backend(_manual, False, "ninja.manual_grads: no autodiff at all (Exercise 4)"),
-    "autodiff": Backend(_autodiff(True), True, "jax.grad of the plain-jnp references"),
+    "autodiff": Backend(
+        partial(_autodiff, reference=True), True, "jax.grad of the plain-jnp references"
+    ),
 }
-"""The one table of training backends: a new backend is one entry."""
-
-
-def _is_int(value: Any) -> bool:
-    """A JSON/Python integer, not a bool (``True`` is an ``int`` to Python)."""
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_int(name: str, value: Any, low: int, kind: str = "a positive integer") -> None:
-    if not _is_int(value) or value < low:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:  # True is an int
         raise ConfigError(f"{name} must be {kind}, got {value!r}")
     if value > INT32_MAX:  # steps, schedule boundaries and seeds travel as int32
         raise ConfigError(f"{name} must be at most {INT32_MAX}, got {value!r}")
 
 
 def _check_positive_float(name: str, value: Any) -> None:
-    if not (isinstance(value, float) or _is_int(value)) or not math.isfinite(value) or value <= 0:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
     if not FLOAT32_TINY <= value <= FLOAT32_MAX:  # float32 would make it 0 or inf
         raise ConfigError(
@@ -87,7 +75,7 @@ def _check_positive_float(name: str, value: Any) -> None:
         )
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Hyperparameters; the defaults are the lecture's Exercise 4."""
 
@@ -211,17 +199,17 @@ def make_train_chunk(
     def scan(state: TrainState, batches: tuple[Array, Array]) -> tuple[TrainState, Array]:
         return jax.lax.scan(step, state, batches, unroll=min(unroll, n_steps))
 
+    shardings: dict[str, Any] = {}
     if mesh is not None:  # batches (n_steps, batch, ...): split the batch axis, replicate the rest
         scan = jax.shard_map(scan, mesh=mesh, in_specs=(P(), P(None, AXIS)), out_specs=(P(), P()))
+        replicated = NamedSharding(mesh, P())
+        shardings = {"in_shardings": replicated, "out_shardings": replicated}
 
     def chunk(state: TrainState, Xtr: Array, Ytr: Array) -> tuple[TrainState, Array]:
         idx = batch_indices(cfg, state.step + jnp.arange(n_steps), Xtr.shape[0])
         return scan(state, (Xtr[idx], Ytr[idx]))
 
-    if mesh is None:
-        return jax.jit(chunk, donate_argnums=0)
-    replicated = NamedSharding(mesh, P())
-    return jax.jit(chunk, donate_argnums=0, in_shardings=replicated, out_shardings=replicated)
+    return jax.jit(chunk, donate_argnums=0, **shardings)
 
 
 class Chunk(NamedTuple):
