@@ -1,17 +1,18 @@
 """Data-parallel training over a 1-D device mesh, on one process or a job of many.
 
-Each global batch is split over the devices of all processes; batch norm and the loss
-reduce over the global batch (``axis_name``) and ``jax.grad`` of the replicated parameters
-is already the sum over devices, so any layout trains the same model as one device, up to
-float rounding. README "Data-parallel training" and "Many machines" tell the rest.
+Batch norm and the loss reduce over the global batch (``axis_name``), so any layout trains
+the same model as one device, up to float rounding (README "Data-parallel training").
 """
 
 from __future__ import annotations
 
+import itertools
 import os
-import subprocess
+import re
+import select
+import signal
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -21,68 +22,52 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxninja import model, stderr_filter, train
+from jaxninja import model, train
 from jaxninja.errors import JaxninjaError
 from jaxninja.train import AXIS, ConfigError, TrainConfig
 
 HEARTBEAT_TIMEOUT = 30  # seconds without a heartbeat: a process counts as dead (JAX: 100)
 CONNECT_TIMEOUT = 300  # seconds to wait for every process to join (they may start apart)
-SHUTDOWN_TIMEOUT = 300  # seconds a finished process waits at exit (process 0 still evaluates)
-
-
-class DistributedError(JaxninjaError):
-    """A multi-process job that cannot start or continue; the message says why."""
+LAUNCHERS = {  # a launcher's process count -> another variable JAX's detection needs
+    "SLURM_STEP_NUM_TASKS": "SLURM_STEP_NODELIST",  # srun: a job step's task count
+    "OMPI_COMM_WORLD_SIZE": "OMPI_MCA_orte_hnp_uri",  # Open MPI's mpirun
+}
+RESTART = "the job stops; the run's last checkpoint is intact: restart every process with --resume"
+_LOG_LINE = re.compile(r"[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ")  # a C++ log line
+_FATAL = "Terminating process because the JAX distributed service detected fatal errors"
 
 
 def data_mesh(cfg: TrainConfig, devices: int | None = None) -> Mesh | None:
-    """The 1-D mesh of ``devices`` devices for ``cfg``, or ``None`` for one device.
-
-    ``None``: all of ``jax.devices()`` (one for ``manual``, which has no cross-device rule).
-    :class:`~jaxninja.train.ConfigError` for a bad count, or one that ``cfg`` cannot use.
-    """
-    available = jax.device_count()
+    """The 1-D mesh of ``devices`` devices for ``cfg`` (default: all; one for ``manual``, which
+    has no cross-device rule; a job of several processes trains on all), ``None`` for one.
+    :class:`~jaxninja.train.ConfigError` for a count ``cfg`` cannot use."""
+    available, processes = jax.device_count(), jax.process_count()
     data_parallel = train.BACKENDS[cfg.backend].data_parallel
-    if jax.process_count() > 1:
-        _check_job_devices(cfg, devices, available)
-    if devices is None and not data_parallel:
+    if processes > 1 and devices not in (None, available):
+        raise ConfigError(
+            f"--devices {devices}: a job of {processes} processes trains on all "
+            f"{available} of their devices; leave --devices out"
+        )
+    if devices is None and not data_parallel and processes == 1:
         return None
     n = available if devices is None else devices
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ConfigError(f"devices must be a positive integer, got {devices!r}")
     if n > available:
-        hint = f"; on CPU set XLA_FLAGS=--xla_force_host_platform_device_count={n} before starting"
         raise ConfigError(
-            f"--devices {n} asks for more devices than the {available} there are"
-            + (hint if jax.default_backend() == "cpu" else "")
-        )
-    if cfg.batch_size % n:
-        raise ConfigError(
-            f"batch_size {cfg.batch_size} does not divide evenly over {n} devices"
-            + (" (--devices defaults to all of them)" if devices is None else "")
-            + f"; use a --batch-size that is a multiple of {n} or a --devices that "
-            f"divides {cfg.batch_size}"
+            f"--devices {n} asks for more devices than the {available} there are (on CPU: set "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before starting)"
         )
     if n > 1 and not data_parallel:
+        fix = "--backend custom_vjp or autodiff" + (" or --devices 1" if processes == 1 else "")
+        raise ConfigError(f"backend {cfg.backend!r} runs on one device only, not {n}; use {fix}")
+    if cfg.batch_size % n:
+        default = " (--devices defaults to all of them)" if devices is None else ""
         raise ConfigError(
-            f"backend {cfg.backend!r} runs on one device only (asked for {n}); "
-            f"pass --devices 1 or --backend custom_vjp"
+            f"batch_size {cfg.batch_size} does not divide evenly over {n} devices{default}; use "
+            f"a --batch-size that is a multiple of {n} or a --devices that divides {cfg.batch_size}"
         )
     return Mesh(np.array(jax.devices()[:n]), (AXIS,)) if n > 1 else None
-
-
-def _check_job_devices(cfg: TrainConfig, devices: int | None, available: int) -> None:
-    """A multi-process job trains on every device of every process, never on one alone."""
-    processes = jax.process_count()
-    if devices not in (None, available):
-        raise ConfigError(
-            f"--devices {devices}: a job of {processes} processes trains on all "
-            f"{available} of their devices; leave --devices out"
-        )
-    if not train.BACKENDS[cfg.backend].data_parallel:
-        raise ConfigError(
-            f"backend {cfg.backend!r} runs on one device only; a job of "
-            f"{processes} processes needs --backend custom_vjp or autodiff"
-        )
 
 
 def sharded_loss_and_grads(
@@ -97,14 +82,7 @@ def sharded_loss_and_grads(
         return loss, grads
 
     specs = (P(), P(AXIS), P(AXIS))
-    return jax.jit(jax.shard_map(loss_and_grads, mesh=mesh, in_specs=specs, out_specs=(P(), P())))
-
-
-LAUNCHERS = {  # a launcher's process count -> one more variable that JAX's detection reads
-    "JAX_COORDINATOR_ADDRESS": None,  # JAX's own: an address, not a count
-    "SLURM_STEP_NUM_TASKS": "SLURM_STEP_NODELIST",  # srun: a job step's task count
-    "OMPI_COMM_WORLD_SIZE": "OMPI_MCA_orte_hnp_uri",  # Open MPI's mpirun
-}
+    return jax.jit(jax.shard_map(loss_and_grads, mesh=mesh, in_specs=specs, out_specs=P()))
 
 
 def launched_job(environ: Mapping[str, str] = os.environ) -> bool:
@@ -114,13 +92,9 @@ def launched_job(environ: Mapping[str, str] = os.environ) -> bool:
     >>> launched_job({"OMPI_COMM_WORLD_SIZE": "4", "OMPI_MCA_orte_hnp_uri": "x;tcp://h:1"})
     True
     """
-    for count, needs in LAUNCHERS.items():
-        value = environ.get(count, "")
-        if needs is None and value:
-            return True
-        if needs and environ.get(needs) and value.isdigit() and int(value) > 1:
-            return True
-    return False
+    counts = [environ.get(count, "") for count, needs in LAUNCHERS.items() if environ.get(needs)]
+    many = any(count.isdigit() and int(count) > 1 for count in counts)
+    return many or bool(environ.get("JAX_COORDINATOR_ADDRESS"))
 
 
 def initialize(
@@ -134,58 +108,42 @@ def initialize(
     """Join a multi-process job before anything touches a device; return the process count.
 
     All three of ``coordinator`` (process 0's ``HOST:PORT``), ``num_processes`` and
-    ``process_id``, or none: then join a launcher's job (:func:`launched_job`) or run alone
-    (returns 1). CPU collectives use gloo; stderr goes through :mod:`jaxninja.stderr_filter`.
+    ``process_id``, or none: then join a launcher's job (:func:`launched_job`) or run alone.
+    CPU collectives use gloo; stderr goes through :func:`filter_stderr`.
 
     >>> initialize(environ={})  # no flags, no launcher: one process
     1
     """
     given = {"--coordinator": coordinator, "--num-processes": num_processes}
-    given["--process-id"] = process_id
-    missing = [flag for flag, value in given.items() if value is None]
+    missing = [flag for flag, v in (given | {"--process-id": process_id}).items() if v is None]
     if len(missing) == 3 and not launched_job(environ):
         return 1
     if 0 < len(missing) < 3:
-        raise DistributedError(
+        raise JaxninjaError(
             f"--coordinator, --num-processes and --process-id go together; missing "
             f"{', '.join(missing)}"
         )
-    _check_job_args(coordinator, num_processes, process_id, heartbeat_timeout)
-    if jax.distributed.is_initialized():
-        return jax.process_count()
+    host, _, port = (coordinator or "").rpartition(":")  # "[::1]:PORT" for IPv6
+    if coordinator is not None and not (host and port.isdigit() and 0 < int(port) < 65536):
+        raise JaxninjaError(
+            f"--coordinator must be HOST:PORT with a port in 1..65535, got {coordinator!r}"
+        )
+    if num_processes is not None and not 0 <= process_id < num_processes:  # type: ignore[operator]
+        raise JaxninjaError(f"--process-id must be in 0..{num_processes - 1}, got {process_id}")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    _guard_stderr(coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or "process 0")
+    _guard_stderr(coordinator or environ.get("JAX_COORDINATOR_ADDRESS") or "process 0")
     try:
         jax.distributed.initialize(
             coordinator,
             num_processes,
             process_id,
             initialization_timeout=CONNECT_TIMEOUT,
-            heartbeat_timeout_seconds=heartbeat_timeout,
-            shutdown_timeout_seconds=SHUTDOWN_TIMEOUT,
+            heartbeat_timeout_seconds=heartbeat_timeout,  # shutdown: JAX's 300 s
         )
     except Exception as e:  # JAX raises several types; the message is what matters
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = coordinator or "the launcher's coordinator"
-        raise DistributedError(f"cannot join the job at {where}: {first}") from None
+        raise JaxninjaError(f"cannot join the job at {where}: {_first_line(e)}") from None
     return jax.process_count()
-
-
-def _check_job_args(coordinator, num_processes, process_id, heartbeat_timeout) -> None:
-    host, _, port = (coordinator or "").rpartition(":")  # "[::1]:PORT" for IPv6
-    if coordinator is not None and not (host and port.isdigit() and 0 < int(port) < 65536):
-        raise DistributedError(
-            f"--coordinator must be HOST:PORT with a port in 1..65535, got {coordinator!r}"
-        )
-    if num_processes is not None and num_processes < 1:
-        raise DistributedError(f"--num-processes must be >= 1, got {num_processes}")
-    if process_id is not None and not 0 <= process_id < (num_processes or 1):
-        raise DistributedError(
-            f"--process-id must be in 0..{(num_processes or 1) - 1} "
-            f"(--num-processes {num_processes}), got {process_id}"
-        )
-    if heartbeat_timeout < 1:
-        raise DistributedError(f"--heartbeat-timeout must be >= 1, got {heartbeat_timeout}")
 
 
 def leave_job(exit_code: int) -> int:
@@ -228,30 +186,34 @@ def local(tree: Any) -> Any:
     return jax.tree.map(lambda a: jax.numpy.asarray(np.asarray(a)), tree)
 
 
+def _everyone(x: np.ndarray) -> np.ndarray:
+    """``x`` of every process, stacked in process order (a collective)."""
+    return x[None] if jax.process_count() == 1 else multihost_utils.process_allgather(x)
+
+
 def largest(value: int) -> int:
     """The largest ``value`` over all processes (a collective), e.g. a signal's number.
 
     >>> largest(15)  # one process
     15
     """
-    if jax.process_count() == 1:
-        return value
-    return int(np.max(multihost_utils.process_allgather(np.array(value, np.int32))))
+    return int(_everyone(np.array(value, np.int32)).max())
 
 
 def check_same(text: str, what: str) -> None:
-    """Raise :class:`DistributedError` on every process unless all hold the same
+    """Raise :class:`JaxninjaError` on every process unless all hold the same
     ``text`` (at most 64 ASCII characters, e.g. the data file's sha256)."""
-    if jax.process_count() == 1:
-        return
-    mine = np.frombuffer(text.encode("ascii").ljust(64)[:64], np.uint8)
-    everyone = np.asarray(multihost_utils.process_allgather(mine))
+    everyone = _everyone(np.frombuffer(text.encode("ascii").ljust(64)[:64], np.uint8))
     differ = [i for i, row in enumerate(everyone) if not np.array_equal(row, everyone[0])]
     if differ:
-        raise DistributedError(
+        raise JaxninjaError(
             f"process(es) {', '.join(map(str, differ))} have a different {what} than "
             f"process 0; every process needs the same one"
         )
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 def lost_process(error: BaseException) -> str | None:
@@ -262,16 +224,83 @@ def lost_process(error: BaseException) -> str | None:
     """
     if not isinstance(error, jax.errors.JaxRuntimeError) or not jax.distributed.is_initialized():
         return None
-    first = (str(error).strip().splitlines() or [""])[0][:200]
-    return f"a collective with another process failed ({first}); {stderr_filter.RESTART}"
+    return f"a collective with another process failed ({_first_line(error)}); {RESTART}"
 
 
 def _guard_stderr(coordinator: str) -> None:
-    """Route this process's stderr (fd 2) through a :mod:`jaxninja.stderr_filter` process."""
+    """Route this process's stderr (fd 2) through :func:`filter_stderr` in a forked child,
+    which outlives JAX's ``abort()`` and ends at EOF, when this process has ended."""
     sys.stderr.flush()
     read, write = os.pipe()
-    cmd = [sys.executable, "-m", "jaxninja.stderr_filter", coordinator, str(CONNECT_TIMEOUT)]
-    subprocess.Popen(cmd, stdin=read, start_new_session=True)  # signals: for the job only
+    if os.fork() == 0:  # no thread of JAX's runs yet: the child is only this one
+        try:
+            os.close(write)
+            os.setsid()  # the job's signals are for the parent
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, signal.SIG_IGN)
+            lines = _pipe_lines(read)
+            if filter_stderr(lines, sys.stderr.write, coordinator):
+                for _ in lines:  # the stack trace: drained, not shown
+                    pass
+        finally:
+            sys.stderr.flush()
+            os._exit(0)
     os.close(read)
     os.dup2(write, 2)
     os.close(write)
+
+
+def _pipe_lines(fd: int) -> Iterator[str | None]:
+    """The lines read from pipe ``fd``, with ``None`` after each half second of quiet."""
+    while True:  # a chunk is whole lines: every writer writes line by line
+        if not select.select([fd], [], [], 0.5)[0]:
+            yield None
+        elif chunk := os.read(fd, 65536):
+            yield from chunk.decode(errors="replace").splitlines(keepends=True)
+        else:
+            return  # EOF: the process whose stderr this is has ended
+
+
+def filter_stderr(
+    lines: Iterable[str | None], write: Callable[[str], Any], coordinator: str = "process 0"
+) -> bool:
+    """Copy ``lines`` to ``write``, but the log with which JAX ends a job's process from C++
+    (uncatchable: a log, a stack trace, ``abort()``) becomes one ``error:`` line; return
+    whether it came (then the rest was not read). A C++ log line (``E1127 00:06:08.504 10919
+    file.cc:12] ...``) and what follows are held until a ``None`` (a pause) or the end.
+
+    >>> out = []
+    >>> filter_stderr(["W1127 00:00:00.1 7 a.cc:1] hi", None, "ok"], out.append), out
+    (False, ['W1127 00:00:00.1 7 a.cc:1] hi', 'ok'])
+    """
+    held: list[str] = []
+    fatal = False
+    for line in itertools.chain(lines, [None]):
+        if line is None:  # a pause: the block is complete
+            if fatal:
+                write(f"error: {_fatal_message(''.join(held), coordinator)}\n")
+                return True
+            for h in held:
+                write(h)
+            held = []
+        elif held or _LOG_LINE.match(line):
+            held.append(line)
+            fatal = fatal or _FATAL in line
+        else:
+            write(line)
+    return False
+
+
+def _fatal_message(block: str, coordinator: str) -> str:
+    """The one line for JAX's fatal log ``block``: what happened, in a few words."""
+    if "RegisterTask" in block:  # never joined: nothing was trained, nothing to resume
+        return (
+            f"cannot join the job: the coordinator at {coordinator} did not answer within "
+            f"{CONNECT_TIMEOUT} s (process 0 must be running and reachable at that address)"
+        )
+    dead = re.search(r"stopped sending heartbeats\):\s*\n([\d, ]+)", block)
+    if dead:
+        return f"process {dead.group(1).strip()} stopped sending heartbeats; {RESTART}"
+    if "Socket closed" in block or "failed to connect" in block.lower():
+        return f"the connection to process 0 (the coordinator) was lost; {RESTART}"
+    return f"another process of the job died or became unreachable; {RESTART}"

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from helpers import one_error_line, run_cli
 
-from jaxninja import checkpoint, parallel, stderr_filter
+from jaxninja import checkpoint, parallel
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 240  # per phase; a hang fails the test instead of stalling CI
@@ -339,10 +339,10 @@ def test_filter_turns_jax_fatal_log_into_one_line():
     out: list[str] = []
     lines = ["progress\n", "W1127 00:12:10.1 7 x.cc:1] a warning\n", "more\n", None]
     lines += JAX_FATAL_LOG.splitlines(keepends=True)
-    assert stderr_filter.filter_stderr(lines, out.append)
+    assert parallel.filter_stderr(lines, out.append)
     assert out[:4] == lines[:3] + [out[3]]  # a warning passes once the stream pauses
     assert len(out) == 4 and out[3].startswith("error: process 1 stopped sending heartbeats")
-    assert stderr_filter.filter_stderr(["just text\n"], out.append) is False
+    assert parallel.filter_stderr(["just text\n"], out.append) is False
 
 
 def test_filter_names_an_unreachable_coordinator():
@@ -353,6 +353,6 @@ def test_filter_names_an_unreachable_coordinator():
         "RPC: /xla.coordination.CoordinationService/RegisterTask\n",
     ]
     out: list[str] = []
-    assert stderr_filter.filter_stderr(log, out.append, "node7:8476")
+    assert parallel.filter_stderr(log, out.append, "node7:8476")
     assert len(out) == 1 and out[0].startswith("error: cannot join the job: the coordinator")
     assert "node7:8476" in out[0]
