@@ -1,14 +1,7 @@
-r"""Test helpers for hand-written VJPs: yours and ours.
-
-* :func:`assert_vjp_matches`: ``f``'s VJP (e.g. a :func:`jax.custom_vjp`) against autodiff
-  of a plain ``jnp`` *reference*, for a random cotangent :math:`v`, leaf by leaf with
-  numpy's ``isclose`` rule: the lecture's "exact / approx / maxdiff" check, with a
-  message that says where and by how much.
-* :func:`check_finite_differences`: no reference; ``jax.test_util.check_grads`` in reverse
-  mode (first and second order) against central differences.
-
-Use float64 for the tightest checks; both refuse arguments that are not floating-point.
-"""
+"""Test helpers for hand-written VJPs, yours and ours: :func:`assert_vjp_matches` against
+autodiff of a plain ``jnp`` reference (the lecture's exact / approx / maxdiff check, with a
+message that says where and by how much) and :func:`check_finite_differences` against
+central differences. Use float64 for the tightest checks."""
 
 from __future__ import annotations
 
@@ -33,26 +26,35 @@ _TOLERANCES: dict[Any, tuple[float, float]] = {
 
 
 def default_tolerances(dtype: Any) -> tuple[float, float]:
-    """Default ``(atol, rtol)`` of :func:`assert_vjp_matches` for a floating ``dtype``.
+    """Default ``(atol, rtol)`` of :func:`assert_vjp_matches` for a floating ``dtype``
+    (a complex one takes its parts'; fp8 and other narrow formats ``(0.1, 0.1)``).
 
     >>> default_tolerances(jnp.float64), default_tolerances(jnp.float32)
     ((1e-12, 1e-10), (1e-05, 0.0001))
     """
-    dt = np.dtype(dtype)
-    dt = np.finfo(dt).dtype if jnp.issubdtype(dt, jnp.complexfloating) else dt  # parts'
-    if dt in _TOLERANCES:
-        return _TOLERANCES[dt]
-    if jnp.issubdtype(dt, jnp.inexact):  # fp8 and other narrow formats
-        return (1e-1, 1e-1)
-    raise TypeError(f"no default tolerance for non-floating dtype {dt}")
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        raise TypeError(f"no default tolerance for non-floating dtype {np.dtype(dtype)}")
+    return _TOLERANCES.get(jnp.finfo(dtype).dtype, (1e-1, 1e-1))  # finfo: a complex's parts
+
+
+def _label(fn: Callable[..., Any], i: int) -> str:
+    """``argument 1 'labels'`` (the name when ``fn``'s signature says it)."""
+    try:
+        param = list(inspect.signature(fn).parameters.values())[i]
+    except (TypeError, ValueError, IndexError):
+        return f"argument {i}"
+    named = param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD)
+    return f"argument {i}" + (f" '{param.name}'" if named else "")
+
+
+def _at(path: tuple) -> str:
+    return f" at path {jax.tree_util.keystr(path)}" if path else ""
 
 
 def _argnums(argnums: Sequence[int] | int, args: tuple, who: str, fn: Callable) -> tuple[int, ...]:
     """Normalised ``argnums``; ``TypeError`` for a ``None``/integer argument (no VJP)."""
     nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
-    if not nums:
-        raise ValueError("argnums must name at least one argument (are there any?)")
-    if not all(isinstance(i, int) and -len(args) <= i < len(args) for i in nums):
+    if not nums or not all(isinstance(i, int) and -len(args) <= i < len(args) for i in nums):
         raise ValueError(f"argnums={argnums} is out of range for {len(args)} positional args")
     nums = tuple(i % len(args) for i in nums)
     if len(set(nums)) != len(nums):
@@ -62,25 +64,12 @@ def _argnums(argnums: Sequence[int] | int, args: tuple, who: str, fn: Callable) 
         if not leaves:
             raise TypeError(f"{who} {_label(fn, i)}, which holds no array ({args[i]!r:.40})")
         for path, leaf in leaves:
-            dtype = jnp.result_type(leaf)
-            if not jnp.issubdtype(dtype, jnp.inexact):
-                at = f" at path {jax.tree_util.keystr(path)}" if path else ""
+            if not jnp.issubdtype(dtype := jnp.result_type(leaf), jnp.inexact):
                 raise TypeError(
-                    f"{who} {_label(fn, i)}{at}, which has dtype {dtype}; only floating arguments"
-                    " can be differentiated: pass argnums= to leave it fixed, or close over it"
+                    f"{who} {_label(fn, i)}{_at(path)}, which has dtype {dtype}, not floating:"
+                    " leave it out of argnums= or close over it"
                 )
     return nums
-
-
-def _label(fn: Callable[..., Any], i: int) -> str:
-    """``argument 1 'labels'`` (the name when ``fn``'s signature says it)."""
-    try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):
-        params = []
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    named = i < len(params) and params[i].kind in positional
-    return f"argument {i}" + (f" '{params[i].name}'" if named else "")
 
 
 def _partial(fn: Callable[..., Any], args: tuple, nums: tuple[int, ...]) -> Callable[..., Any]:
@@ -88,33 +77,34 @@ def _partial(fn: Callable[..., Any], args: tuple, nums: tuple[int, ...]) -> Call
     return lambda *xs: fn(*(dict(zip(nums, xs, strict=True)).get(i, a) for i, a in enumerate(args)))
 
 
-def _compare(a: Any, b: Any, atol: float | None, rtol: float | None) -> tuple[str | None, float]:
-    """``(report or None, max abs diff)``: leaf ``a`` (f's) against ``b`` by ``np.isclose``."""
-    a, b = np.asarray(a), np.asarray(b)
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return f"f gives shape {a.shape} {a.dtype}, reference shape {b.shape} {b.dtype}", 0.0
-    if not jnp.issubdtype(a.dtype, jnp.inexact):
-        atol = rtol = 0.0  # integers must be equal
-    else:
-        d_atol, d_rtol = default_tolerances(a.dtype)
-        atol, rtol = d_atol if atol is None else atol, d_rtol if rtol is None else rtol
-    aw, bw = (x.astype(np.complex128 if np.iscomplexobj(a) else np.float64) for x in (a, b))
-    ok = np.isclose(aw, bw, rtol=rtol, atol=atol, equal_nan=True)
-    with np.errstate(invalid="ignore", over="ignore"):
-        diff = np.abs(aw - bw)  # NaN where both are NaN or the same inf (ok), else a miss
-    diff = np.where(np.isnan(diff), np.where(ok, 0.0, np.inf), diff)
-    maxdiff = float(diff.max()) if diff.size else 0.0
-    if ok.all():
-        return None, maxdiff
-    tol = atol + rtol * np.where(np.isfinite(bw), np.abs(bw), 0.0)
-    with np.errstate(over="ignore"):  # the worst element: the largest excess over its tol
-        ratio = np.where(ok, -1.0, diff / np.maximum(tol, np.finfo(np.float64).tiny))
-    idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(ratio)), a.shape))
-    return (
-        f"{int((~ok).sum())} of {a.size} elements differ beyond atol={atol:g}, rtol={rtol:g}\n"
-        f"  max abs diff {maxdiff:.4g}; worst element at index {idx}: "
-        f"f gives {aw[idx]:.10g}, reference gives {bw[idx]:.10g}"
-    ), maxdiff
+def _assert_close(tree_f: Any, tree_r: Any, atol, rtol, what: str, suffix: str = "") -> float:
+    """Max abs difference of same-structured pytrees whose leaves pass numpy's ``isclose``
+    (integers: equal); else an ``AssertionError`` naming leaf, count and worst element."""
+    maxdiff = 0.0
+    leaves_r = jax.tree.leaves(tree_r)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(tree_f), leaves_r, strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        where = f"{what}{_at(path)} (shape {a.shape}, {a.dtype})"
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise AssertionError(f"{where}: reference gives shape {b.shape} {b.dtype}{suffix}")
+        at, rt = default_tolerances(a.dtype) if jnp.issubdtype(a.dtype, jnp.inexact) else (0, 0)
+        if jnp.issubdtype(a.dtype, jnp.inexact):  # integers must be equal
+            at, rt = at if atol is None else atol, rt if rtol is None else rtol
+        aw, bw = (x.astype(np.complex128 if np.iscomplexobj(a) else np.float64) for x in (a, b))
+        ok = np.isclose(aw, bw, rtol=rt, atol=at, equal_nan=True)
+        with np.errstate(invalid="ignore", over="ignore"):
+            diff = np.abs(aw - bw)  # NaN where both are NaN or the same inf (ok), else a miss
+        diff = np.where(np.isnan(diff), np.where(ok, 0.0, np.inf), diff)
+        if not ok.all():
+            worst = int(np.argmax(np.where(ok, -1.0, diff)))  # the largest miss
+            idx = tuple(int(i) for i in np.unravel_index(worst, a.shape))
+            raise AssertionError(
+                f"{where}: {(~ok).sum()} of {a.size} elements differ beyond atol={at:g}, "
+                f"rtol={rt:g}\n  max abs diff {diff.max():.4g}; worst element at index {idx}: "
+                f"f gives {aw[idx]:.10g}, reference gives {bw[idx]:.10g}{suffix}"
+            )
+        maxdiff = max(maxdiff, float(diff.max(initial=0.0)))
+    return maxdiff
 
 
 def _avals(tree: Any) -> Any:
@@ -153,17 +143,13 @@ def assert_vjp_matches(
 ) -> float:
     r"""Assert that ``f``'s VJP equals autodiff's VJP of ``reference``, at ``args``.
 
-    Both are called as ``fn(*args)`` and must return the same pytree (structure, shapes,
-    dtypes, values); then for the cotangent :math:`v`, :math:`v^\top \partial f/\partial
-    x_i` must match the reference's for each ``i`` in ``argnums`` (an int or a tuple), leaf
-    by leaf: ``|a - b| <= atol + rtol * |b|`` (numpy's ``isclose``), NaN matching NaN.
-    Each differentiated argument must hold floating arrays (a pytree is fine): ``None``
-    or an integer raises ``TypeError``, as it would compare nothing. ``atol``/``rtol``
-    ``None`` take :func:`default_tolerances` of each leaf's dtype. ``cotangent=None``
-    draws a standard normal :math:`v` from ``seed`` (all ones can hide a wrong rule).
-    Returns the VJPs' largest absolute difference (the lecture's maxdiff); a mismatch
-    raises ``AssertionError`` naming the output or argument (index, name, pytree path),
-    the number of elements off, the max abs difference, the worst element and values:
+    Both, called as ``fn(*args)``, must return the same pytree; then for the cotangent
+    :math:`v` (``None``: standard normal from ``seed``, as all ones can hide a wrong rule),
+    :math:`v^\top \partial f/\partial x_i` must match the reference's for each ``i`` in
+    ``argnums``, leaf by leaf: ``|a - b| <= atol + rtol * |b|`` (numpy's ``isclose``,
+    NaN matching NaN; ``None``: :func:`default_tolerances`). A differentiated argument
+    holding no floating array raises ``TypeError``. Returns the largest absolute
+    difference (the lecture's maxdiff); a mismatch raises ``AssertionError``:
 
     >>> @jax.custom_vjp
     ... def softplus(x):
@@ -178,44 +164,28 @@ def assert_vjp_matches(
       (cotangent: standard normal, seed=0)
     """
     nums = _argnums(argnums, args, "assert_vjp_matches differentiates", f)
-    f_name, ref_name = _name(f), _name(reference)
-    names = f"f={f_name} and reference={ref_name}"
     f_part, ref_part = _partial(f, args, nums), _partial(reference, args, nums)
 
-    def run(primals: list[Any], ct: Any) -> tuple[Any, Any, Any, Any]:  # one jit for all
-        out_f, vjp_f = jax.vjp(f_part, *primals)
-        out_r, vjp_r = jax.vjp(ref_part, *primals)
+    @jax.jit  # one compilation for both functions and both VJPs
+    def run(primals: list[Any], ct: Any) -> tuple[Any, Any, Any, Any]:
+        (out_f, vjp_f), (out_r, vjp_r) = jax.vjp(f_part, *primals), jax.vjp(ref_part, *primals)
         if _avals(out_f) != _avals(out_r):  # reported below, from the values
             return out_f, out_r, None, None
         ct = _random_cotangent(out_f, seed) if ct is None else ct
         return out_f, out_r, vjp_f(ct), vjp_r(ct)
 
-    out_f, out_r, grads_f, grads_r = jax.jit(run)([args[i] for i in nums], cotangent)
+    out_f, out_r, grads_f, grads_r = run([args[i] for i in nums], cotangent)
+    names = f"f={_name(f)} and reference={_name(reference)}"
     (tree_f, _), (tree_r, _) = _avals(out_f), _avals(out_r)
     if tree_f != tree_r:
         raise AssertionError(f"{names} return different output structures: {tree_f}, {tree_r}")
-    _assert_close(out_f, out_r, atol, rtol, f"outputs of {names} differ\n  in the output", "")
-    header = f"VJP of f={f_name} does not match autodiff of reference={ref_name}\n  for "
+    _assert_close(out_f, out_r, atol, rtol, f"outputs of {names} differ\n  in the output")
+    header = f"VJP of f={_name(f)} does not match autodiff of reference={_name(reference)}\n  for "
     ct = f"standard normal, seed={seed}" if cotangent is None else "given"
-    diffs = [
+    return max(
         _assert_close(g_f, g_r, atol, rtol, header + _label(f, i), f"\n  (cotangent: {ct})")
         for g_f, g_r, i in zip(grads_f, grads_r, nums, strict=True)
-    ]
-    return max(diffs)
-
-
-def _assert_close(tree_f: Any, tree_r: Any, atol, rtol, what: str, suffix: str) -> float:
-    """Compare two pytrees of the same structure leaf by leaf; the max abs difference."""
-    maxdiff = 0.0
-    leaves_r = jax.tree.leaves(tree_r)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(tree_f), leaves_r, strict=True):
-        report, diff = _compare(a, b, atol, rtol)
-        if report is not None:
-            at = f" at path {jax.tree_util.keystr(path)}" if path else ""
-            dtype = np.asarray(a).dtype
-            raise AssertionError(f"{what}{at} (shape {np.shape(a)}, {dtype}): {report}{suffix}")
-        maxdiff = max(maxdiff, diff)
-    return maxdiff
+    )
 
 
 def check_finite_differences(
@@ -229,12 +199,11 @@ def check_finite_differences(
 ) -> None:
     r"""Check ``f``'s reverse-mode derivatives against central finite differences.
 
-    ``jax.test_util.check_grads(..., modes=["rev"])`` (a ``custom_vjp`` has no forward
-    mode): for random :math:`u, v`, :math:`\langle v, (f(x + \epsilon u) - f(x - \epsilon
-    u)) / 2\epsilon\rangle \approx \langle \mathrm{vjp}_f(v), u\rangle`, and with
-    ``order=2`` the same for the VJP itself. Approximate: use float64. ``eps``, ``atol``,
-    ``rtol``: ``check_grads``'s if ``None``. ``argnums=None`` perturbs every argument, so
-    integer ones (labels) must be named out or closed over (``TypeError`` otherwise).
+    ``jax.test_util.check_grads`` in reverse mode (a ``custom_vjp`` has none forward): for
+    random :math:`u, v`, :math:`\langle v, (f(x + \epsilon u) - f(x - \epsilon u)) /
+    2\epsilon\rangle \approx \langle \mathrm{vjp}_f(v), u\rangle`, with ``order=2`` for the
+    VJP too. Use float64. ``argnums=None`` perturbs every argument, so integer ones
+    (labels) must be left out or closed over (``TypeError`` otherwise).
 
     >>> from jaxninja.ops import cross_entropy
     >>> with jax.enable_x64(True):
@@ -243,18 +212,15 @@ def check_finite_differences(
     """
     if not isinstance(order, int) or order < 1:
         raise ValueError(f"order must be a positive int (1 or 2), got {order!r}")
-    who = "check_finite_differences perturbs"
-    nums = _argnums(range(len(args)) if argnums is None else argnums, args, who, f)
+    nums = tuple(range(len(args))) if argnums is None else argnums
+    nums = _argnums(nums, args, "check_finite_differences perturbs", f)
     g = jax.jit(_partial(f, args, nums))  # check_grads evaluates f many times
     try:
-        jtu.check_grads(
-            g, tuple(args[i] for i in nums), order, modes=["rev"], atol=atol, rtol=rtol, eps=eps
-        )
+        jtu.check_grads(g, tuple(args[i] for i in nums), order, ["rev"], atol, rtol, eps)
     except AssertionError as e:
         dtypes = sorted({str(jnp.result_type(x)) for x in jax.tree.leaves(args)})
         raise AssertionError(
             f"finite-difference check of {_name(f)}'s reverse-mode derivatives (order={order}, "
-            f"argnums={nums}, eps={eps or 1e-4:g}, dtypes {dtypes}) failed: 'VJP' is the first "
-            f"order, 'VJP of VJP' the second; float32 differences are noisy, recheck in "
-            f"float64 before blaming the rule.\n{e}"
+            f"argnums={nums}, eps={eps or 1e-4:g}, dtypes {dtypes}) failed ('VJP' is the first "
+            f"order, 'VJP of VJP' the second; recheck float32 in float64):\n{e}"
         ) from e
