@@ -1,24 +1,20 @@
-"""``jaxninja bench``: how fast the training step and the ops run, against peers.
-
-:func:`run_bench`: the training step per setting ``HxB`` (hidden x batch) and backend, the
-PyTorch baselines of :mod:`jaxninja.bench_torch` and vmapped sweeps; :func:`run_ops_bench`
-(``bench --ops``): time and compiled temporary memory of each op's jitted gradient against
-its peers. Rows of a table are timed in interleaved rounds of one process (compare rows of
-one run, never runs of different days); both write one ``bench.json``, checked before any
-work. The README's "Speed" section has the method and the figures.
+"""``jaxninja bench``: the speed of the training step (:func:`run_bench`: backends, PyTorch
+baselines, sweeps) and of the ops' gradients (:func:`run_ops_bench`: time and compiled
+temporary memory against optax/flax). A table's rows are timed in interleaved rounds of one
+process: compare rows of one run, never runs of different days. Both write ``bench.json``,
+checked before any work. Method and figures: the README's "Speed" section.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -30,11 +26,13 @@ from jaxninja import data, fileio, ops, sweep, train
 from jaxninja.train import BACKENDS, ConfigError, TrainConfig
 
 Log = Callable[[str], None]
-Timer = Callable[[], tuple[float, ...]]  # one timed run: its figures (e.g. wall, CPU)
+Timer = tuple[Callable[[], Any], float]  # a call to time and the units of work it does
 Entry = tuple[dict[str, Any], Timer]  # a row of a table and the timer of its figures
 DEFAULT_SETTINGS = ((200, 32), (1024, 256))
 DEFAULT_MEMBERS = (1, 8, 32)
 TOOL = "jaxninja bench"  # what a results file says it is: the only --out a bench replaces
+TORCH = {"lecture_loop": "lecture loop", "vectorised_dc": "vectorised dC"}
+TORCH["autograd"] = "loss.backward()"  # the PyTorch baselines -> their names in the summary
 
 
 def summary(values: Sequence[float]) -> dict[str, float]:
@@ -48,17 +46,20 @@ def summary(values: Sequence[float]) -> dict[str, float]:
     return {"median": med, "min": lo, "max": hi, "spread": spread, "n": len(values)}
 
 
-def rounds(timers: Sequence[Timer], repeats: int, budget_s: float = math.inf) -> list[list[dict]]:
-    """Per timer, a :func:`summary` of each figure it returns over ``repeats`` rounds (round
-    ``r`` starts at timer ``r``: no order favours one; after 3, stop past ``budget_s``)."""
-    values: list[list[tuple[float, ...]]] = [[] for _ in timers]
+def rounds(timers: Sequence[Timer], repeats: int, budget_s: float = float("inf")) -> list:
+    """Per timer ``(run, units)``: the :func:`summary` of the wall and of the CPU seconds per
+    unit of one call of ``run`` over ``repeats`` rounds (round ``r`` starts at timer ``r``:
+    no order favours one; after 3 rounds, stop past ``budget_s``)."""
+    values: list[list[tuple[float, float]]] = [[] for _ in timers]
     start = time.perf_counter()
     for r in range(repeats):
-        for j in range(len(timers)):
-            values[(r + j) % len(timers)].append(timers[(r + j) % len(timers)]())
+        for i in [(r + j) % len(timers) for j in range(len(timers))]:
+            (run, units), c, t = timers[i], time.process_time(), time.perf_counter()
+            run()
+            values[i].append(((time.perf_counter() - t) / units, (time.process_time() - c) / units))
         if r >= 2 and time.perf_counter() - start > budget_s:
             break
-    return [[summary(column) for column in zip(*v, strict=True)] for v in values]
+    return [tuple(summary(column) for column in zip(*v, strict=True)) for v in values]
 
 
 def compile_timed(jitted: Any, *args: Any) -> tuple[Any, float]:
@@ -68,7 +69,7 @@ def compile_timed(jitted: Any, *args: Any) -> tuple[Any, float]:
 
 
 def call_timer(fn: Callable[..., Any], args: tuple[Any, ...], target_s: float = 0.05) -> Timer:
-    """Warm ``fn`` up (first touch of its buffers): a timer of ms per call, over as many
+    """Warm ``fn`` up (first touch of its buffers): a timer in ms per call, over as many
     back-to-back calls as make about ``target_s`` seconds (one for the slow ones)."""
     t = time.perf_counter()
     jax.block_until_ready(fn(*args))
@@ -78,29 +79,16 @@ def call_timer(fn: Callable[..., Any], args: tuple[Any, ...], target_s: float = 
         jax.block_until_ready(fn(*args))
         k = max(1, min(1000, int(target_s / max(time.perf_counter() - t, 1e-7))))
 
-    def run() -> tuple[float]:
-        t = time.perf_counter()
+    def run() -> None:
         for _ in range(k):  # only the last output is kept alive, as in a loop of the user's
             out = fn(*args)
         jax.block_until_ready(out)
-        return ((time.perf_counter() - t) / k * 1e3,)
 
-    return run
-
-
-def machine_peak(n: int = 2048, repeats: int = 5) -> dict[str, Any]:
-    """float32 GFLOP/s of an ``n x n`` jnp matmul (from the median and min time)."""
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
-    ((ms,),) = rounds([call_timer(jax.jit(jnp.matmul), (a, a), 0.0)], repeats)
-    gflops = {k: 2 * n**3 / ms[v] / 1e6 for k, v in (("gflops", "median"), ("gflops_max", "min"))}
-    return {"matmul": f"{n}x{n} float32", **gflops, "spread": ms["spread"]}
+    return run, k * 1e-3
 
 
 def loadavg() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
+    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 def start_run(repeats: int, out: str | os.PathLike[str] | None, log: Log) -> tuple[dict, dict]:
@@ -115,14 +103,23 @@ def start_run(repeats: int, out: str | os.PathLike[str] | None, log: Log) -> tup
     return previous, machine
 
 
-def end_run(machine: dict, options: dict, rows: list, **versions: str | None) -> dict[str, Any]:
-    """The result of a run: machine (its load average now), versions, options, rows."""
-    machine["loadavg_end"] = loadavg()
-    versions = {"python": sys.version.split()[0], "jax": jax.__version__, **versions}
-    return {"machine": machine, "versions": versions, "options": options, "rows": rows}
+def end_run(m: dict, options: dict, rows: list, modules: Sequence[str], method: str) -> dict:
+    """The result of a run: machine (its load average now), versions, options, rows, and
+    its ``table`` so far: a line on the machine, the versions and ``method``."""
+    m["loadavg_end"] = loadavg()
+    versions: dict[str, Any] = {"python": sys.version.split()[0], "jax": jax.__version__}
+    versions |= {k: getattr(sys.modules.get(k), "__version__", None) for k in modules}
+    table = (
+        f"Machine: {m['cpu_count']} CPUs ({m['device']}), load average {m['loadavg_start']} "
+        f"at start, {m['loadavg_end']} at end; "
+        + ", ".join(f"{k} {v}" for k, v in list(versions.items())[1:] if v is not None)
+    )
+    return {"machine": m, "versions": versions, "options": options, "rows": rows} | {
+        "table": f"{table}. {method}"
+    }
 
 
-def save_results(out: str | os.PathLike[str] | None, results: dict, log: Log = print) -> None:
+def save_results(out: str | os.PathLike[str] | None, results: dict, log: Log) -> None:
     """Write ``results`` (JSON) to ``out`` atomically, if given (after the tables)."""
     if out:
         text = json.dumps({"tool": TOOL, **results}, indent=2, default=float)
@@ -130,19 +127,13 @@ def save_results(out: str | os.PathLike[str] | None, results: dict, log: Log = p
         log(f"\nwrote {out}")
 
 
-def _version(module: str) -> str | None:
-    if importlib.util.find_spec(module) is None:
-        return None
-    return str(getattr(importlib.import_module(module), "__version__", "?"))
-
-
 def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None or not np.isfinite(v) else format(v, spec)
 
 
-def md_table(head: Sequence[str], align: str, rows: Iterable[Sequence[str]]) -> list[str]:
+def md_table(head: Sequence[str], align: str, rows: list[list[str]]) -> list[str]:
     """The lines of a markdown table; ``align``: ``l`` or ``r`` for each column."""
-    lines = ["| " + " | ".join(cells) + " |" for cells in [head, *rows]]
+    lines = ["| " + " | ".join(cells) + " |" for cells in [list(head), *rows]]
     return [lines[0], "|" + "".join("---|" if a == "l" else "---:|" for a in align), *lines[1:]]
 
 
@@ -164,87 +155,119 @@ def parse_settings(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def step_flops(cfg: TrainConfig, vocab_size: int) -> float:
-    """FLOPs of the six matmuls of one step (forward + two per layer backward)."""
-    fan_in = cfg.n_embd * cfg.block_size
-    return 3 * 2 * cfg.batch_size * (fan_in * cfg.n_hidden + cfg.n_hidden * vocab_size)
-
-
 class Workload(NamedTuple):
-    """The training split and its vocabulary size."""
-
-    X: jax.Array
+    X: jax.Array  # the training split
     Y: jax.Array
     vocab_size: int
 
 
 def _row(cfg: TrainConfig, w: Workload, kind: str, name: str, **extra: Any) -> dict[str, Any]:
-    setting = {"setting": f"{cfg.n_hidden}x{cfg.batch_size}", "n_hidden": cfg.n_hidden}
-    flops = step_flops(cfg, w.vocab_size)
-    row = {"batch_size": cfg.batch_size, "kind": kind, "row": name, "compile_s": None}
-    return {**setting, **row, "flops_per_step": flops, **extra}
+    h, b, fan_in = cfg.n_hidden, cfg.batch_size, cfg.n_embd * cfg.block_size
+    flops = 3 * 2 * b * (fan_in * h + h * w.vocab_size)  # 2 matmuls forward, 4 backward
+    row = {"setting": f"{h}x{b}", "n_hidden": h, "batch_size": b, "kind": kind, "row": name}
+    return {**row, "compile_s": None, "flops_per_step": flops, **extra}
 
 
-def chunk_entry(
-    cfg: TrainConfig, w: Workload, name: str, steps: int, jitted: Any, *args: Any, m: int = 0
-) -> Entry:
-    """The row of a compiled, warmed-up chunk ``jitted(state, *rest)`` of ``steps`` steps of
-    ``m`` models (0: one), and its timer: wall and CPU us per (model-)step."""
-    fn, compile_s = compile_timed(jitted, *args)
-    state, rest = jax.block_until_ready(fn(*args))[0], args[1:]
-    units = steps * max(m, 1)
+def chunk_entry(cfg: TrainConfig, w: Workload, steps: int, m: int = 0) -> Entry:
+    """A compiled, warmed-up chunk of ``steps`` training steps (of ``m`` models in one
+    vmapped program of :mod:`jaxninja.sweep` if ``m``): its row, a timer in us per step."""
+    if m:
+        seeds = list(range(cfg.seed, cfg.seed + m))
+        jitted, state = (
+            sweep.make_sweep_chunk(cfg, steps),
+            sweep.init_states(cfg, seeds, w.vocab_size),
+        )
+        rest: tuple[jax.Array, ...] = (
+            jnp.asarray(seeds, jnp.int32),
+            jnp.full((m,), cfg.lr, jnp.float32),
+            w.X,
+            w.Y,
+        )
+    else:
+        jitted, state = train.make_train_chunk(cfg, steps), train.init_state(cfg, w.vocab_size)
+        rest = (w.X, w.Y)
+    fn, compile_s = compile_timed(jitted, state, *rest)
+    state = jax.block_until_ready(fn(state, *rest))[0]
 
-    def run() -> tuple[float, float]:
+    def run() -> None:
         nonlocal state
-        c, t = time.process_time(), time.perf_counter()
         state = jax.block_until_ready(fn(state, *rest))[0]
-        return (time.perf_counter() - t) / units * 1e6, (time.process_time() - c) / units * 1e6
 
     extra = {"compile_s": compile_s, "steps_per_repeat": steps} | ({"members": m} if m else {})
-    return _row(cfg, w, "sweep" if m else "jax", name, **extra), run
+    row = _row(cfg, w, "sweep" if m else "jax", f"sweep M={m}" if m else cfg.backend, **extra)
+    return row, (run, steps * max(m, 1) * 1e-6)
 
 
-def backend_entries(
-    cfg: TrainConfig, backends: Sequence[str], steps: int, w: Workload
-) -> list[Entry]:
-    """One entry per backend: a ``steps``-step chunk of :func:`train.make_train_chunk`."""
-    out = []
-    for backend in backends:
-        b = TrainConfig(**{**cfg.to_dict(), "backend": backend}).validate()
-        chunk, state = train.make_train_chunk(b, steps), train.init_state(b, w.vocab_size)
-        out.append(chunk_entry(b, w, backend, steps, chunk, state, w.X, w.Y))
-    return out
+def _torch_step(params: list, Xb: Any, Yb: Any, name: str) -> Any:
+    """One SGD step (lr 0.1) of the lecture's Exercise 4: its manual backward pass (``dC`` by
+    the lecture's double loop or ``index_add_``), or ``loss.backward()`` (``autograd``)."""
+    import torch
+
+    C, W1, b1, W2, b2, bngain, bnbias = params
+    with torch.set_grad_enabled(name == "autograd"):  # the lecture's forward pass
+        emb = C[Xb]
+        embcat = emb.view(emb.shape[0], -1)
+        hprebn = embcat @ W1 + b1
+        bnvar_inv = (hprebn.var(0, keepdim=True, unbiased=True) + 1e-5) ** -0.5
+        bnraw = (hprebn - hprebn.mean(0, keepdim=True)) * bnvar_inv
+        h = torch.tanh(bngain * bnraw + bnbias)
+        logits = h @ W2 + b2
+        loss = torch.nn.functional.cross_entropy(logits, Yb)
+    if name == "autograd":
+        for p in params:
+            p.grad = None
+        loss.backward()
+        grads = [p.grad for p in params]
+    else:  # the lecture's solution
+        n = Xb.shape[0]
+        dlogits = torch.softmax(logits, 1)
+        dlogits[range(n), Yb] -= 1
+        dlogits /= n
+        dhpreact = (1.0 - h**2) * (dlogits @ W2.T)
+        dsum, dsum_raw = dhpreact.sum(0), (dhpreact * bnraw).sum(0)
+        dhprebn = bngain * bnvar_inv / n * (n * dhpreact - dsum - n / (n - 1) * bnraw * dsum_raw)
+        demb = (dhprebn @ W1.T).view(emb.shape)
+        dC = torch.zeros_like(C)
+        if name == "lecture_loop":
+            for k in range(Xb.shape[0]):
+                for j in range(Xb.shape[1]):
+                    dC[Xb[k, j]] += demb[k, j]
+        else:
+            dC.index_add_(0, Xb.view(-1), demb.view(-1, C.shape[1]))
+        grads = [dC, embcat.T @ dhprebn, dhprebn.sum(0), h.T @ dlogits, dlogits.sum(0)]
+        grads += [dsum_raw.view(1, -1), dsum.view(1, -1)]
+    with torch.no_grad():
+        for p, grad in zip(params, grads, strict=True):
+            p.data += -0.1 * grad
+    return loss
 
 
-def sweep_entries(cfg: TrainConfig, members: Sequence[int], steps: int, w: Workload) -> list[Entry]:
-    """One entry per ``M``: M models trained in one vmapped program (per model-step)."""
-    out = []
-    for m in members:
-        seeds = list(range(cfg.seed, cfg.seed + m))
-        states, chunk = sweep.init_states(cfg, seeds, w.vocab_size), sweep.make_sweep_chunk
-        rest = (jnp.asarray(seeds, jnp.int32), jnp.full((m,), cfg.lr, jnp.float32), w.X, w.Y)
-        out.append(
-            chunk_entry(cfg, w, f"sweep M={m}", steps, chunk(cfg, steps), states, *rest, m=m)
-        )
-    return out
+def torch_entry(cfg: TrainConfig, name: str, steps: int, w: Workload) -> Entry:
+    """PyTorch baseline ``name`` in eager mode: the lecture's init (seed 42), same data,
+    batch size and SGD, minibatches drawn with ``torch.randint``. One intra-op thread: on 2
+    cores shared with JAX, OpenMP's spinning made 2 threads 10-25x slower than 1."""
+    import torch
 
+    torch.set_num_threads(1)
+    X, Y = (torch.as_tensor(np.asarray(a, np.int64)) for a in (w.X, w.Y))
+    e, h, v, fan_in = cfg.n_embd, cfg.n_hidden, w.vocab_size, cfg.n_embd * cfg.block_size
+    g = torch.Generator().manual_seed(42)
+    shapes = [(v, e), (fan_in, h), (h,), (h, v), (v,), (1, h), (1, h)]
+    C, W1, b1, W2, b2, gain, bias = (torch.randn(s, generator=g) for s in shapes)
+    params = [C, W1 * (5 / 3) / fan_in**0.5, b1 * 0.1, W2 * 0.1, b2 * 0.1, gain * 0.1 + 1.0]
+    params = [p.requires_grad_(name == "autograd") for p in [*params, bias * 0.1]]
+    # the lecture's Python double loop is that slow at large batches
+    n = max(1, steps // 4) if name == "lecture_loop" and cfg.batch_size > 64 else steps
+    row, batches = _row(cfg, w, "torch", f"torch {name}", steps_per_repeat=n), g.manual_seed(43)
 
-def torch_entries(mod: Any, cfg: TrainConfig, steps: int, w: Workload) -> list[Entry]:
-    """One entry per PyTorch baseline."""
+    def run(k: int = n) -> None:
+        for _ in range(k):
+            ix = torch.randint(0, X.shape[0], (cfg.batch_size,), generator=batches)
+            loss = _torch_step(params, X[ix], Y[ix], name)
+        row["final_loss"] = float(loss.detach())
 
-    def entry(name: str) -> Entry:
-        # the lecture's Python double loop is that slow at large batches
-        n = max(1, steps // 4) if name == "lecture_loop" and cfg.batch_size > 64 else steps
-        row = _row(cfg, w, "torch", f"torch {name}", steps_per_repeat=n)
-
-        def run() -> tuple[float, float]:
-            r = mod.run_baseline(name, w.X, w.Y, w.vocab_size, cfg.n_hidden, cfg.batch_size, n)
-            row["final_loss"] = r["final_loss"]
-            return r["us_per_step"], r["cpu_us_per_step"]
-
-        return row, run
-
-    return [entry(name) for name in mod.BASELINES]
+    run(max(1, n // 10))  # warm-up
+    return row, (run, n * 1e-6)
 
 
 def time_entries(entries: Sequence[Entry], repeats: int, log: Log) -> list[dict[str, Any]]:
@@ -258,63 +281,46 @@ def time_entries(entries: Sequence[Entry], repeats: int, log: Log) -> list[dict[
     return rows
 
 
-def markdown_table(result: dict[str, Any]) -> str:
+def markdown_table(rows: Sequence[dict[str, Any]], peak_gflops: float) -> list[str]:
     """The rows as a markdown table; ratio: over custom_vjp of the same setting."""
-    m, v, peak = result["machine"], result["versions"], result["machine"]["peak"]["gflops"]
-    rows = result["rows"]
     base = {r["setting"]: r["us_per_step"]["median"] for r in rows if r["row"] == "custom_vjp"}
     table = []
     for r in rows:
         us, flops, setting = r["us_per_step"]["median"], r["flops_per_step"], r["setting"]
         steps_per_s = f" ({r['model_steps_per_s']:.0f} model-steps/s)" if "members" in r else ""
-        frac = flops / (us * 1e-6) / (peak * 1e9) * 100 if us else None
         table.append(
             [setting, r["row"] + steps_per_s, _fmt(us, ".1f")]
             + [_fmt(r["us_per_step"]["spread"] * 100, ".0f") + "%"]
             + [_fmt(r["cpu_us_per_step"]["median"], ".1f"), _fmt(r["compile_s"], ".2f")]
-            + [_fmt(flops / 1e6, ".2f"), _fmt(frac, ".1f")]
+            + [_fmt(flops / 1e6, ".2f"), _fmt(flops / us / peak_gflops / 10, ".1f")]
             + [_fmt(us / base[setting] if setting in base else None, ".2f")]
         )
     head = "setting|row|us/step (median)|spread|CPU us/step|compile s|MFLOP/step|% of peak"
-    torch = f", torch {v['torch']}" if v.get("torch") else ""
-    title = (
-        f"Machine: {m['cpu_count']} CPUs, float32 matmul peak {peak:.0f} GFLOP/s "
-        f"({m['peak']['matmul']}); load average {m['loadavg_start']} at start, "
-        f"{m['loadavg_end']} at end. jax {v['jax']}{torch}."
-    )
-    cols = [*head.split("|"), "ratio to custom_vjp"]
-    return "\n".join([title, "", *md_table(cols, "ll" + "r" * 7, table)])
-
-
-TORCH_LABELS = {"autograd": "loss.backward()", "lecture_loop": "lecture loop"}
-TORCH_LABELS["vectorised_dc"] = "vectorised dC"
+    return md_table([*head.split("|"), "ratio to custom_vjp"], "ll" + "r" * 7, table)
 
 
 def summary_ratios(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Headline ratios of each setting: our backends against autodiff and PyTorch."""
     us = {(r["setting"], r["row"]): r["us_per_step"]["median"] for r in rows}
-    out: dict[str, float] = {}
-    for setting in {r["setting"] for r in rows}:
-        base, auto = us.get((setting, "custom_vjp")), us.get((setting, "autodiff"))
-        if base is None:
-            continue
-        for name in ("custom_vjp", "manual"):
-            if auto and (setting, name) in us:
-                out[f"{setting} {name}/autodiff"] = us[(setting, name)] / auto
-        for name, label in TORCH_LABELS.items():
-            if t := us.get((setting, f"torch {name}")):
-                out[f"{setting} speedup of custom_vjp over {label}"] = t / base
-    return dict(sorted(out.items()))
+    pairs = [(f"{n}/autodiff", n, "autodiff") for n in ("custom_vjp", "manual")]
+    pairs += [
+        (f"speedup of custom_vjp over {v}", f"torch {k}", "custom_vjp") for k, v in TORCH.items()
+    ]
+    ratios = {
+        f"{s} {label}": us[(s, a)] / us[(s, b)]
+        for s, _ in us
+        for label, a, b in pairs
+        if us.get((s, a)) and us.get((s, b))
+    }
+    return dict(sorted(ratios.items()))
 
 
-def _check_options(settings: Sequence, backends: Sequence[str], members: Sequence[int]) -> None:
-    if not settings:
-        raise ConfigError("no settings given")
-    for b in backends:
-        if b not in BACKENDS:
-            raise ConfigError(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
-    if any(m < 1 for m in members):
-        raise ConfigError(f"sweep sizes must be >= 1, got {list(members)}")
+def machine_peak(n: int = 2048, repeats: int = 5) -> dict[str, Any]:
+    """float32 GFLOP/s of an ``n x n`` jnp matmul (from the median and min time)."""
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
+    ((ms, _),) = rounds([call_timer(jax.jit(jnp.matmul), (a, a), 0.0)], repeats)
+    gflops = {k: 2 * n**3 / ms[v] / 1e6 for k, v in (("gflops", "median"), ("gflops_max", "min"))}
+    return {"matmul": f"{n}x{n} float32", **gflops, "spread": ms["spread"]}
 
 
 def run_bench(
@@ -325,7 +331,6 @@ def run_bench(
     steps: int | None = None,
     torch_steps: int | None = None,
     members: Sequence[int] = DEFAULT_MEMBERS,
-    sweep_steps: int | None = None,
     use_torch: bool = True,
     quick: bool = False,
     data_path: str | os.PathLike[str] | None = None,
@@ -335,40 +340,44 @@ def run_bench(
     """Run the training benchmark and return (and write to ``out``, keeping its ``"ops"``)
     its result. ``steps`` (JAX steps per timed chunk) defaults to about 0.2 s of work per
     chunk: 5,000 for the default setting, fewer as ``H * B`` grows; ``quick`` divides the
-    defaults by 10 and uses 2 repeats (a smoke test, not a measurement)."""
-    _check_options(settings, backends, members)
+    defaults by 10 and uses 2 repeats (a smoke test, not a measurement). The backends and
+    PyTorch baselines of a setting are timed in the same rounds."""
+    if not settings or not set(backends) <= set(BACKENDS) or any(m < 1 for m in members):
+        raise ConfigError(
+            f"need settings, backends from {', '.join(BACKENDS)} and sweep sizes >= 1; "
+            f"got {list(settings)}, {list(backends)}, {list(members)}"
+        )
     previous, machine = start_run(repeats, out, log)
     repeats, scale = (min(repeats, 2), 10) if quick else (repeats, 1)
     splits = data.load_splits(data_path, block_size=3)
     X, Y = (jnp.asarray(a) for a in splits.data["train"])
     w = Workload(X, Y, splits.vocab.size)
     machine["peak"] = peak = machine_peak(repeats=3 if quick else 5)
-    log(f"  float32 {peak['matmul']} matmul: {peak['gflops']:.0f} GFLOP/s")
-    from jaxninja import bench_torch  # imports torch when installed: only here
-
-    torch_mod = bench_torch if use_torch and bench_torch.torch is not None else None
-    if use_torch and torch_mod is None:
+    log(f"  {peak['matmul']} matmul: {peak['gflops']:.0f} GFLOP/s")
+    has_torch = use_torch and importlib.util.find_spec("torch") is not None
+    if use_torch and not has_torch:
         log("  (torch not installed: no PyTorch rows; pip install 'jaxninja[bench]')")
     rows: list[dict[str, Any]] = []
     for H, B in settings:
-        cfg = TrainConfig(n_hidden=H, batch_size=B).validate()
         work = max(1.0, H * B / (200 * 32))
         n = steps or max(20, int(5000 / work**0.8) // scale)
         log(f"setting H={H}, batch {B}: {n} steps x {repeats} repeats per backend")
-        rows += time_entries(backend_entries(cfg, backends, n, w), repeats, log)
-        if torch_mod is not None:
-            tn = torch_steps or max(10, int(1000 / work**0.8) // scale)
-            rows += time_entries(torch_entries(torch_mod, cfg, tn, w), repeats, log)
+        cfgs = [TrainConfig(n_hidden=H, batch_size=B, backend=b).validate() for b in backends]
+        entries = [chunk_entry(cfg, w, n) for cfg in cfgs]
+        tn = torch_steps or max(10, int(1000 / work**0.8) // scale)
+        entries += [torch_entry(cfgs[0], name, tn, w) for name in TORCH] if has_torch else []
+        rows += time_entries(entries, repeats, log)
     if members:
         cfg = TrainConfig(n_hidden=settings[0][0], batch_size=settings[0][1]).validate()
-        sn = sweep_steps or max(20, 2000 // scale)
+        sn = max(20, 2000 // scale)
         log(f"sweep (H={cfg.n_hidden}, batch {cfg.batch_size}): {sn} steps x {repeats} repeats")
-        rows += time_entries(sweep_entries(cfg, members, sn, w), repeats, log)
+        rows += time_entries([chunk_entry(cfg, w, sn, m) for m in members], repeats, log)
     options = {"settings": [f"{h}x{b}" for h, b in settings], "repeats": repeats, "quick": quick}
     options |= {"backends": list(backends), "members": list(members), "vocab_size": w.vocab_size}
-    result = end_run(machine, options, rows, torch=_version("torch") if torch_mod else None)
+    method = f"float32 matmul peak {peak['gflops']:.0f} GFLOP/s ({peak['matmul']})."
+    result = end_run(machine, options, rows, ["torch"], method)
     result["summary"] = summary_ratios(rows)
-    result["table"] = markdown_table(result)
+    result["table"] = "\n".join([result["table"], "", *markdown_table(rows, peak["gflops"])])
     log("\n" + result["table"] + "\n")
     log("\n".join(f"{k}: {v:.2f}" for k, v in result["summary"].items()))
     save_results(out, {**result, **({"ops": previous["ops"]} if "ops" in previous else {})}, log)
@@ -377,158 +386,137 @@ def run_bench(
 
 # ----------------------------------------------------------------------- ops benchmark
 
-Loss = Callable[..., jax.Array]
-
-
-class OpCase(NamedTuple):
-    """One row of an op's table: a size, a dtype, the losses compared (ours first) and
-    ``missing``: those that cannot run here, and why."""
-
-    op: str
-    size: dict[str, int]
-    dtype: str
-    make_args: Callable[[], tuple[Any, ...]]
-    argnums: tuple[int, ...]
-    impls: dict[str, Loss]
-    missing: dict[str, str] = {}  # never mutated
-
-
-def _normal(key: int, shape: tuple[int, ...], dtype: Any, scale: float = 1.0) -> jax.Array:
-    return (scale * jax.random.normal(jax.random.key(key), shape, jnp.float32)).astype(dtype)
-
-
-def _labels(key: int, n: int, v: int) -> jax.Array:
-    return jax.random.randint(jax.random.key(key), (n,), 0, v, jnp.int32)
-
 
 def _mean(losses: jax.Array) -> jax.Array:
     return jnp.mean(losses.astype(jnp.float32))
 
 
-def cross_entropy_case(n: int, v: int, dtype: str) -> OpCase:
-    """Grad w.r.t. the logits ``(n, v)`` of the mean cross-entropy."""
-    impls: dict[str, Loss] = {
-        "jaxninja": lambda x, y: _mean(ops.cross_entropy(x, y)),
-        "optax": lambda x, y: _mean(optax.softmax_cross_entropy_with_integer_labels(x, y)),
-        "reference": lambda x, y: _mean(ops.cross_entropy_reference(x, y)),
-    }
-
-    def make() -> tuple[jax.Array, ...]:
-        return _normal(0, (n, v), dtype), _labels(1, n, v)
-
-    return OpCase("cross_entropy", {"N": n, "V": v}, dtype, make, (0,), impls)
-
-
-def _flax_batch_norm() -> Loss | str:
-    """``flax.linen.BatchNorm`` (training mode) as a loss of ``(x, g, b, c)``, or why not."""
-    if importlib.util.find_spec("flax") is None:
-        return "flax not installed (pip install flax)"
+def _flax_batch_norm(x: jax.Array, gain: jax.Array, bias: jax.Array, c: jax.Array) -> jax.Array:
     from flax import linen as nn
 
+    stats = {"mean": jnp.zeros(x.shape[-1]), "var": jnp.ones(x.shape[-1])}
+    variables = {"params": {"scale": gain, "bias": bias}, "batch_stats": stats}
     module = nn.BatchNorm(use_running_average=False, epsilon=1e-5)
-
-    def loss(x: jax.Array, gain: jax.Array, bias: jax.Array, cot: jax.Array) -> jax.Array:
-        stats = {"mean": jnp.zeros(x.shape[-1]), "var": jnp.ones(x.shape[-1])}
-        variables = {"params": {"scale": gain, "bias": bias}, "batch_stats": stats}
-        return _mean(module.apply(variables, x, mutable=["batch_stats"])[0] * cot)
-
-    return loss
+    return _mean(module.apply(variables, x, mutable=["batch_stats"])[0] * c)
 
 
-def batch_norm_case(n: int, h: int, dtype: str) -> OpCase:
-    """Grad w.r.t. ``x (n, h)``, gain and bias of ``mean(batch_norm(x) * c)`` for a fixed
-    random ``c`` (a non-trivial cotangent), biased variance."""
-    peer = _flax_batch_norm()
-    impls: dict[str, Loss] = {
-        "jaxninja": lambda x, g, b, c: _mean(ops.batch_norm(x, g, b, unbiased=False) * c),
-        **({} if isinstance(peer, str) else {"flax": peer}),
-        "reference": lambda x, g, b, c: _mean(
-            ops.batch_norm_reference(x, g, b, unbiased=False) * c
-        ),
-    }
-
-    def make() -> tuple[jax.Array, ...]:
-        x, c = _normal(0, (n, h), dtype, 2.0), _normal(3, (n, h), dtype)
-        return x, 1 + _normal(1, (h,), dtype, 0.1), _normal(2, (h,), dtype, 0.1), c
-
-    missing = {"flax": peer} if isinstance(peer, str) else {}
-    return OpCase("batch_norm", {"N": n, "H": h}, dtype, make, (0, 1, 2), impls, missing)
-
-
-def linear_cross_entropy_case(n: int, d: int, v: int, dtype: str) -> OpCase:
-    """Grad w.r.t. ``x (n, d)`` and ``w (d, v)`` of the mean of the fused op against the
-    unfused ``cross_entropy(x @ w, labels)`` (which holds the ``(n, v)`` logits)."""
-    impls: dict[str, Loss] = {
-        "linear_cross_entropy": lambda x, w, y: _mean(ops.linear_cross_entropy(x, w, y)),
-        "unfused": lambda x, w, y: _mean(ops.cross_entropy(x @ w, y)),
-    }
-
-    def make() -> tuple[jax.Array, ...]:
-        return _normal(0, (n, d), dtype), _normal(1, (d, v), dtype, d**-0.5), _labels(2, n, v)
-
-    return OpCase("linear_cross_entropy", {"N": n, "D": d, "V": v}, dtype, make, (0, 1), impls)
-
-
-def ops_cases(quick: bool = False) -> list[OpCase]:
-    """The sizes users meet (about 3 minutes on 2 CPU cores); ``quick``: a smoke test."""
-    ce: list = [(64, 27, "float32"), (64, 300, "bfloat16")]
-    bn, lce = [(64, 32, "float32")], [(64, 16, 300, "float32")]
-    if not quick:
-        dts = ("float32", "bfloat16")
-        ce = [(n, v, dt) for n, v in ((4096, 27), (4096, 1024), (4096, 32768)) for dt in dts]
-        ce += [(2048, 65536, dt) for dt in dts]
-        bn = [(n, h, dt) for n, h in ((32, 200), (8192, 1024)) for dt in dts]
-        lce = [(4096, 256, 32768, "float32"), (4096, 512, 65536, "float32")]
-    cases = [cross_entropy_case(*a) for a in ce] + [batch_norm_case(*a) for a in bn]
-    return cases + [linear_cross_entropy_case(*a) for a in lce]
-
-
-def measure_case(case: OpCase, repeats: int, budget_s: float = 20.0) -> dict[str, Any]:
-    """Time and compiled temporary memory of each implementation's jitted gradient."""
-    args, grads = case.make_args(), {}
-    for name, loss in case.impls.items():
-        grads[name] = compile_timed(jax.jit(jax.grad(loss, argnums=case.argnums)), *args)
-    timings = rounds([call_timer(fn, args) for fn, _ in grads.values()], repeats, budget_s)
-    impls = {}
-    for (name, (fn, s)), (ms,) in zip(grads.items(), timings, strict=True):
-        temp = getattr(fn.memory_analysis(), "temp_size_in_bytes", None)
-        impls[name] = {"compile_s": s, "temp_bytes": temp, "ms": ms}
-    row = {"op": case.op, "size": case.size, "dtype": case.dtype, "impls": impls}
-    return {**row, "missing": case.missing, "ratios": case_ratios(impls)}
-
-
-def case_ratios(impls: dict[str, dict[str, Any]]) -> dict[str, float | None]:
-    """Ours (the first) over the peer (the second) in time, and over the smallest of the
-    others in temporary memory (``None``: ours needs some where that one needs none)."""
-    (ours, *names), stats = list(impls), list(impls.values())
-    if not names:
-        return {}
-    out: dict[str, float | None] = {}
-    out[f"time {ours}/{names[0]}"] = stats[0]["ms"]["median"] / stats[1]["ms"]["median"]
-    mine, mems = stats[0]["temp_bytes"], [s["temp_bytes"] for s in stats[1:]]
-    if mine is not None and None not in mems:
-        label = names[0] if len(names) == 1 else f"min({', '.join(names)})"
-        out[f"temp {ours}/{label}"] = mine / min(mems) if min(mems) else (None if mine else 1.0)
-    return out
-
-
-OP_LOSSES = {
-    "cross_entropy": "grad w.r.t. the logits of `mean(cross_entropy(logits, labels))`",
-    "batch_norm": "grad w.r.t. x, gain and bias of `mean(batch_norm(x, gain, bias, "
-    "unbiased=False) * c)`, c a fixed random cotangent",
-    "linear_cross_entropy": "grad w.r.t. x and w of `mean(linear_cross_entropy(x, w, labels))` "
-    "against the unfused `mean(cross_entropy(x @ w, labels))`",
+OPS: dict[str, tuple[str, tuple[int, ...], dict[str, Callable[..., jax.Array]]]] = {
+    # op: (the loss whose gradient is timed, its argnums, its implementations: ours first)
+    "cross_entropy": (
+        "grad w.r.t. the logits of `mean(cross_entropy(logits, labels))`",
+        (0,),
+        {
+            "jaxninja": lambda x, y: _mean(ops.cross_entropy(x, y)),
+            "optax": lambda x, y: _mean(optax.softmax_cross_entropy_with_integer_labels(x, y)),
+            "reference": lambda x, y: _mean(ops.cross_entropy_reference(x, y)),
+        },
+    ),
+    "batch_norm": (
+        "grad w.r.t. x, gain and bias of `mean(batch_norm(x, gain, bias, unbiased=False) * c)`"
+        ", c a fixed random cotangent",
+        (0, 1, 2),
+        {
+            "jaxninja": lambda x, g, b, c: _mean(ops.batch_norm(x, g, b, unbiased=False) * c),
+            "flax": _flax_batch_norm,  # flax.linen.BatchNorm in training mode
+            "reference": lambda x, g, b, c: _mean(
+                ops.batch_norm_reference(x, g, b, unbiased=False) * c
+            ),
+        },
+    ),
+    "linear_cross_entropy": (
+        "grad w.r.t. x and w of `mean(linear_cross_entropy(x, w, labels))` against the "
+        "unfused `mean(cross_entropy(x @ w, labels))`",
+        (0, 1),
+        {
+            "linear_cross_entropy": lambda x, w, y: _mean(ops.linear_cross_entropy(x, w, y)),
+            "unfused": lambda x, w, y: _mean(ops.cross_entropy(x @ w, y)),
+        },
+    ),
 }
 
 
+def _op_args(op: str, size: dict[str, int], dtype: str) -> tuple[jax.Array, ...]:
+    """Random arguments of ``op``'s losses (fixed keys): float ``dtype`` inputs, labels."""
+    n, v, h, d = (size.get(k, 1) for k in "NVHD")
+
+    def normal(key: int, shape: tuple[int, ...], scale: float = 1.0) -> jax.Array:
+        return (scale * jax.random.normal(jax.random.key(key), shape, jnp.float32)).astype(dtype)
+
+    def labels(key: int) -> jax.Array:
+        return jax.random.randint(jax.random.key(key), (n,), 0, v, jnp.int32)
+
+    if op == "cross_entropy":
+        return normal(0, (n, v)), labels(1)
+    if op == "batch_norm":  # x, gain, bias and the cotangent c
+        return (
+            normal(0, (n, h), 2.0),
+            1 + normal(1, (h,), 0.1),
+            normal(2, (h,), 0.1),
+            normal(3, (n, h)),
+        )
+    return normal(0, (n, d)), normal(1, (d, v), d**-0.5), labels(2)
+
+
+def ops_cases(quick: bool = False) -> list[tuple[str, str, dict[str, int]]]:
+    """``(op, dtype, size)`` at the sizes users meet (about 3 minutes on 2 CPU cores);
+    ``quick``: tiny ones, a smoke test."""
+    if quick:
+        ce = [("cross_entropy", "float32", {"N": 64, "V": 27})]
+        ce += [("cross_entropy", "bfloat16", {"N": 64, "V": 300})]
+        bn = [("batch_norm", "float32", {"N": 64, "H": 32})]
+        return ce + bn + [("linear_cross_entropy", "float32", {"N": 64, "D": 16, "V": 300})]
+    ce_sizes = [(4096, 27), (4096, 1024), (4096, 32768), (2048, 65536)]
+    dts = ("float32", "bfloat16")
+    cases = [("cross_entropy", dt, {"N": n, "V": v}) for n, v in ce_sizes for dt in dts]
+    cases += [
+        ("batch_norm", dt, {"N": n, "H": h}) for n, h in ((32, 200), (8192, 1024)) for dt in dts
+    ]
+    lce = [
+        ("linear_cross_entropy", "float32", {"N": 4096, "D": d, "V": v})
+        for d, v in ((256, 32768), (512, 65536))
+    ]
+    return cases + lce
+
+
+def measure_case(
+    op: str, dtype: str, size: dict[str, int], repeats: int, budget_s: float = 20.0
+) -> dict[str, Any]:
+    """Time and compiled temporary memory of the jitted gradient of each implementation of
+    ``op`` (:data:`OPS`; flax's is left out with a note when flax is not installed), and the
+    ratios: ours (the first) over the peer (the second) in time, and over the smallest of the
+    others in temporary memory (``None``: ours needs some where that one needs none)."""
+    _, argnums, impls = OPS[op]
+    missing = {}
+    if "flax" in impls and importlib.util.find_spec("flax") is None:
+        missing = {"flax": "flax not installed (pip install flax)"}
+    args, names = _op_args(op, size, dtype), [k for k in impls if k not in missing]
+    compiled = [compile_timed(jax.jit(jax.grad(impls[k], argnums)), *args) for k in names]
+    timings = rounds([call_timer(fn, args) for fn, _ in compiled], repeats, budget_s)
+    stats: list[dict[str, Any]] = [
+        {"compile_s": s, "temp_bytes": getattr(fn.memory_analysis(), "temp_size_in_bytes", None)}
+        | {"ms": ms}
+        for (fn, s), (ms, _) in zip(compiled, timings, strict=True)
+    ]
+    ratios: dict[str, float | None] = {}
+    mine, mems = stats[0]["temp_bytes"], [s["temp_bytes"] for s in stats[1:]]
+    if mems:
+        ratios[f"time {names[0]}/{names[1]}"] = stats[0]["ms"]["median"] / stats[1]["ms"]["median"]
+    if mems and mine is not None and None not in mems:
+        label = names[1] if len(mems) == 1 else f"min({', '.join(names[1:])})"
+        ratios[f"temp {names[0]}/{label}"] = (
+            mine / min(mems) if min(mems) else (None if mine else 1.0)
+        )
+    row = {"op": op, "size": size, "dtype": dtype, "impls": dict(zip(names, stats, strict=True))}
+    return {**row, "missing": missing, "ratios": ratios}
+
+
 def _ms(v: float) -> str:
-    return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
+    return _fmt(v, ".0f" if v >= 100 else ".3g")
 
 
 def _mib(n: int | None) -> str:
     mib = (n or 0) / 2**20
-    spec = ".0f" if mib >= 100 else ".1f" if mib >= 1 else ".2f"
-    return "-" if n is None else format(mib, spec)
+    return "-" if n is None else _fmt(mib, ".0f" if mib >= 100 else ".1f" if mib >= 1 else ".2f")
 
 
 def ops_table(rows: Sequence[dict[str, Any]], op: str) -> str:
@@ -547,22 +535,8 @@ def ops_table(rows: Sequence[dict[str, Any]], op: str) -> str:
         table.append(cells + [_fmt(r["ratios"].get(k), ".2f") for k in ratios])
     align = "r" * len(size) + "l" + "r" * (len(head) + len(ratios) - len(size) - 1)
     notes = sorted({f"({k}: {v})" for r in rows for k, v in r["missing"].items()})
-    lines = [f"`{op}`: {OP_LOSSES[op]}", "", *md_table(head + ratios, align, table)]
+    lines = [f"`{op}`: {OPS[op][0]}", "", *md_table(head + ratios, align, table)]
     return "\n".join(lines + ([""] if notes else []) + notes)
-
-
-def ops_markdown(result: dict[str, Any]) -> str:
-    """The header line (machine, versions, method) and one table per op."""
-    m, v = result["machine"], result["versions"]
-    head = (
-        f"Machine: {m['cpu_count']} CPUs ({m['device']}), load average {m['loadavg_start']} "
-        f"at start, {m['loadavg_end']} at end; jax {v['jax']}, optax {v['optax']}, "
-        f"flax {v['flax'] or 'not installed'}. Time: median ms per call of the jitted "
-        f"gradient ({result['options']['repeats']} interleaved rounds at most); temp: "
-        f"`compiled.memory_analysis().temp_size_in_bytes`."
-    )
-    ops_seen = dict.fromkeys(r["op"] for r in result["rows"])
-    return "\n\n".join([head, *(ops_table(result["rows"], op) for op in ops_seen)])
 
 
 def run_ops_bench(
@@ -577,12 +551,15 @@ def run_ops_bench(
     previous, machine = start_run(repeats, out, log)
     repeats = min(repeats, 2) if quick else repeats
     rows = []
-    for case in ops_cases(quick):
-        rows.append(measure_case(case, repeats))
-        log(f"  {case.op} " + ops_table(rows[-1:], case.op).splitlines()[4])
-    options = {"quick": quick, "repeats": repeats}
-    result = end_run(machine, options, rows, optax=_version("optax"), flax=_version("flax"))
-    result["table"] = ops_markdown(result)
+    for op, dtype, size in ops_cases(quick):
+        rows.append(measure_case(op, dtype, size, repeats))
+        log(f"  {op} " + ops_table(rows[-1:], op).splitlines()[4])
+    method = (
+        f"Time: median ms per call of the jitted gradient ({repeats} interleaved rounds at "
+        "most); temp: `compiled.memory_analysis().temp_size_in_bytes`."
+    )
+    result = end_run(machine, {"quick": quick, "repeats": repeats}, rows, ["optax", "flax"], method)
+    result["table"] = "\n\n".join([result["table"], *(ops_table(rows, op) for op in OPS)])
     log("\n" + result["table"])
     kept = {k: v for k, v in previous.items() if k not in ("tool", "ops")}
     save_results(out, {**kept, "ops": result}, log)
