@@ -1,8 +1,5 @@
-"""Data-parallel training over a 1-D device mesh, on one process or a job of many.
-
-Batch norm and the loss reduce over the global batch (``axis_name``), so any layout trains
-the same model as one device, up to float rounding (README "Data-parallel training").
-"""
+"""Data-parallel training over a 1-D device mesh, on one process or a job of many (README
+"Data-parallel training", "Many machines"): any layout trains the same model up to rounding."""
 
 from __future__ import annotations
 
@@ -228,8 +225,7 @@ def lost_process(error: BaseException) -> str | None:
 
 
 def _guard_stderr(coordinator: str) -> None:
-    """Route this process's stderr (fd 2) through :func:`filter_stderr` in a forked child,
-    which outlives JAX's ``abort()`` and ends at EOF, when this process has ended."""
+    """Route fd 2 through :func:`filter_stderr` in a forked child, which outlives ``abort()``."""
     sys.stderr.flush()
     read, write = os.pipe()
     if os.fork() == 0:  # no thread of JAX's runs yet: the child is only this one
@@ -264,20 +260,19 @@ def _pipe_lines(fd: int) -> Iterator[str | None]:
 def filter_stderr(
     lines: Iterable[str | None], write: Callable[[str], Any], coordinator: str = "process 0"
 ) -> bool:
-    """Copy ``lines`` to ``write``, but the log with which JAX ends a job's process from C++
-    (uncatchable: a log, a stack trace, ``abort()``) becomes one ``error:`` line; return
-    whether it came (then the rest was not read). A C++ log line (``E1127 00:06:08.504 10919
-    file.cc:12] ...``) and what follows are held until a ``None`` (a pause) or the end.
+    """Copy ``lines`` to ``write``, but the fatal log with which JAX ends a job's process from
+    C++ (then ``abort()``, uncatchable) becomes one ``error:`` line; return whether it came.
+    A C++ log line (``E1127 00:06:08.5 109 a.cc:12] ...``) and what follows are held until a
+    ``None`` (a pause) or the end.
 
     >>> out = []
     >>> filter_stderr(["W1127 00:00:00.1 7 a.cc:1] hi", None, "ok"], out.append), out
     (False, ['W1127 00:00:00.1 7 a.cc:1] hi', 'ok'])
     """
     held: list[str] = []
-    fatal = False
     for line in itertools.chain(lines, [None]):
         if line is None:  # a pause: the block is complete
-            if fatal:
+            if any(_FATAL in h for h in held):
                 write(f"error: {_fatal_message(''.join(held), coordinator)}\n")
                 return True
             for h in held:
@@ -285,7 +280,6 @@ def filter_stderr(
             held = []
         elif held or _LOG_LINE.match(line):
             held.append(line)
-            fatal = fatal or _FATAL in line
         else:
             write(line)
     return False
