@@ -63,10 +63,8 @@ def write_atomic(
     path: str | os.PathLike[str], write: Callable[[Any], None], mode: str = "wb"
 ) -> None:
     """Write ``path`` so that it is always the old file or the whole new one: ``write(f)``
-    into a temporary file beside it, fsync, give it a plain ``open``'s permissions
-    (``0o666 & ~umask``, not ``mkstemp``'s ``0o600``), rename it over ``path``, fsync the
-    directory. On failure the temporary file is removed; an ``OSError`` becomes a
-    :class:`WriteError` naming ``path``, other exceptions of ``write`` pass through.
+    into a temporary file beside it (removed on failure) with a plain ``open``'s permissions,
+    fsync, rename. An ``OSError`` becomes a :class:`WriteError` naming ``path``.
 
     >>> with tempfile.TemporaryDirectory() as tmp:
     ...     write_atomic(Path(tmp, "a.txt"), lambda f: f.write("done"), "w")

@@ -40,11 +40,10 @@ def train_run(
     devices: int | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` on the lecture's split of ``data_path`` into run directory ``out``;
-    return the metrics (also written to ``metrics.json``).
-
-    ``devices`` (default: all; not part of ``cfg``, a resume may change it) splits each batch.
-    Ctrl-C/SIGTERM stop after the current chunk, with a checkpoint. In a multi-process job
-    every process calls this; process 0 alone touches ``out`` and logs, the others return ``{}``.
+    return the metrics (also written to ``metrics.json``). ``devices`` (default: all; not part
+    of ``cfg``, a resume may change it) splits each batch. Ctrl-C/SIGTERM stop after the
+    current chunk, with a checkpoint. In a multi-process job every process calls this;
+    process 0 alone touches ``out`` and logs, the others return ``{}``.
     """
     t_start = time.perf_counter()
     cfg.validate()
@@ -90,7 +89,7 @@ def _train_loop(cfg, out, splits, state, losses, mesh, stop, log, t_start: float
             fileio.write_atomic(out / "losses.npy", lambda f: np.save(f, losses))
             checkpoint.save(out, cfg, splits.vocab, state, data_sha256=splits.sha256)
         saved = chunk.step
-        signum = parallel.largest(stop.signum)  # a job's processes stop after the same chunk
+        signum = parallel.largest(stop["signum"])  # a job's processes stop after the same chunk
         if signum and chunk.step < cfg.steps:
             raise Interrupted(
                 f"{signal.Signals(signum).name}: stopped at step {chunk.step}; checkpoint "
@@ -164,8 +163,9 @@ def plot_losses(losses: np.ndarray, path: Path) -> bool:
     window = max(1, min(1000, len(done) // 10))
     curve = np.log10(done[: len(done) // window * window]).reshape(-1, window).mean(1)
     fig = Figure(figsize=(6, 4), layout="tight")
-    fig.subplots().plot(np.arange(len(curve)) * window, curve)
-    fig.axes[0].set(xlabel="step", ylabel=f"log10 loss (mean of {window} steps)")
+    ax = fig.subplots()
+    ax.plot(np.arange(len(curve)) * window, curve)
+    ax.set(xlabel="step", ylabel=f"log10 loss (mean of {window} steps)")
     fileio.write_atomic(path, lambda f: fig.savefig(f, format="png"))
     return True
 
@@ -185,5 +185,5 @@ def eval_run(out: str | os.PathLike[str], data_path=None, other_data: bool = Fal
     """The split losses of a saved run, recomputed from its checkpoint."""
     ckpt = load_run(out)
     splits = data.load_splits(data_path, block_size=ckpt.config.block_size)
-    rundir.check_same_data(Path(out), ckpt, splits, other_data)
+    rundir.check_same_run(Path(out), ckpt, splits, other_data)
     return split_losses_of(ckpt.state.params, ckpt.bn_stats, splits.data)

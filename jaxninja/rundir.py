@@ -1,8 +1,7 @@
 """What makes a run directory safe: exclusive, locked, resumable, stopped cleanly, sized.
 
-The tool writes only :data:`FILES`; a directory holding one of them without a checkpoint is
-someone else's (refused unless ``--overwrite``). An ``flock`` on :data:`LOCK` keeps a second
-process out for the run's whole life (the kernel drops it however the process dies).
+The tool writes only :data:`FILES`; a directory holding one without a checkpoint is someone
+else's. An ``flock`` on :data:`LOCK` keeps a second process out (however the first one dies).
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +65,7 @@ def claim(out: Path, *, resume: bool, overwrite: bool) -> Iterator[None]:
         fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     except OSError as e:
         raise RunError(f"cannot use {out} as a run directory: {e.strerror or e}") from None
-    try:
+    with os.fdopen(fd, "r+b"):  # closing it drops the lock
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -80,24 +78,17 @@ def claim(out: Path, *, resume: bool, overwrite: bool) -> Iterator[None]:
             for name in FILES:
                 (out / name).unlink(missing_ok=True)
         yield
-    finally:
-        os.close(fd)
-
-
-@dataclass
-class Stop:
-    signum: int = 0  # the first SIGINT/SIGTERM received (0: none yet)
 
 
 @contextmanager
-def deferred_stop() -> Iterator[Stop]:
-    """Turn the first SIGINT/SIGTERM into a flag checked between chunks (a chunk is never
-    cut in half); a second one ends the process at once with ``128 + signum`` (files
+def deferred_stop() -> Iterator[dict[str, int]]:
+    """Turn the first SIGINT/SIGTERM into ``stop["signum"]``, checked between chunks (a chunk
+    is never cut in half); a second one ends the process at once with ``128 + signum`` (files
     being written are removed first; the last checkpoint stays)."""
-    stop = Stop()
+    stop = {"signum": 0}
 
     def handler(signum, frame):
-        first, stop.signum = not stop.signum, signum
+        first, stop["signum"] = not stop["signum"], signum
         if not first:
             raise KeyboardInterrupt  # unwinds: a file being written is cleaned up
         msg = "saving after the current chunk (send it again to stop now)"
@@ -112,7 +103,7 @@ def deferred_stop() -> Iterator[Stop]:
     except KeyboardInterrupt:
         # XLA may still run the chunk in its threads and a normal exit under it can crash
         # (SIGSEGV, measured): leave at once; the kernel releases the lock.
-        signum = stop.signum or signal.SIGINT
+        signum = stop["signum"] or signal.SIGINT
         sys.stdout.flush()
         msg = "again: stopped now; the last checkpoint is kept"
         print(f"{signal.Signals(signum).name} {msg}", file=sys.stderr, flush=True)
@@ -144,9 +135,16 @@ def check_memory(cfg: TrainConfig, n_examples: int, vocab_size: int = 27) -> Non
         )
 
 
-def check_same_data(out: Path, ckpt: checkpoint.Checkpoint, splits, other_data: bool) -> None:
-    """Raise :class:`RunError` unless ``ckpt`` was trained on ``splits``' vocabulary and
-    (unless ``other_data``) on the same data file."""
+def check_same_run(
+    out: Path, ckpt: checkpoint.Checkpoint, splits, other_data: bool, cfg: TrainConfig | None = None
+) -> None:
+    """Raise :class:`RunError` unless ``ckpt`` was trained with ``cfg`` (but ``steps``; if
+    given), on ``splits``' vocabulary and (unless ``other_data``) on the same data file."""
+    if cfg is not None:
+        theirs, ours = {**ckpt.config.to_dict(), "steps": 0}, {**cfg.to_dict(), "steps": 0}
+        diff = [f"{k}={theirs[k]!r} (asked {ours[k]!r})" for k in ours if theirs[k] != ours[k]]
+        if diff:
+            raise RunError(f"{out} holds a run with a different config: {', '.join(diff)}")
     if ckpt.vocab != splits.vocab:
         raise RunError(f"{out} holds a run trained on a different vocabulary")
     if not other_data and ckpt.data_sha256 != splits.sha256:
@@ -159,15 +157,10 @@ def check_same_data(out: Path, ckpt: checkpoint.Checkpoint, splits, other_data: 
 def resume(
     cfg: TrainConfig, out: Path, splits: data.Splits, other_data: bool, log
 ) -> tuple[TrainState, np.ndarray]:
-    """The checkpoint's state, once checked to be this run's (config but ``steps``, vocab,
-    data), and the loss history (NaN where missing: a damaged file costs the history,
-    never the run)."""
+    """The checkpoint's state, once :func:`check_same_run` passes, and the loss history
+    (NaN where missing: a damaged file costs the history, never the run)."""
     ckpt = checkpoint.load(out)
-    theirs, ours = {**ckpt.config.to_dict(), "steps": None}, {**cfg.to_dict(), "steps": None}
-    diff = [f"{k}={theirs[k]!r} (asked {ours[k]!r})" for k in ours if theirs[k] != ours[k]]
-    if diff:
-        raise RunError(f"{out} holds a run with a different config: {', '.join(diff)}")
-    check_same_data(out, ckpt, splits, other_data)
+    check_same_run(out, ckpt, splits, other_data, cfg)
     if int(ckpt.state.step) > cfg.steps:
         raise RunError(f"{out} is already at step {int(ckpt.state.step)} > --steps {cfg.steps}")
     losses = np.full(cfg.steps, np.nan, np.float32)
