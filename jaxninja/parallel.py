@@ -228,7 +228,7 @@ def _guard_stderr(coordinator: str) -> None:
     """Route fd 2 through :func:`filter_stderr` in a forked child, which outlives ``abort()``."""
     sys.stderr.flush()
     read, write = os.pipe()
-    if os.fork() == 0:  # no thread of JAX's runs yet: the child is only this one
+    if os.fork() == 0:  # before JAX's runtime starts; the child only runs the standard library
         try:
             os.close(write)
             os.setsid()  # the job's signals are for the parent
