@@ -11,11 +11,12 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,7 @@ from jaxninja.train import BACKENDS, ConfigError, TrainConfig
 Log = Callable[[str], None]
 Timer = tuple[Callable[[], Any], float]  # a call to time and the units of work it does
 Entry = tuple[dict[str, Any], Timer]  # a row of a table and the timer of its figures
+Workload = tuple[jax.Array, jax.Array, int]  # the training split X, Y and the vocabulary size
 DEFAULT_SETTINGS = ((200, 32), (1024, 256))
 DEFAULT_MEMBERS = (1, 8, 32)
 TOOL = "jaxninja bench"  # what a results file says it is: the only --out a bench replaces
@@ -46,7 +48,9 @@ def summary(values: Sequence[float]) -> dict[str, float]:
     return {"median": med, "min": lo, "max": hi, "spread": spread, "n": len(values)}
 
 
-def rounds(timers: Sequence[Timer], repeats: int, budget_s: float = float("inf")) -> list:
+def rounds(
+    timers: Sequence[Timer], repeats: int, budget_s: float = float("inf")
+) -> list[tuple[dict[str, float], ...]]:
     """Per timer ``(run, units)``: the :func:`summary` of the wall and of the CPU seconds per
     unit of one call of ``run`` over ``repeats`` rounds (round ``r`` starts at timer ``r``:
     no order favours one; after 3 rounds, stop past ``budget_s``)."""
@@ -114,9 +118,8 @@ def end_run(m: dict, options: dict, rows: list, modules: Sequence[str], method: 
         f"at start, {m['loadavg_end']} at end; "
         + ", ".join(f"{k} {v}" for k, v in list(versions.items())[1:] if v is not None)
     )
-    return {"machine": m, "versions": versions, "options": options, "rows": rows} | {
-        "table": f"{table}. {method}"
-    }
+    result = {"machine": m, "versions": versions, "options": options, "rows": rows}
+    return result | {"table": f"{table}. {method}"}
 
 
 def save_results(out: str | os.PathLike[str] | None, results: dict, log: Log) -> None:
@@ -145,25 +148,16 @@ def parse_settings(text: str) -> list[tuple[int, int]]:
     """
     out = []
     for part in text.split(","):
-        try:
-            h, b = (int(v) for v in part.strip().lower().split("x"))
-        except ValueError:
-            raise ConfigError(f"bad setting {part!r}: expected HxB, e.g. 200x32") from None
-        if h < 1 or b < 2:
-            raise ConfigError(f"bad setting {part!r}: need H >= 1 and batch >= 2")
-        out.append((h, b))
+        hb = re.fullmatch(r"\s*(\d+)x(\d+)\s*", part.lower())
+        if not hb or int(hb[1]) < 1 or int(hb[2]) < 2:
+            raise ConfigError(f"bad setting {part!r}: expected HxB, H >= 1, B >= 2, e.g. 200x32")
+        out.append((int(hb[1]), int(hb[2])))
     return out
-
-
-class Workload(NamedTuple):
-    X: jax.Array  # the training split
-    Y: jax.Array
-    vocab_size: int
 
 
 def _row(cfg: TrainConfig, w: Workload, kind: str, name: str, **extra: Any) -> dict[str, Any]:
     h, b, fan_in = cfg.n_hidden, cfg.batch_size, cfg.n_embd * cfg.block_size
-    flops = 3 * 2 * b * (fan_in * h + h * w.vocab_size)  # 2 matmuls forward, 4 backward
+    flops = 3 * 2 * b * (fan_in * h + h * w[2])  # 2 matmuls forward, 4 backward
     row = {"setting": f"{h}x{b}", "n_hidden": h, "batch_size": b, "kind": kind, "row": name}
     return {**row, "compile_s": None, "flops_per_step": flops, **extra}
 
@@ -171,21 +165,14 @@ def _row(cfg: TrainConfig, w: Workload, kind: str, name: str, **extra: Any) -> d
 def chunk_entry(cfg: TrainConfig, w: Workload, steps: int, m: int = 0) -> Entry:
     """A compiled, warmed-up chunk of ``steps`` training steps (of ``m`` models in one
     vmapped program of :mod:`jaxninja.sweep` if ``m``): its row, a timer in us per step."""
+    X, Y, V = w
+    rest: tuple[jax.Array, ...] = (X, Y)
     if m:
         seeds = list(range(cfg.seed, cfg.seed + m))
-        jitted, state = (
-            sweep.make_sweep_chunk(cfg, steps),
-            sweep.init_states(cfg, seeds, w.vocab_size),
-        )
-        rest: tuple[jax.Array, ...] = (
-            jnp.asarray(seeds, jnp.int32),
-            jnp.full((m,), cfg.lr, jnp.float32),
-            w.X,
-            w.Y,
-        )
+        jitted, state = sweep.make_sweep_chunk(cfg, steps), sweep.init_states(cfg, seeds, V)
+        rest = (jnp.asarray(seeds, jnp.int32), jnp.full((m,), cfg.lr, jnp.float32), *rest)
     else:
-        jitted, state = train.make_train_chunk(cfg, steps), train.init_state(cfg, w.vocab_size)
-        rest = (w.X, w.Y)
+        jitted, state = train.make_train_chunk(cfg, steps), train.init_state(cfg, V)
     fn, compile_s = compile_timed(jitted, state, *rest)
     state = jax.block_until_ready(fn(state, *rest))[0]
 
@@ -249,8 +236,8 @@ def torch_entry(cfg: TrainConfig, name: str, steps: int, w: Workload) -> Entry:
     import torch
 
     torch.set_num_threads(1)
-    X, Y = (torch.as_tensor(np.asarray(a, np.int64)) for a in (w.X, w.Y))
-    e, h, v, fan_in = cfg.n_embd, cfg.n_hidden, w.vocab_size, cfg.n_embd * cfg.block_size
+    X, Y = (torch.as_tensor(np.asarray(a, np.int64)) for a in w[:2])
+    e, h, v, fan_in = cfg.n_embd, cfg.n_hidden, w[2], cfg.n_embd * cfg.block_size
     g = torch.Generator().manual_seed(42)
     shapes = [(v, e), (fan_in, h), (h,), (h, v), (v,), (1, h), (1, h)]
     C, W1, b1, W2, b2, gain, bias = (torch.randn(s, generator=g) for s in shapes)
@@ -351,7 +338,7 @@ def run_bench(
     repeats, scale = (min(repeats, 2), 10) if quick else (repeats, 1)
     splits = data.load_splits(data_path, block_size=3)
     X, Y = (jnp.asarray(a) for a in splits.data["train"])
-    w = Workload(X, Y, splits.vocab.size)
+    w = X, Y, splits.vocab.size
     machine["peak"] = peak = machine_peak(repeats=3 if quick else 5)
     log(f"  {peak['matmul']} matmul: {peak['gflops']:.0f} GFLOP/s")
     has_torch = use_torch and importlib.util.find_spec("torch") is not None
@@ -373,7 +360,7 @@ def run_bench(
         log(f"sweep (H={cfg.n_hidden}, batch {cfg.batch_size}): {sn} steps x {repeats} repeats")
         rows += time_entries([chunk_entry(cfg, w, sn, m) for m in members], repeats, log)
     options = {"settings": [f"{h}x{b}" for h, b in settings], "repeats": repeats, "quick": quick}
-    options |= {"backends": list(backends), "members": list(members), "vocab_size": w.vocab_size}
+    options |= {"backends": list(backends), "members": list(members), "vocab_size": w[2]}
     method = f"float32 matmul peak {peak['gflops']:.0f} GFLOP/s ({peak['matmul']})."
     result = end_run(machine, options, rows, ["torch"], method)
     result["summary"] = summary_ratios(rows)
@@ -387,28 +374,32 @@ def run_bench(
 # ----------------------------------------------------------------------- ops benchmark
 
 
-def _mean(losses: jax.Array) -> jax.Array:
-    return jnp.mean(losses.astype(jnp.float32))
-
-
-def _flax_batch_norm(x: jax.Array, gain: jax.Array, bias: jax.Array, c: jax.Array) -> jax.Array:
-    from flax import linen as nn
+def _flax_batch_norm(x: jax.Array, gain: jax.Array, bias: jax.Array, **_: Any) -> jax.Array:
+    from flax import linen as nn  # flax.linen.BatchNorm in training mode (biased variance)
 
     stats = {"mean": jnp.zeros(x.shape[-1]), "var": jnp.ones(x.shape[-1])}
     variables = {"params": {"scale": gain, "bias": bias}, "batch_stats": stats}
     module = nn.BatchNorm(use_running_average=False, epsilon=1e-5)
-    return _mean(module.apply(variables, x, mutable=["batch_stats"])[0] * c)
+    return module.apply(variables, x, mutable=["batch_stats"])[0]
+
+
+def _times_c(norm: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    def loss(x: jax.Array, gain: jax.Array, bias: jax.Array, c: jax.Array) -> jax.Array:
+        return norm(x, gain, bias, unbiased=False) * c
+
+    return loss
 
 
 OPS: dict[str, tuple[str, tuple[int, ...], dict[str, Callable[..., jax.Array]]]] = {
-    # op: (the loss whose gradient is timed, its argnums, its implementations: ours first)
+    # op: (the loss whose gradient is timed, its argnums, the losses of its implementations
+    # (ours first): the mean is taken of them)
     "cross_entropy": (
         "grad w.r.t. the logits of `mean(cross_entropy(logits, labels))`",
         (0,),
         {
-            "jaxninja": lambda x, y: _mean(ops.cross_entropy(x, y)),
-            "optax": lambda x, y: _mean(optax.softmax_cross_entropy_with_integer_labels(x, y)),
-            "reference": lambda x, y: _mean(ops.cross_entropy_reference(x, y)),
+            "jaxninja": ops.cross_entropy,
+            "optax": optax.softmax_cross_entropy_with_integer_labels,
+            "reference": ops.cross_entropy_reference,
         },
     ),
     "batch_norm": (
@@ -416,11 +407,9 @@ OPS: dict[str, tuple[str, tuple[int, ...], dict[str, Callable[..., jax.Array]]]]
         ", c a fixed random cotangent",
         (0, 1, 2),
         {
-            "jaxninja": lambda x, g, b, c: _mean(ops.batch_norm(x, g, b, unbiased=False) * c),
-            "flax": _flax_batch_norm,  # flax.linen.BatchNorm in training mode
-            "reference": lambda x, g, b, c: _mean(
-                ops.batch_norm_reference(x, g, b, unbiased=False) * c
-            ),
+            "jaxninja": _times_c(ops.batch_norm),
+            "flax": _times_c(_flax_batch_norm),
+            "reference": _times_c(ops.batch_norm_reference),
         },
     ),
     "linear_cross_entropy": (
@@ -428,8 +417,8 @@ OPS: dict[str, tuple[str, tuple[int, ...], dict[str, Callable[..., jax.Array]]]]
         "unfused `mean(cross_entropy(x @ w, labels))`",
         (0, 1),
         {
-            "linear_cross_entropy": lambda x, w, y: _mean(ops.linear_cross_entropy(x, w, y)),
-            "unfused": lambda x, w, y: _mean(ops.cross_entropy(x @ w, y)),
+            "linear_cross_entropy": ops.linear_cross_entropy,
+            "unfused": lambda x, w, y: ops.cross_entropy(x @ w, y),
         },
     ),
 }
@@ -448,34 +437,21 @@ def _op_args(op: str, size: dict[str, int], dtype: str) -> tuple[jax.Array, ...]
     if op == "cross_entropy":
         return normal(0, (n, v)), labels(1)
     if op == "batch_norm":  # x, gain, bias and the cotangent c
-        return (
-            normal(0, (n, h), 2.0),
-            1 + normal(1, (h,), 0.1),
-            normal(2, (h,), 0.1),
-            normal(3, (n, h)),
-        )
+        x, c = normal(0, (n, h), 2.0), normal(3, (n, h))
+        return x, 1 + normal(1, (h,), 0.1), normal(2, (h,), 0.1), c
     return normal(0, (n, d)), normal(1, (d, v), d**-0.5), labels(2)
 
 
 def ops_cases(quick: bool = False) -> list[tuple[str, str, dict[str, int]]]:
-    """``(op, dtype, size)`` at the sizes users meet (about 3 minutes on 2 CPU cores);
+    """``(op, dtype, size)``: the sizes users meet (about 3 minutes on 2 CPU cores);
     ``quick``: tiny ones, a smoke test."""
-    if quick:
-        ce = [("cross_entropy", "float32", {"N": 64, "V": 27})]
-        ce += [("cross_entropy", "bfloat16", {"N": 64, "V": 300})]
-        bn = [("batch_norm", "float32", {"N": 64, "H": 32})]
-        return ce + bn + [("linear_cross_entropy", "float32", {"N": 64, "D": 16, "V": 300})]
-    ce_sizes = [(4096, 27), (4096, 1024), (4096, 32768), (2048, 65536)]
     dts = ("float32", "bfloat16")
-    cases = [("cross_entropy", dt, {"N": n, "V": v}) for n, v in ce_sizes for dt in dts]
-    cases += [
-        ("batch_norm", dt, {"N": n, "H": h}) for n, h in ((32, 200), (8192, 1024)) for dt in dts
-    ]
-    lce = [
-        ("linear_cross_entropy", "float32", {"N": 4096, "D": d, "V": v})
-        for d, v in ((256, 32768), (512, 65536))
-    ]
-    return cases + lce
+    ce = [(64, 300)] if quick else [(4096, 27), (4096, 1024), (4096, 32768), (2048, 65536)]
+    bn = [(64, 32)] if quick else [(32, 200), (8192, 1024)]
+    lce = [(64, 16, 300)] if quick else [(4096, 256, 32768), (4096, 512, 65536)]
+    cases = [("cross_entropy", dt, {"N": n, "V": v}) for n, v in ce for dt in dts]
+    cases += [("batch_norm", dt, {"N": n, "H": h}) for n, h in bn for dt in dts]
+    return cases + [("linear_cross_entropy", "float32", dict(N=n, D=d, V=v)) for n, d, v in lce]
 
 
 def measure_case(
@@ -485,28 +461,32 @@ def measure_case(
     ``op`` (:data:`OPS`; flax's is left out with a note when flax is not installed), and the
     ratios: ours (the first) over the peer (the second) in time, and over the smallest of the
     others in temporary memory (``None``: ours needs some where that one needs none)."""
-    _, argnums, impls = OPS[op]
+    _, argnums, losses = OPS[op]
     missing = {}
-    if "flax" in impls and importlib.util.find_spec("flax") is None:
+    if "flax" in losses and importlib.util.find_spec("flax") is None:
         missing = {"flax": "flax not installed (pip install flax)"}
-    args, names = _op_args(op, size, dtype), [k for k in impls if k not in missing]
-    compiled = [compile_timed(jax.jit(jax.grad(impls[k], argnums)), *args) for k in names]
+    args, names = _op_args(op, size, dtype), [k for k in losses if k not in missing]
+
+    def grad(loss: Callable[..., jax.Array]) -> Any:  # of the mean loss, in float32
+        return jax.jit(jax.grad(lambda *a: jnp.mean(loss(*a).astype(jnp.float32)), argnums))
+
+    compiled = [compile_timed(grad(losses[k]), *args) for k in names]
     timings = rounds([call_timer(fn, args) for fn, _ in compiled], repeats, budget_s)
-    stats: list[dict[str, Any]] = [
-        {"compile_s": s, "temp_bytes": getattr(fn.memory_analysis(), "temp_size_in_bytes", None)}
-        | {"ms": ms}
-        for (fn, s), (ms, _) in zip(compiled, timings, strict=True)
+    temps: list[Any] = [
+        getattr(fn.memory_analysis(), "temp_size_in_bytes", None) for fn, _ in compiled
     ]
+    impls = {
+        k: {"compile_s": s, "temp_bytes": temp, "ms": ms}
+        for k, (_, s), temp, (ms, _) in zip(names, compiled, temps, timings, strict=True)
+    }
     ratios: dict[str, float | None] = {}
-    mine, mems = stats[0]["temp_bytes"], [s["temp_bytes"] for s in stats[1:]]
-    if mems:
-        ratios[f"time {names[0]}/{names[1]}"] = stats[0]["ms"]["median"] / stats[1]["ms"]["median"]
-    if mems and mine is not None and None not in mems:
-        label = names[1] if len(mems) == 1 else f"min({', '.join(names[1:])})"
-        ratios[f"temp {names[0]}/{label}"] = (
-            mine / min(mems) if min(mems) else (None if mine else 1.0)
-        )
-    row = {"op": op, "size": size, "dtype": dtype, "impls": dict(zip(names, stats, strict=True))}
+    if len(names) > 1:
+        ratios[f"time {names[0]}/{names[1]}"] = timings[0][0]["median"] / timings[1][0]["median"]
+    if len(names) > 1 and None not in temps:
+        label = names[1] if len(names) == 2 else f"min({', '.join(names[1:])})"
+        mine, least = temps[0], min(temps[1:])
+        ratios[f"temp {names[0]}/{label}"] = mine / least if least else (None if mine else 1.0)
+    row = {"op": op, "size": size, "dtype": dtype, "impls": impls}
     return {**row, "missing": missing, "ratios": ratios}
 
 
