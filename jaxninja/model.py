@@ -65,15 +65,13 @@ def init_params(
 
 def hidden_preactivation(params: Params, X: Array) -> Array:
     """``hprebn = C[X].reshape(n, -1) @ W1 + b1``, the input to batch norm, ``(n, H)``."""
-    emb = params["C"][X]
-    embcat = emb.reshape(emb.shape[0], -1)
+    embcat = params["C"][X].reshape(X.shape[0], -1)
     return embcat @ params["W1"] + params["b1"]
 
 
 def head(params: Params, hpreact: Array) -> Array:
     """``logits = tanh(hpreact) @ W2 + b2``, ``(n, vocab_size)``."""
-    h = jnp.tanh(hpreact)
-    return h @ params["W2"] + params["b2"]
+    return jnp.tanh(hpreact) @ params["W2"] + params["b2"]
 
 
 def forward(params: Params, X: Array, bn_stats: BNStats | None = None) -> Array:
@@ -87,8 +85,7 @@ def forward(params: Params, X: Array, bn_stats: BNStats | None = None) -> Array:
     >>> forward(p, jnp.zeros((4, 3), jnp.int32)).shape
     (4, 27)
     """
-    hprebn = hidden_preactivation(params, X)
-    gain, bias = params["bngain"], params["bnbias"]
+    hprebn, gain, bias = hidden_preactivation(params, X), params["bngain"], params["bnbias"]
     if bn_stats is None:
         return head(params, ops.batch_norm(hprebn, gain, bias, eps=BN_EPS))
     mean, var = bn_stats["mean"], bn_stats["var"]
@@ -113,7 +110,7 @@ def loss_with_stats(
     ((1, 8), True)
     """
     hprebn, gain, bias = hidden_preactivation(params, X), params["bngain"], params["bnbias"]
-    if reference:  # the statistics are constants to autodiff, as in the custom VJP
+    if reference:
         hpreact = ops.batch_norm_reference(hprebn, gain, bias, eps=BN_EPS, axis_name=axis_name)
         mean, var = jax.lax.stop_gradient(ops.batch_stats(hprebn, axis_name=axis_name))
         losses = ops.cross_entropy_reference(head(params, hpreact), Y)

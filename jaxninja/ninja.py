@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxninja.model import BN_EPS, Params
+from jaxninja.model import BN_EPS, PARAM_NAMES, Params
 
 Array = jax.Array
 
@@ -54,8 +54,7 @@ def forward_atomized(
     def tap(name: str, value: Array) -> Array:
         return value + taps[name] if name in taps else value
 
-    C, W1, b1, W2, b2 = (params[k] for k in ("C", "W1", "b1", "W2", "b2"))
-    bngain, bnbias = params["bngain"], params["bnbias"]
+    C, W1, b1, W2, b2, bngain, bnbias = (params[k] for k in PARAM_NAMES)
     n = X.shape[0]
     emb = tap("emb", C[X])
     embcat = tap("embcat", emb.reshape(n, -1))
@@ -89,24 +88,17 @@ def reference_grads(params: Params, X: Array, Y: Array) -> dict[str, Array]:
     intermediate through a zero tap of :func:`forward_atomized`."""
     acts = forward_atomized(params, X, Y)
     taps = {name: jnp.zeros_like(acts[name]) for name in GRADIENTS if name not in params}
-
-    def loss(params: Params, taps: dict[str, Array]) -> Array:
-        return forward_atomized(params, X, Y, taps)["loss"]
-
-    dparams, dtaps = jax.grad(loss, argnums=(0, 1))(params, taps)
-    grads = {**dparams, **dtaps}
+    # one dict differentiated at once: the parameters, and the taps (named as intermediates)
+    grads = jax.grad(lambda p: forward_atomized(p, X, Y, taps=p)["loss"])({**params, **taps})
     return {name: grads[name] for name in GRADIENTS}
 
 
 def backward_atomized(
     params: Params, acts: dict[str, Array], X: Array, Y: Array
 ) -> dict[str, Array]:
-    """Exercise 1: backpropagate by hand through every intermediate, in the lecture's order.
-
-    ``acts`` is :func:`forward_atomized` ``(params, X, Y)``, ``X, Y`` the batch
-    (``(n, block_size)`` and ``(n,)`` int ids). Returns ``{name: dname}`` for the 26 names of
-    :data:`GRADIENTS`, each the shape of its value.
-    """
+    """Exercise 1: backpropagate by hand through every intermediate, in the lecture's order:
+    ``{name: dname}`` for the 26 :data:`GRADIENTS`, each the shape of its value. ``acts`` is
+    :func:`forward_atomized` ``(params, X, Y)``; ``X (n, block_size)``, ``Y (n,)`` int ids."""
     C, W1, W2, bngain = params["C"], params["W1"], params["W2"], params["bngain"]
     emb, embcat, hprebn, bndiff, bndiff2, bnvar, bnvar_inv, bnraw, h, logits = (
         acts[k] for k in "emb embcat hprebn bndiff bndiff2 bnvar bnvar_inv bnraw h logits".split()
@@ -208,8 +200,7 @@ def manual_grads(params: Params, X: Array, Y: Array) -> tuple[Array, Params]:
     >>> bool(jnp.allclose(l, loss(p, X, Y))), sorted(g) == sorted(p)
     (True, True)
     """
-    C, W1, b1, W2, b2 = (params[k] for k in ("C", "W1", "b1", "W2", "b2"))
-    bngain, bnbias = params["bngain"], params["bnbias"]
+    C, W1, b1, W2, b2, bngain, bnbias = (params[k] for k in PARAM_NAMES)
     n = X.shape[0]
     # forward
     emb = C[X]

@@ -192,8 +192,8 @@ def make_train_chunk(
 ) -> jax.stages.Wrapped:
     """A jitted ``(state, Xtr, Ytr) -> (state, losses[n_steps])``: ``n_steps`` SGD steps in
     one ``lax.scan``, the state donated; with a ``mesh`` each device trains on its slice of
-    the same global batch, in one ``shard_map``. Minibatches are gathered before the scan in
-    one vectorised gather (faster than per-step ones); ``unroll=1`` is the fastest on CPU."""
+    the same global batch, in one ``shard_map``. The minibatches are gathered before the scan
+    in one vectorised gather (faster than per-step ones)."""
     step = train_step(cfg, make_optimizer(cfg), None if mesh is None else AXIS)
 
     def scan(state: TrainState, batches: tuple[Array, Array]) -> tuple[TrainState, Array]:
@@ -234,19 +234,17 @@ def run_chunks(
     ``make_chunk(n)``, ``(state, *args) -> (state, losses)``, is compiled ahead of time once
     per length (compile time measured apart)."""
     compiled: dict[int, Any] = {}
-    step = start
-    while step < steps:
-        n = min(chunk_steps, steps - step)
-        t = time.perf_counter()
+    while start < steps:
+        n = min(chunk_steps, steps - start)
+        t0 = time.perf_counter()
         if n not in compiled:
             compiled[n] = make_chunk(n).lower(state, *args).compile()
-        compile_seconds = time.perf_counter() - t
-        t = time.perf_counter()
+        t1 = time.perf_counter()
         state, losses = compiled[n](state, *args)
         while not losses.is_ready():  # wait in Python, so signal handlers run meanwhile
             time.sleep(0.005)
-        step += n
-        yield Chunk(step, state, np.asarray(losses), compile_seconds, time.perf_counter() - t)
+        start += n
+        yield Chunk(start, state, np.asarray(losses), t1 - t0, time.perf_counter() - t1)
 
 
 @jax.jit
