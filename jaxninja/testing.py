@@ -1,7 +1,5 @@
-"""Test helpers for hand-written VJPs, yours and ours: :func:`assert_vjp_matches` against
-autodiff of a plain ``jnp`` reference (the lecture's exact / approx / maxdiff check, with a
-message that says where and by how much) and :func:`check_finite_differences` against
-central differences. Use float64 for the tightest checks."""
+"""Checks for hand-written VJPs, yours and ours: against autodiff of a plain ``jnp`` reference
+(:func:`assert_vjp_matches`) or central differences (:func:`check_finite_differences`)."""
 
 from __future__ import annotations
 
@@ -16,8 +14,7 @@ from jax import test_util as jtu
 
 __all__ = ["assert_vjp_matches", "check_finite_differences", "default_tolerances"]
 
-# (atol, rtol): a right rule passes comfortably, a wrong factor or term fails by far.
-_TOLERANCES: dict[Any, tuple[float, float]] = {
+_TOLERANCES = {  # (atol, rtol): a right rule passes comfortably, a wrong one fails by far
     np.dtype(np.float64): (1e-12, 1e-10),
     np.dtype(np.float32): (1e-5, 1e-4),
     np.dtype(np.float16): (1e-2, 1e-2),
@@ -26,8 +23,7 @@ _TOLERANCES: dict[Any, tuple[float, float]] = {
 
 
 def default_tolerances(dtype: Any) -> tuple[float, float]:
-    """Default ``(atol, rtol)`` of :func:`assert_vjp_matches` for a floating ``dtype``
-    (a complex one takes its parts'; fp8 and other narrow formats ``(0.1, 0.1)``).
+    """Default ``(atol, rtol)`` for a floating ``dtype`` (complex: its parts'; fp8: 0.1).
 
     >>> default_tolerances(jnp.float64), default_tolerances(jnp.float32)
     ((1e-12, 1e-10), (1e-05, 0.0001))
@@ -51,8 +47,9 @@ def _at(path: tuple) -> str:
     return f" at path {jax.tree_util.keystr(path)}" if path else ""
 
 
-def _argnums(argnums: Sequence[int] | int, args: tuple, who: str, fn: Callable) -> tuple[int, ...]:
-    """Normalised ``argnums``; ``TypeError`` for a ``None``/integer argument (no VJP)."""
+def _argnums(argnums: Sequence[int] | int | None, args: tuple, who: str, fn: Callable) -> tuple:
+    """Normalised ``argnums`` (``None``: all); ``TypeError`` for a ``None``/integer argument."""
+    argnums = tuple(range(len(args))) if argnums is None else argnums
     nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
     if not nums or not all(isinstance(i, int) and -len(args) <= i < len(args) for i in nums):
         raise ValueError(f"argnums={argnums} is out of range for {len(args)} positional args")
@@ -60,15 +57,12 @@ def _argnums(argnums: Sequence[int] | int, args: tuple, who: str, fn: Callable) 
     if len(set(nums)) != len(nums):
         raise ValueError(f"argnums={argnums} repeats an argument")
     for i in nums:
-        leaves = jax.tree_util.tree_leaves_with_path(args[i])
+        what, leaves = f"{who} {_label(fn, i)}", jax.tree.leaves_with_path(args[i])
         if not leaves:
-            raise TypeError(f"{who} {_label(fn, i)}, which holds no array ({args[i]!r:.40})")
+            raise TypeError(f"{what}, which holds no array ({args[i]!r:.40})")
         for path, leaf in leaves:
             if not jnp.issubdtype(dtype := jnp.result_type(leaf), jnp.inexact):
-                raise TypeError(
-                    f"{who} {_label(fn, i)}{_at(path)}, which has dtype {dtype}, not floating:"
-                    " leave it out of argnums= or close over it"
-                )
+                raise TypeError(f"{what}{_at(path)} of dtype {dtype}: leave it out of argnums=")
     return nums
 
 
@@ -78,11 +72,10 @@ def _partial(fn: Callable[..., Any], args: tuple, nums: tuple[int, ...]) -> Call
 
 
 def _assert_close(tree_f: Any, tree_r: Any, atol, rtol, what: str, suffix: str = "") -> float:
-    """Max abs difference of same-structured pytrees whose leaves pass numpy's ``isclose``
-    (integers: equal); else an ``AssertionError`` naming leaf, count and worst element."""
+    """Max abs difference of two pytrees whose leaves pass ``isclose`` (integers: equal)."""
     maxdiff = 0.0
     leaves_r = jax.tree.leaves(tree_r)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(tree_f), leaves_r, strict=True):
+    for (path, a), b in zip(jax.tree.leaves_with_path(tree_f), leaves_r, strict=True):
         a, b = np.asarray(a), np.asarray(b)
         where = f"{what}{_at(path)} (shape {a.shape}, {a.dtype})"
         if a.shape != b.shape or a.dtype != b.dtype:
@@ -96,8 +89,7 @@ def _assert_close(tree_f: Any, tree_r: Any, atol, rtol, what: str, suffix: str =
             diff = np.abs(aw - bw)  # NaN where both are NaN or the same inf (ok), else a miss
         diff = np.where(np.isnan(diff), np.where(ok, 0.0, np.inf), diff)
         if not ok.all():
-            worst = int(np.argmax(np.where(ok, -1.0, diff)))  # the largest miss
-            idx = tuple(int(i) for i in np.unravel_index(worst, a.shape))
+            idx = tuple(map(int, np.unravel_index(np.argmax(np.where(ok, -1, diff)), a.shape)))
             raise AssertionError(
                 f"{where}: {(~ok).sum()} of {a.size} elements differ beyond atol={at:g}, "
                 f"rtol={rt:g}\n  max abs diff {diff.max():.4g}; worst element at index {idx}: "
@@ -108,27 +100,8 @@ def _assert_close(tree_f: Any, tree_r: Any, atol, rtol, what: str, suffix: str =
 
 
 def _avals(tree: Any) -> Any:
-    """Structure, shapes and dtypes of a pytree, comparable with ``==``."""
     leaves, treedef = jax.tree.flatten(tree)
     return treedef, [(jnp.shape(x), jnp.result_type(x)) for x in leaves]
-
-
-def _name(fn: Callable[..., Any]) -> str:
-    return getattr(fn, "__name__", None) or type(fn).__name__
-
-
-def _random_cotangent(out: Any, seed: int) -> Any:
-    """Standard normal leaves; integer outputs take a float0 (symbolic zero) cotangent."""
-    leaves, treedef = jax.tree.flatten(out)
-    keys = jax.random.split(jax.random.key(seed), max(len(leaves), 1))
-    dtypes = [jnp.result_type(x) for x in leaves]
-    cts = [
-        jax.random.normal(k, jnp.shape(x), t)
-        if jnp.issubdtype(t, jnp.inexact)
-        else np.zeros(jnp.shape(x), jax.dtypes.float0)
-        for k, x, t in zip(keys, leaves, dtypes, strict=False)
-    ]
-    return jax.tree.unflatten(treedef, cts)
 
 
 def assert_vjp_matches(
@@ -143,20 +116,16 @@ def assert_vjp_matches(
 ) -> float:
     r"""Assert that ``f``'s VJP equals autodiff's VJP of ``reference``, at ``args``.
 
-    Both, called as ``fn(*args)``, must return the same pytree; then for the cotangent
-    :math:`v` (``None``: standard normal from ``seed``, as all ones can hide a wrong rule),
-    :math:`v^\top \partial f/\partial x_i` must match the reference's for each ``i`` in
-    ``argnums``, leaf by leaf: ``|a - b| <= atol + rtol * |b|`` (numpy's ``isclose``,
-    NaN matching NaN; ``None``: :func:`default_tolerances`). A differentiated argument
-    holding no floating array raises ``TypeError``. Returns the largest absolute
-    difference (the lecture's maxdiff); a mismatch raises ``AssertionError``:
+    The outputs, then :math:`v^\top \partial f/\partial x_i` for each ``i`` in ``argnums``
+    (:math:`v`: ``cotangent``, else standard normal from ``seed``, as all ones can hide a
+    wrong rule) must match leaf by leaf, ``|a - b| <= atol + rtol * |b|`` (numpy's
+    ``isclose``; :func:`default_tolerances` if ``None``). Returns the max abs difference:
 
     >>> @jax.custom_vjp
     ... def softplus(x):
     ...     return jnp.logaddexp(x, 0.0)
     >>> softplus.defvjp(lambda x: (softplus(x), x), lambda x, g: (2 * g * jax.nn.sigmoid(x),))
     >>> assert_vjp_matches(softplus, lambda x: jnp.logaddexp(x, 0.0), jnp.linspace(-3.0, 3.0, 7))
-    ... # doctest: +ELLIPSIS
     Traceback (most recent call last):
     AssertionError: VJP of f=softplus does not match autodiff of reference=<lambda>
       for argument 0 'x' (shape (7,), float32): 7 of 7 elements differ beyond ...
@@ -165,22 +134,31 @@ def assert_vjp_matches(
     """
     nums = _argnums(argnums, args, "assert_vjp_matches differentiates", f)
     f_part, ref_part = _partial(f, args, nums), _partial(reference, args, nums)
+    f_name, ref_name = (getattr(g, "__name__", type(g).__name__) for g in (f, reference))
 
     @jax.jit  # one compilation for both functions and both VJPs
     def run(primals: list[Any], ct: Any) -> tuple[Any, Any, Any, Any]:
         (out_f, vjp_f), (out_r, vjp_r) = jax.vjp(f_part, *primals), jax.vjp(ref_part, *primals)
         if _avals(out_f) != _avals(out_r):  # reported below, from the values
             return out_f, out_r, None, None
-        ct = _random_cotangent(out_f, seed) if ct is None else ct
+        if ct is None:  # standard normal; an integer output takes a float0 (symbolic zero)
+            leaves, treedef = jax.tree.flatten(out_f)
+            keys = jax.random.split(jax.random.key(seed), max(len(leaves), 1))
+            cts = [
+                jax.random.normal(k, x.shape, x.dtype)
+                if jnp.issubdtype(x.dtype, jnp.inexact)
+                else np.zeros(x.shape, jax.dtypes.float0)
+                for k, x in zip(keys, leaves, strict=False)
+            ]
+            ct = jax.tree.unflatten(treedef, cts)
         return out_f, out_r, vjp_f(ct), vjp_r(ct)
 
     out_f, out_r, grads_f, grads_r = run([args[i] for i in nums], cotangent)
-    names = f"f={_name(f)} and reference={_name(reference)}"
-    (tree_f, _), (tree_r, _) = _avals(out_f), _avals(out_r)
-    if tree_f != tree_r:
+    names = f"f={f_name} and reference={ref_name}"
+    if (tree_f := _avals(out_f)[0]) != (tree_r := _avals(out_r)[0]):
         raise AssertionError(f"{names} return different output structures: {tree_f}, {tree_r}")
     _assert_close(out_f, out_r, atol, rtol, f"outputs of {names} differ\n  in the output")
-    header = f"VJP of f={_name(f)} does not match autodiff of reference={_name(reference)}\n  for "
+    header = f"VJP of f={f_name} does not match autodiff of reference={ref_name}\n  for "
     ct = f"standard normal, seed={seed}" if cotangent is None else "given"
     return max(
         _assert_close(g_f, g_r, atol, rtol, header + _label(f, i), f"\n  (cotangent: {ct})")
@@ -199,11 +177,9 @@ def check_finite_differences(
 ) -> None:
     r"""Check ``f``'s reverse-mode derivatives against central finite differences.
 
-    ``jax.test_util.check_grads`` in reverse mode (a ``custom_vjp`` has none forward): for
-    random :math:`u, v`, :math:`\langle v, (f(x + \epsilon u) - f(x - \epsilon u)) /
-    2\epsilon\rangle \approx \langle \mathrm{vjp}_f(v), u\rangle`, with ``order=2`` for the
-    VJP too. Use float64. ``argnums=None`` perturbs every argument, so integer ones
-    (labels) must be left out or closed over (``TypeError`` otherwise).
+    ``jax.test_util.check_grads``, reverse mode: :math:`\langle v, (f(x + \epsilon u) -
+    f(x - \epsilon u)) / 2\epsilon\rangle \approx \langle \mathrm{vjp}_f(v), u\rangle` for
+    random :math:`u, v` (``order=2``: the VJP's too). Use float64; ``argnums=None``: all.
 
     >>> from jaxninja.ops import cross_entropy
     >>> with jax.enable_x64(True):
@@ -212,15 +188,13 @@ def check_finite_differences(
     """
     if not isinstance(order, int) or order < 1:
         raise ValueError(f"order must be a positive int (1 or 2), got {order!r}")
-    nums = tuple(range(len(args))) if argnums is None else argnums
-    nums = _argnums(nums, args, "check_finite_differences perturbs", f)
+    nums = _argnums(argnums, args, "check_finite_differences perturbs", f)
     g = jax.jit(_partial(f, args, nums))  # check_grads evaluates f many times
     try:
         jtu.check_grads(g, tuple(args[i] for i in nums), order, ["rev"], atol, rtol, eps)
     except AssertionError as e:
-        dtypes = sorted({str(jnp.result_type(x)) for x in jax.tree.leaves(args)})
         raise AssertionError(
-            f"finite-difference check of {_name(f)}'s reverse-mode derivatives (order={order}, "
-            f"argnums={nums}, eps={eps or 1e-4:g}, dtypes {dtypes}) failed ('VJP' is the first "
-            f"order, 'VJP of VJP' the second; recheck float32 in float64):\n{e}"
+            f"finite-difference check of {getattr(f, '__name__', type(f).__name__)}'s reverse-mode"
+            f" derivatives (order={order}, argnums={nums}, eps={eps or 1e-4:g}) failed ('VJP' is"
+            f" order 1, 'VJP of VJP' order 2; recheck float32 in float64):\n{e}"
         ) from e
