@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +27,7 @@ SECTION_EX4 = "Exercise 4: manual_grads vs jax.grad(model.loss)"
 _autodiff = jax.jit(jax.grad(model.loss))  # one wrapper, so that repeated checks reuse it
 
 
-@dataclass(frozen=True)
-class CheckReport:
+class CheckReport(NamedTuple):
     """The result of :func:`run_check`: its settings, and ``rows``, ``{section title:
     (Comparison, ...)}`` in table order (26 Exercise-1 rows, 2 fused, 7 ``manual_grads``)."""
 

@@ -13,15 +13,21 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
-from jaxninja import rundir
+import jax
+
+from jaxninja import bench, parallel, rundir
+from jaxninja.check import run_check
 from jaxninja.errors import JaxninjaError
-from jaxninja.parallel import HEARTBEAT_TIMEOUT, leave_job, lost_process
+from jaxninja.run import eval_run, load_run, train_run
+from jaxninja.sample import sample_names
+from jaxninja.sweep import sweep_run
 from jaxninja.train import BACKENDS, FLOAT32_TINY, INT32_MAX, ConfigError, TrainConfig
 
 USAGE_ERROR = 2
+MAX_NAMES, MAX_LEN = 100_000, 1_000  # sample -n x --max-len: at most 1e8 ids; more is a typo
+REQUIRED = ...  # an option's default: none, it must be given
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,60 +36,43 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(USAGE_ERROR)
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Each option's help ends with its default, unless there is none to show."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
-def _number(kind: type, what: str, ok: Callable[[Any], bool]) -> Callable[[str], Any]:
-    """An argparse ``type``: a finite number of ``kind`` for which ``ok`` holds."""
+def _number(kind: type, low: float, high: float = math.inf, what: str = "") -> Callable[[str], Any]:
+    """An argparse ``type``: a finite ``kind`` in ``low..high`` (a bound on time and memory);
+    ``what`` it must be, for the error message (default: "an integer in low..high")."""
+    what = what or f"an integer in {low}..{high}"
 
     def parse(s: str) -> Any:
         try:
             v = kind(s)
         except (ValueError, OverflowError):
             raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
-        if not (math.isfinite(v) and ok(v)):
+        if not (math.isfinite(v) and low <= v <= high):
             raise argparse.ArgumentTypeError(f"must be {what}, got {s!r}")
         return v
 
     return parse
 
 
-def _int_in(low: int, high: int) -> Callable[[str], Any]:
-    """An argparse ``type``: an integer in ``low..high`` (a bound on time and memory)."""
-    return _number(int, f"an integer in {low}..{high}", lambda v: low <= v <= high)
-
-
-_positive_int = _number(int, "a positive integer", lambda v: v > 0)
-_non_negative_int = _number(int, "an integer >= 0", lambda v: v >= 0)
-_seed = _int_in(0, INT32_MAX)
-_positive_float = _number(
-    float, f"a finite number >= {FLOAT32_TINY:.3g} (float32)", lambda v: v >= FLOAT32_TINY
-)
-_temperature = _number(float, "a positive finite number", lambda v: v > 0)
-# sample -n x --max-len: at most 1e8 int32 ids (400 MB); larger asks are typos
-MAX_NAMES, MAX_LEN = 100_000, 1_000
-REQUIRED = ...  # an option's default: none, it must be given
+_positive_int = _number(int, 1, what="a positive integer")
+_non_negative_int = _number(int, 0, what="an integer >= 0")
+_seed = _number(int, 0, INT32_MAX)
+_lr = _number(float, FLOAT32_TINY, what=f"a finite number >= {FLOAT32_TINY:.3g} (float32)")
+_temperature = _number(float, math.ulp(0.0), what="a positive finite number")  # v > 0
 
 
 def _add_options(p: Any, options: Sequence[tuple[str, Any, Any, str]]) -> None:
     """Add ``(flags, kind, default, help)`` options to parser or group ``p``: ``kind`` is a
-    type, a tuple of choices, or ``bool`` for an on/off switch."""
+    type, a tuple of choices, or ``bool`` for an on/off switch; help shows any default."""
     for flags, kind, default, text in options:
-        names = flags.split()
         if kind is bool:
-            p.add_argument(*names, action="store_true", help=text)
-        elif isinstance(kind, tuple):
-            p.add_argument(*names, choices=kind, default=default, help=text)
-        elif default is REQUIRED:
-            p.add_argument(*names, type=kind, required=True, help=text)
-        else:
-            p.add_argument(*names, type=kind, default=default, help=text)
+            p.add_argument(*flags.split(), action="store_true", help=text)
+            continue
+        if default not in (None, REQUIRED):
+            text += " (default: %(default)s)"
+        how = {"choices": kind} if isinstance(kind, tuple) else {"type": kind}
+        p.add_argument(
+            *flags.split(), default=default, required=default is REQUIRED, help=text, **how
+        )
 
 
 def _pick(args: argparse.Namespace, *names: str) -> dict[str, Any]:
@@ -107,14 +96,11 @@ def _config(args: argparse.Namespace) -> TrainConfig:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from jaxninja import parallel
-    from jaxninja.run import train_run
-
     cfg = _config(args)
-    job = (args.coordinator, args.num_processes, args.process_id)
-    parallel.initialize(*job, heartbeat_timeout=args.heartbeat_timeout)  # alone: no-op
+    job = _pick(args, "coordinator", "num_processes", "process_id", "heartbeat_timeout")
+    parallel.initialize(**job)  # alone: no-op
     # the pid makes two runs started in the same second two directories
-    out = args.out or str(Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    out = args.out or os.path.join("runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     if parallel.is_main():
         print(f"run directory: {out}", flush=True)
     flags = _pick(args, "resume", "overwrite", "other_data", "devices")
@@ -123,11 +109,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    import jax
-
-    from jaxninja.run import load_run
-    from jaxninja.sample import sample_names
-
     ckpt = load_run(args.out)
     assert ckpt.bn_stats is not None  # load_run raises for a run without them
     key, how = jax.random.key(args.seed), _pick(args, "max_len", "temperature")
@@ -137,41 +118,33 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from jaxninja.run import eval_run
-
     for split, value in eval_run(args.out, args.data, other_data=args.other_data).items():
         print(f"{split:5s} {value:.4f}")
     return 0
 
 
 def _check(args: argparse.Namespace) -> int:
-    from jaxninja.check import run_check
-
     report = run_check(**_pick(args, "dtype", "n_hidden", "seed", "data"))
     print(report.format())
     return 0 if report.ok else 1
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from jaxninja.sweep import sweep_run
-
     seeds, lrs = _numbers(args.seeds, int, "--seeds"), _numbers(args.lrs, float, "--lrs")
     sweep_run(_config(args), seeds, lrs, args.data, out=args.out)
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from jaxninja.bench import parse_settings, run_bench, run_ops_bench
-
     if args.ops:
-        run_ops_bench(quick=args.quick, repeats=args.repeats, out=args.out or None)
+        bench.run_ops_bench(quick=args.quick, repeats=args.repeats, out=args.out or None)
         return 0
     members = _numbers(args.members, int, "--members")
     if any(not 1 <= m <= 1024 for m in members):
         raise ConfigError(f"--members: sizes must be in 1..1024, got {args.members!r}")
     how = _pick(args, "repeats", "steps", "torch_steps", "quick")
     how.update(members=members, use_torch=not args.no_torch, data_path=args.data)
-    run_bench(parse_settings(args.settings), out=args.out or None, **how)
+    bench.run_bench(bench.parse_settings(args.settings), out=args.out or None, **how)
     return 0
 
 
@@ -196,7 +169,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, list]] = {
     "train": (_train, "train the Exercise-4 MLP on a word list", [
         *CONFIG,
         ("--out", str, None, "run directory (default: runs/<timestamp>-<pid>)"),
-        ("--lr", _positive_float, _D.lr, "learning rate"),
+        ("--lr", _lr, _D.lr, "learning rate"),
         ("--seed", _seed, _D.seed, "init and batch-order seed"),
         ("--running-stats", bool, None,
          "also track batch-norm running averages and report their losses"),
@@ -204,14 +177,14 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, list]] = {
         ("--resume", bool, None, "continue the run in --out"),
         ("--overwrite", bool, None, "replace what is in --out"),
         ("--other-data", bool, None, "resume although --data is not the run's training file"),
-        ("--samples", _int_in(0, MAX_NAMES), 10, "names printed at end"),
+        ("--samples", _number(int, 0, MAX_NAMES), 10, "names printed at end"),
     ]),
     "sample": (_sample, "sample names from a trained run", [
         ("--out", str, REQUIRED, "run directory"),
-        ("-n --num", _int_in(1, MAX_NAMES), 20, "how many names"),
+        ("-n --num", _number(int, 1, MAX_NAMES), 20, "how many names"),
         ("--seed", _seed, 0, "sampling seed"),
         ("--temperature", _temperature, 1.0, "softmax temperature (tiny: exact greedy decoding)"),
-        ("--max-len", _int_in(1, MAX_LEN), 32, "longest name"),
+        ("--max-len", _number(int, 1, MAX_LEN), 32, "longest name"),
     ]),
     "eval": (_eval, "train/val/test loss of a trained run", [
         ("--out", str, REQUIRED, "run directory"),
@@ -220,7 +193,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, list]] = {
     ]),
     "check": (_check, "the lecture's gradient-check table (Exercises 1-4)", [
         ("--dtype", ("float32", "float64"), "float32", "dtype"),
-        ("--n-hidden", _int_in(1, 100_000), 64, "hidden units"),
+        ("--n-hidden", _number(int, 1, 100_000), 64, "hidden units"),
         ("--seed", _seed, 42, "init and batch seed"),
         DATA,
     ]),
@@ -229,10 +202,10 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, list]] = {
          "against optax/flax and autodiff instead of the training step"),
         ("--quick", bool, None, "tiny run: a smoke test, no measurement"),
         ("--out", str, "bench.json", "JSON results file ('' for none)"),
-        ("--repeats", _int_in(1, 1000), 5, "timed chunks per row"),
+        ("--repeats", _number(int, 1, 1000), 5, "timed chunks per row"),
         ("--settings", str, "200x32,1024x256", "HxB list (hidden x batch)"),
-        ("--steps", _int_in(1, 100_000), None, "JAX steps per timed chunk"),
-        ("--torch-steps", _int_in(1, 100_000), None, "PyTorch steps per repeat"),
+        ("--steps", _number(int, 1, 100_000), None, "JAX steps per timed chunk"),
+        ("--torch-steps", _number(int, 1, 100_000), None, "PyTorch steps per repeat"),
         ("--members", str, "1,8,32", "sweep sizes M ('' for none)"),
         ("--no-torch", bool, None, "skip the PyTorch rows"),
         DATA,
@@ -248,7 +221,7 @@ JOB = [  # train's multi-process job (README "Many machines"): all of the first 
     ("--coordinator", str, None, "address of process 0 (HOST:PORT)"),
     ("--num-processes", _positive_int, None, "processes in the job"),
     ("--process-id", _non_negative_int, None, "this process: 0..N-1"),
-    ("--heartbeat-timeout", _positive_int, HEARTBEAT_TIMEOUT,
+    ("--heartbeat-timeout", _positive_int, parallel.HEARTBEAT_TIMEOUT,
      "seconds after which a silent process ends the job"),
 ]
 # fmt: on
@@ -259,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="jaxninja", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (handler, about, options) in COMMANDS.items():
-        command = sub.add_parser(name, help=about, formatter_class=_Help)
+        command = sub.add_parser(name, help=about)
         _add_options(command, options)
         command.set_defaults(func=handler)
         if name == "train":
@@ -270,29 +243,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from jaxninja.run import Interrupted
-
     try:
         return args.func(args)
-    except Interrupted as e:
+    except rundir.Interrupted as e:
         print(str(e), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return leave_job(130)
+        return parallel.leave_job(130)
     except JaxninjaError as e:
         message: str | None = str(e)
     except MemoryError:
         message = "out of memory; try smaller sizes (--n-hidden, --batch-size, -n, --max-len)"
     except Exception as e:  # only allocation failures and lost processes are expected here
-        message = lost_process(e)
+        message = parallel.lost_process(e)
         if "RESOURCE_EXHAUSTED" in str(e):
             message = "out of device memory; try smaller sizes (--n-hidden, --batch-size, -n)"
         if message is None:
             raise
     print(f"error: {message}", file=sys.stderr)
-    return leave_job(USAGE_ERROR)  # a job's other processes must not wait for this one
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return parallel.leave_job(USAGE_ERROR)  # a job's other processes must not wait for this one

@@ -13,10 +13,8 @@ from jaxninja import model
 from jaxninja.data import Vocab
 from jaxninja.errors import JaxninjaError
 
-Array = jax.Array
 
-
-def tempered_choice(key: Array, logits: Array, temperature: float | Array) -> Array:
+def tempered_choice(key: jax.Array, logits: jax.Array, temperature: float | jax.Array) -> jax.Array:
     r"""One draw per row from ``softmax(logits / T)`` (int32, ``logits.shape[:-1]``), exact for
     every positive finite ``T``: with Gumbel noise :math:`g`, :math:`\arg\max_i (z_i / T + g_i)
     = \arg\max_i (z_i + T g_i)`, computed on the left for :math:`T \ge 1` and on the right for
@@ -38,18 +36,18 @@ def tempered_choice(key: Array, logits: Array, temperature: float | Array) -> Ar
 def sample_ids(
     params: model.Params,
     bn_stats: model.BNStats,
-    key: Array,
+    key: jax.Array,
     *,
     num_samples: int,
     block_size: int,
     max_len: int = 32,
-    temperature: float | Array = 1.0,
-) -> Array:
+    temperature: float | jax.Array = 1.0,
+) -> jax.Array:
     """``(num_samples, max_len)`` int32 ids drawn in parallel from the all-``.`` context
     with :func:`tempered_choice` until ``.`` (id 0; all 0 after it) or ``max_len``. Batch
     norm uses ``bn_stats`` (eval mode), so rows are independent."""
 
-    def step(context: Array, key_t: Array) -> tuple[Array, Array]:
+    def step(context: jax.Array, key_t: jax.Array) -> tuple[jax.Array, jax.Array]:
         ix = tempered_choice(key_t, model.forward(params, context, bn_stats), temperature)
         return jnp.concatenate([context[:, 1:], ix[:, None]], axis=1), ix
 
@@ -63,7 +61,7 @@ def sample_names(
     params: model.Params,
     bn_stats: model.BNStats,
     vocab: Vocab,
-    key: Array,
+    key: jax.Array,
     num_samples: int = 20,
     *,
     max_len: int = 32,
