@@ -1,13 +1,6 @@
-"""Becoming a backprop ninja: the lecture's four exercises, by hand, in JAX.
-
-* Exercise 1: :func:`forward_atomized` splits the forward pass into the lecture's 20 named
-  intermediates, :func:`backward_atomized` backpropagates through each by hand and
-  :func:`reference_grads` gets the same 26 gradients from ``jax.grad`` (the baseline).
-* Exercise 2: :func:`cross_entropy_backward`, ``dlogits`` in one expression.
-* Exercise 3: :func:`batch_norm_backward`, ``dhprebn`` in one expression.
-* Exercise 4: :func:`manual_grads`, the whole network's backward pass with no autodiff.
-
-The names are the lecture's: ``d<name>`` is the gradient of the loss with respect to ``<name>``.
+"""Becoming a backprop ninja: the lecture's four exercises, by hand, in JAX (one function
+each, README "Where each exercise lives"). The names are the lecture's: ``d<name>`` is the
+gradient of the loss with respect to ``<name>``.
 """
 
 from __future__ import annotations

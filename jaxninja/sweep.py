@@ -1,9 +1,6 @@
-"""Train many models at once: ``jax.vmap`` over the fused training chunk.
-
-A sweep is ``M`` members that share the architecture, data and schedule shape but differ in
-seed (initialisation and minibatch order) and/or learning rate, all in ONE compiled program.
-Member ``m`` computes the same run as ``jaxninja train --seed s_m --lr lr_m`` (up to float32
-rounding of the batched kernels).
+"""Train many models at once: ``M`` members, differing in seed and/or learning rate, in one
+``jax.vmap``-ed program. Member ``m`` computes the same run as ``jaxninja train --seed s_m
+--lr lr_m`` (up to float32 rounding of the batched kernels).
 """
 
 from __future__ import annotations
@@ -56,11 +53,10 @@ def make_sweep_chunk(cfg: TrainConfig, n_steps: int) -> jax.stages.Wrapped:
     """A jitted ``(states, seeds[M], lrs[M], Xtr, Ytr) -> (states, losses[M, n_steps])``:
     :func:`jaxninja.train.make_train_chunk` vmapped over members. ``cfg.seed`` and
     ``cfg.lr`` are unused (each member brings its own); the states are donated."""
+    chunk = train.make_train_chunk(cfg, n_steps)
 
     def member_chunk(state: TrainState, seed: Array, lr: Array, Xtr: Array, Ytr: Array):
-        step = train.train_step(cfg, train.make_optimizer(cfg, lr))
-        idx = train.batch_indices(cfg, state.step + jnp.arange(n_steps), Xtr.shape[0], seed)
-        return jax.lax.scan(step, state, (Xtr[idx], Ytr[idx]))
+        return chunk(state, Xtr, Ytr, seed, lr)
 
     return jax.jit(jax.vmap(member_chunk, in_axes=(0, 0, 0, None, None)), donate_argnums=0)
 
@@ -84,9 +80,9 @@ def sweep_run(
         fileio.check_results_file(out, TOOL)
     splits = data.load_splits(data_path, block_size=cfg.block_size)
     Xtr, Ytr = (jnp.asarray(a) for a in splits.data["train"])
-    m_seeds = jnp.asarray([s for s, _ in grid], jnp.int32)
-    m_lrs = jnp.asarray([lr for _, lr in grid], jnp.float32)
-    states = init_states(cfg, [s for s, _ in grid], splits.vocab.size)
+    seed_col, lr_col = zip(*grid, strict=True)
+    m_seeds, m_lrs = jnp.asarray(seed_col, jnp.int32), jnp.asarray(lr_col, jnp.float32)
+    states = init_states(cfg, seed_col, splits.vocab.size)
     log(
         f"sweep: {len(grid)} members x {cfg.steps} steps (H={cfg.n_hidden}, "
         f"batch {cfg.batch_size}, backend {cfg.backend})"

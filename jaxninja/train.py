@@ -190,26 +190,25 @@ def train_step(
 def make_train_chunk(
     cfg: TrainConfig, n_steps: int, mesh: Mesh | None = None, unroll: int = 1
 ) -> jax.stages.Wrapped:
-    """A jitted ``(state, Xtr, Ytr) -> (state, losses[n_steps])``: ``n_steps`` SGD steps in
-    one ``lax.scan``, the state donated; with a ``mesh`` each device trains on its slice of
-    the same global batch, in one ``shard_map``. The minibatches are gathered before the scan
-    in one vectorised gather (faster than per-step ones)."""
-    step = train_step(cfg, make_optimizer(cfg), None if mesh is None else AXIS)
+    """A jitted ``(state, Xtr, Ytr, seed=None, lr=None) -> (state, losses[n_steps])``:
+    ``n_steps`` SGD steps in one ``lax.scan``, the state donated. ``seed``/``lr`` (traced, as
+    in sweeps) replace ``cfg.seed``/``cfg.lr``; with a ``mesh`` each device trains on its slice
+    of the same global batch, in one ``shard_map``. The chunk's minibatches are gathered first."""
 
-    def scan(state: TrainState, batches: tuple[Array, Array]) -> tuple[TrainState, Array]:
-        return jax.lax.scan(step, state, batches, unroll=min(unroll, n_steps))
-
-    shardings: dict[str, Any] = {}
-    if mesh is not None:  # batches (n_steps, batch, ...): split the batch axis, replicate the rest
-        scan = jax.shard_map(scan, mesh=mesh, in_specs=(P(), P(None, AXIS)), out_specs=(P(), P()))
-        replicated = NamedSharding(mesh, P())
-        shardings = {"in_shardings": replicated, "out_shardings": replicated}
-
-    def chunk(state: TrainState, Xtr: Array, Ytr: Array) -> tuple[TrainState, Array]:
-        idx = batch_indices(cfg, state.step + jnp.arange(n_steps), Xtr.shape[0])
+    def chunk(
+        state: TrainState, Xtr: Array, Ytr: Array, seed: Array | None = None, lr: Any = None
+    ) -> tuple[TrainState, Array]:
+        step = train_step(cfg, make_optimizer(cfg, lr), None if mesh is None else AXIS)
+        scan = partial(jax.lax.scan, step, unroll=min(unroll, n_steps))
+        if mesh is not None:  # batches (n_steps, batch, ...): split the batch axis
+            scan = jax.shard_map(scan, mesh=mesh, in_specs=(P(), P(None, AXIS)), out_specs=P())
+        idx = batch_indices(cfg, state.step + jnp.arange(n_steps), Xtr.shape[0], seed)
         return scan(state, (Xtr[idx], Ytr[idx]))
 
-    return jax.jit(chunk, donate_argnums=0, **shardings)
+    if mesh is None:
+        return jax.jit(chunk, donate_argnums=0)
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(chunk, donate_argnums=0, in_shardings=replicated, out_shardings=replicated)
 
 
 class Chunk(NamedTuple):
