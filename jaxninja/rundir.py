@@ -65,7 +65,7 @@ def claim(out: Path, *, resume: bool, overwrite: bool) -> Iterator[None]:
         fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     except OSError as e:
         raise RunError(f"cannot use {out} as a run directory: {e.strerror or e}") from None
-    with os.fdopen(fd, "r+b"):  # closing it drops the lock
+    try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -78,6 +78,8 @@ def claim(out: Path, *, resume: bool, overwrite: bool) -> Iterator[None]:
             for name in FILES:
                 (out / name).unlink(missing_ok=True)
         yield
+    finally:
+        os.close(fd)  # drops the lock
 
 
 @contextmanager
