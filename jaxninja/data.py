@@ -76,8 +76,9 @@ def _read_bytes(p: Path) -> bytes:
     return data
 
 
-def _parse_words(p: Path, data: bytes) -> list[str]:
-    """Words of ``data`` (the contents of ``p``), one per line; see :func:`load_words`."""
+def _read_words(p: Path) -> tuple[list[str], bytes]:
+    """The words of the file ``p`` (see :func:`load_words`) and its bytes."""
+    data = raw = _read_bytes(p)
     if not data:
         raise DataError(f"{p}: file is empty")
     # LF, CRLF, CR end lines (ASCII, never inside a UTF-8 character: offsets stay right).
@@ -96,7 +97,7 @@ def _parse_words(p: Path, data: bytes) -> list[str]:
             raise DataError(f"{p}: line {lineno}: word {shown} contains {why}")
     if not (words := [w for w in lines if w]):
         raise DataError(f"{p}: file has no words (only blank lines)")
-    return words
+    return words, raw
 
 
 def load_words(path: PathArg | None = None) -> list[str]:
@@ -107,8 +108,7 @@ def load_words(path: PathArg | None = None) -> list[str]:
     >>> load_words(resources.files("jaxninja") / "names.txt")[:3]
     ['emma', 'olivia', 'ava']
     """
-    p = resolve_data_path(path)
-    return _parse_words(p, _read_bytes(p))
+    return _read_words(resolve_data_path(path))[0]
 
 
 @dataclass(frozen=True)
@@ -121,25 +121,22 @@ class Vocab:
     (('.', 'a', 'e', 'm', 'v'), 5, 3)
     >>> v.encode("ava"), v.decode([2, 3, 3, 1, 0])
     ([1, 4, 1], 'emma.')
-    >>> Vocab.from_json(v.to_json()) == v
-    True
     """
 
     itos: tuple[str, ...]
     _stoi: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        itos = self.itos
-        if not itos or itos[0] != ".":
-            raise ValueError(f"vocabulary must start with '.', got {itos[:1]!r}")
-        for i, s in enumerate(itos):
+        if not self.itos or self.itos[0] != ".":
+            raise ValueError(f"vocabulary must start with '.', got {self.itos[:1]!r}")
+        for i, s in enumerate(self.itos):
             if not isinstance(s, str) or len(s) != 1:
                 raise ValueError(f"vocabulary entry {i} must be a single character, got {s!r}")
             if is_control(s):
                 raise ValueError(f"vocabulary entry {i} is the control character U+{ord(s):04X}")
-        stoi = {s: i for i, s in enumerate(itos)}
-        if len(stoi) != len(itos):
-            dups = sorted({s for i, s in enumerate(itos) if stoi[s] != i})
+        stoi = {s: i for i, s in enumerate(self.itos)}
+        if len(stoi) != len(self.itos):
+            dups = sorted({s for i, s in enumerate(self.itos) if stoi[s] != i})
             raise ValueError(f"vocabulary has {len(dups)} duplicate entries: {dups[:5]!r}")
         object.__setattr__(self, "_stoi", stoi)
 
@@ -261,7 +258,7 @@ def load_splits(path: PathArg | None = None, block_size: int = 3, seed: int = 42
     (27, {'train': (182625, 3), 'val': (22655, 3), 'test': (22866, 3)}, True)
     """
     p = resolve_data_path(path)
-    words = _parse_words(p, raw := _read_bytes(p))
+    words, raw = _read_words(p)
     vocab = Vocab.from_words(words)
     parts = dict(zip(("train", "val", "test"), split_words(words, seed=seed), strict=True))
     if not parts["train"]:
