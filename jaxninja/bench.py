@@ -33,8 +33,11 @@ Workload = tuple[jax.Array, jax.Array, int]  # the training split X, Y and the v
 DEFAULT_SETTINGS = ((200, 32), (1024, 256))
 DEFAULT_MEMBERS = (1, 8, 32)
 TOOL = "jaxninja bench"  # what a results file says it is: the only --out a bench replaces
-TORCH = {"lecture_loop": "lecture loop", "vectorised_dc": "vectorised dC"}
-TORCH["autograd"] = "loss.backward()"  # the PyTorch baselines -> their names in the summary
+TORCH = {  # the PyTorch baselines -> their names in the summary
+    "lecture_loop": "lecture loop",
+    "vectorised_dc": "vectorised dC",
+    "autograd": "loss.backward()",
+}
 
 
 def summary(values: Sequence[float]) -> dict[str, float]:
@@ -374,8 +377,8 @@ def run_bench(
 # ----------------------------------------------------------------------- ops benchmark
 
 
-def _flax_batch_norm(x: jax.Array, gain: jax.Array, bias: jax.Array, **_: Any) -> jax.Array:
-    from flax import linen as nn  # flax.linen.BatchNorm in training mode (biased variance)
+def _flax_batch_norm(x: jax.Array, gain: jax.Array, bias: jax.Array, unbiased: bool) -> jax.Array:
+    from flax import linen as nn  # its BatchNorm in training mode: biased variance only
 
     stats = {"mean": jnp.zeros(x.shape[-1]), "var": jnp.ones(x.shape[-1])}
     variables = {"params": {"scale": gain, "bias": bias}, "batch_stats": stats}
