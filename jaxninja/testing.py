@@ -145,9 +145,9 @@ def assert_vjp_matches(
             leaves, treedef = jax.tree.flatten(out_f)
             keys = jax.random.split(jax.random.key(seed), max(len(leaves), 1))
             cts = [
-                jax.random.normal(k, x.shape, x.dtype)
-                if jnp.issubdtype(x.dtype, jnp.inexact)
-                else np.zeros(x.shape, jax.dtypes.float0)
+                jax.random.normal(k, jnp.shape(x), jnp.result_type(x))
+                if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+                else np.zeros(jnp.shape(x), jax.dtypes.float0)
                 for k, x in zip(keys, leaves, strict=False)
             ]
             ct = jax.tree.unflatten(treedef, cts)
