@@ -72,11 +72,11 @@ def save(
     return path
 
 
-def _listing(names: Collection[str], limit: int = 5, as_list: bool = False) -> str:
-    """At most ``limit`` names, escaped, so that 200,000 junk keys give one short line."""
-    first = sorted(names)[:limit]
+def _listing(names: Collection[str], as_list: bool = False) -> str:
+    """At most five names, escaped, so that 200,000 junk keys give one short line."""
+    first = sorted(names)[:5]
     shown = repr(first) if as_list else ", ".join(k if k.isprintable() else repr(k) for k in first)
-    return shown if len(names) <= limit else f"{shown} ... ({len(names)} in all)"
+    return shown if len(names) <= 5 else f"{shown} ... ({len(names)} in all)"
 
 
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -122,10 +122,9 @@ def _parse_meta(stored: dict[str, np.ndarray]) -> tuple[TrainConfig, Vocab, str 
 
 
 def _same_keys(what: str, d: dict, fields: set[str]) -> None:
-    if fields - set(d):
-        raise ValueError(f"missing {what}field(s): {_listing(fields - set(d))}")
-    if set(d) - fields:
-        raise ValueError(f"unknown {what}field(s): {_listing(set(d) - fields)}")
+    for problem, names in (("missing", fields - set(d)), ("unknown", set(d) - fields)):
+        if names:
+            raise ValueError(f"{problem} {what}field(s): {_listing(names)}")
 
 
 def load(run_dir: str | os.PathLike[str], dtype: Any = jnp.float32) -> Checkpoint:
