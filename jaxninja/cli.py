@@ -17,12 +17,8 @@ from typing import Any
 
 import jax
 
-from jaxninja import bench, parallel, rundir
-from jaxninja.check import run_check
+from jaxninja import bench, check, parallel, run, rundir, sample, sweep
 from jaxninja.errors import JaxninjaError
-from jaxninja.run import eval_run, load_run, train_run
-from jaxninja.sample import sample_names
-from jaxninja.sweep import sweep_run
 from jaxninja.train import BACKENDS, FLOAT32_TINY, INT32_MAX, ConfigError, TrainConfig
 
 USAGE_ERROR = 2
@@ -104,34 +100,34 @@ def _train(args: argparse.Namespace) -> int:
     if parallel.is_main():
         print(f"run directory: {out}", flush=True)
     flags = _pick(args, "resume", "overwrite", "other_data", "devices")
-    train_run(cfg, out, args.data, num_samples=args.samples, **flags)
+    run.train_run(cfg, out, args.data, num_samples=args.samples, **flags)
     return 0
 
 
 def _sample(args: argparse.Namespace) -> int:
-    ckpt = load_run(args.out)
+    ckpt = run.load_run(args.out)
     assert ckpt.bn_stats is not None  # load_run raises for a run without them
     key, how = jax.random.key(args.seed), _pick(args, "max_len", "temperature")
-    names = sample_names(ckpt.state.params, ckpt.bn_stats, ckpt.vocab, key, args.num, **how)
+    names = sample.sample_names(ckpt.state.params, ckpt.bn_stats, ckpt.vocab, key, args.num, **how)
     print("\n".join(names))
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    for split, value in eval_run(args.out, args.data, other_data=args.other_data).items():
+    for split, value in run.eval_run(args.out, args.data, other_data=args.other_data).items():
         print(f"{split:5s} {value:.4f}")
     return 0
 
 
 def _check(args: argparse.Namespace) -> int:
-    report = run_check(**_pick(args, "dtype", "n_hidden", "seed", "data"))
+    report = check.run_check(**_pick(args, "dtype", "n_hidden", "seed", "data"))
     print(report.format())
     return 0 if report.ok else 1
 
 
 def _sweep(args: argparse.Namespace) -> int:
     seeds, lrs = _numbers(args.seeds, int, "--seeds"), _numbers(args.lrs, float, "--lrs")
-    sweep_run(_config(args), seeds, lrs, args.data, out=args.out)
+    sweep.sweep_run(_config(args), seeds, lrs, args.data, out=args.out)
     return 0
 
 
