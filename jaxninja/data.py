@@ -160,11 +160,9 @@ class Vocab:
 
     def encode(self, s: str) -> list[int]:
         """Ids of the characters of ``s``; an unknown one raises :class:`UnknownCharError`."""
-        try:
-            return [self._stoi[c] for c in s]
-        except KeyError as e:
-            ch = e.args[0]
-        raise UnknownCharError(f"character {ch!r} (U+{ord(ch):04X}) is not in the vocabulary")
+        if ch := next((c for c in s if c not in self._stoi), ""):
+            raise UnknownCharError(f"character {ch!r} (U+{ord(ch):04X}) is not in the vocabulary")
+        return [self._stoi[c] for c in s]
 
     def decode(self, ids: Iterable[int]) -> str:
         """The string for ``ids`` (id 0 decodes to '.'); out-of-range ids raise ``ValueError``."""
