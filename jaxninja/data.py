@@ -28,6 +28,7 @@ MAX_BYTES = 1 << 30
 PathArg = str | os.PathLike[str]
 Examples = tuple[np.ndarray, np.ndarray]  # X (N, block_size) and Y (N,), int32
 _KINDS = {"d": "a directory", "p": "a FIFO", "c": "a character device", "s": "a socket"}
+_DOT = "'.', which is reserved as the start/end token"
 
 
 class DataError(JaxninjaError):
@@ -92,7 +93,7 @@ def _read_words(p: Path) -> tuple[list[str], bytes]:
     lines = [raw.strip() for raw in text.split("\n")]
     for lineno, word in enumerate(lines, start=1):
         if bad := next((c for c in word if c in refused), ""):
-            why = "'.', the end token" if bad == "." else f"the control character U+{ord(bad):04X}"
+            why = _DOT if bad == "." else f"the control character U+{ord(bad):04X}"
             shown = repr(word[:40]) + ("..." if len(word) > 40 else "")
             raise DataError(f"{p}: line {lineno}: word {shown} contains {why}")
     if not (words := [w for w in lines if w]):
@@ -155,7 +156,7 @@ class Vocab:
         """'.' is id 0; the sorted set of characters in ``words`` gets ids 1..N."""
         chars = sorted(set("".join(words)))
         if "." in chars:
-            raise ValueError("words must not contain '.', the start/end token")
+            raise ValueError(f"words must not contain {_DOT}")
         return cls((".", *chars))
 
     def encode(self, s: str) -> list[int]:
@@ -203,7 +204,7 @@ def build_dataset(words: Sequence[str], vocab: Vocab, block_size: int = 3) -> Ex
     if operator.index(block_size) < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     if any("." in w for w in words):
-        raise ValueError("words must not contain '.', the start/end token")
+        raise ValueError(f"words must not contain {_DOT}")
     X, Y = [], []
     for w in words:
         context = [0] * block_size
