@@ -72,7 +72,7 @@ def forward_atomized(
     logprobs = tap("logprobs", jnp.log(probs))
     loss = -logprobs[jnp.arange(n), Y].mean()
 
-    local = locals()
+    local = locals()  # the variables above, by their lecture names
     return {name: local[name] for name in INTERMEDIATES}
 
 
@@ -153,7 +153,7 @@ def backward_atomized(
     # emb = C[X]: a row of C used k times gets k gradients added (scatter-add)
     dC = jnp.zeros_like(C).at[X].add(demb)
 
-    local = locals()
+    local = locals()  # d<name> above, for each of the 26 names
     return {name: local["d" + name] for name in GRADIENTS}
 
 
@@ -222,7 +222,7 @@ def manual_grads(params: Params, X: Array, Y: Array) -> tuple[Array, Params]:
     db1 = dhprebn.sum(0)
     dC = jnp.zeros_like(C).at[X].add(dembcat.reshape(emb.shape))
 
-    local = locals()
+    local = locals()  # d<name> above, for each parameter
     return loss, {name: local["d" + name] for name in params}
 
 

@@ -2,7 +2,7 @@
 
 One test per module (``doctest.testmod`` on each module that ``pkgutil.iter_modules``
 finds in the package), plus a check that the package has examples at all. Examples
-must be self-contained: small in-memory data, no files, no network.
+must be self-contained: small in-memory data or the bundled names.txt, no network.
 
 The README's ``>>>`` examples run too.
 """
