@@ -8,7 +8,6 @@ checked before any work. Method and figures: the README's "Speed" section.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import platform
 import re
@@ -128,8 +127,7 @@ def end_run(m: dict, options: dict, rows: list, modules: Sequence[str], method: 
 def save_results(out: str | os.PathLike[str] | None, results: dict, log: Log) -> None:
     """Write ``results`` (JSON) to ``out`` atomically, if given (after the tables)."""
     if out:
-        text = json.dumps({"tool": TOOL, **results}, indent=2, default=float)
-        fileio.write_atomic(out, lambda f: f.write(text), "w")
+        fileio.write_results_file(out, TOOL, results)
         log(f"\nwrote {out}")
 
 

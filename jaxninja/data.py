@@ -90,7 +90,7 @@ def _read_words(p: Path) -> tuple[list[str], bytes]:
         line = data.count(b"\n", 0, e.start) + 1
         raise DataError(f"{p}: line {line} is not valid UTF-8 (byte 0x{data[e.start]:02x})") from e
     refused = {c for c in set(text) if c == "." or is_control(c)}  # one look-up per character
-    lines = [raw.strip() for raw in text.split("\n")]
+    lines = [line.strip() for line in text.split("\n")]
     for lineno, word in enumerate(lines, start=1):
         if bad := next((c for c in word if c in refused), ""):
             why = _DOT if bad == "." else f"the control character U+{ord(bad):04X}"
@@ -173,7 +173,7 @@ class Vocab:
         return "".join(self.itos[j] for j in js)
 
     def to_json(self) -> str:
-        """A JSON list of the symbols, for checkpoints: ``'[".", "a"]'``."""
+        """A JSON list of the symbols: ``'[".", "a"]'``."""
         return json.dumps(list(self.itos))
 
     @classmethod

@@ -48,6 +48,13 @@ def check_results_file(out: str | os.PathLike[str], tool: str) -> dict[str, Any]
     return previous
 
 
+def write_results_file(out: str | os.PathLike[str], tool: str, results: dict[str, Any]) -> None:
+    """Write ``{"tool": tool, **results}`` to ``out`` as JSON, atomically (after the work;
+    :func:`check_results_file` checked ``out`` before it)."""
+    text = json.dumps({"tool": tool, **results}, indent=2, default=float)
+    write_atomic(out, lambda f: f.write(text), "w")
+
+
 def current_umask() -> int:
     """The process's umask (``os.umask`` can only be read by setting it, so it is set back).
 

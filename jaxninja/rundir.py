@@ -21,7 +21,7 @@ from jaxninja import checkpoint, data
 from jaxninja.errors import JaxninjaError
 from jaxninja.train import TrainConfig, TrainState
 
-FILES = ("checkpoint.npz", "losses.npy", "metrics.json", "loss.png")
+FILES = (checkpoint.FILENAME, "losses.npy", "metrics.json", "loss.png")
 LOCK = ".jaxninja.lock"
 
 

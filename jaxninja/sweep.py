@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -16,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxninja import data, fileio, model, train
+from jaxninja import data, fileio, model, run, train
 from jaxninja.train import ConfigError, TrainConfig, TrainState
 
 Array = jax.Array
@@ -109,8 +108,7 @@ def sweep_run(
         "config": cfg.to_dict(),
     }
     if out is not None:
-        text = json.dumps({"tool": TOOL, **result}, indent=2)
-        fileio.write_atomic(out, lambda f: f.write(text), "w")
+        fileio.write_results_file(out, TOOL, result)
     return result
 
 
@@ -118,8 +116,6 @@ def _evaluate(params: model.Params, i: int, Xtr: Array, splits: dict) -> dict[st
     """Member ``i``'s ``{"train_loss", "val_loss"}`` (non-empty splits), batch norm
     calibrated on ``Xtr``."""
     p = jax.tree.map(lambda a: a[i], params)
-    stats = train.calibrate_bn(p, Xtr)
-    splits = {k: xy for k, xy in splits.items() if k in ("train", "val") and len(xy[1])}
-    return {
-        f"{k}_loss": round(float(train.evaluate(p, stats, X, Y)), 4) for k, (X, Y) in splits.items()
-    }
+    two = {k: splits[k] for k in ("train", "val")}
+    losses = run.split_losses_of(p, train.calibrate_bn(p, Xtr), two)
+    return {f"{k}_loss": v for k, v in losses.items()}

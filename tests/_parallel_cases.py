@@ -186,9 +186,9 @@ def train_compare(dtype, steps: int = 50) -> dict[str, float]:
         return train.TrainState(params, opt_state, jnp.zeros((), jnp.int32), running)
 
     one = init()
-    one, losses_one = train.make_train_chunk(cfg, steps, unroll=1)(one, Xtr, Ytr)
+    one, losses_one = train.make_train_chunk(cfg, steps)(one, Xtr, Ytr)
     many = init()
-    many, losses_many = train.make_train_chunk(cfg, steps, MESH, unroll=1)(many, Xtr, Ytr)
+    many, losses_many = train.make_train_chunk(cfg, steps, MESH)(many, Xtr, Ytr)
     assert int(many.step) == steps
     assert many.params["W1"].sharding.is_fully_replicated
     scale = max(float(np.max(np.abs(np.asarray(v)))) for v in one.params.values())
