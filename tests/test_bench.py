@@ -117,13 +117,23 @@ OPS_IMPLS = {
 }
 
 
-def test_bench_ops_quick_rows_and_json(tmp_path):
-    """Every op has rows with every implementation, finite positive times, a temp size
-    in bytes and the ratios; bench.json is strict JSON and keeps the training rows."""
+def test_cli_bench_ops_quick_rows_and_json(tmp_path, capsys, monkeypatch):
+    """``jaxninja bench --ops --quick`` (one run): every op has rows with every
+    implementation, finite positive times, a temp size in bytes and the ratios; the tables
+    are printed; bench.json is strict JSON and keeps the training rows."""
     out = tmp_path / "bench.json"
     out.write_text(json.dumps({"tool": bench.TOOL, "rows": ["training rows"]}))
-    lines: list[str] = []
-    result = bench.run_ops_bench(quick=True, out=out, log=lines.append)
+    results: list[dict] = []
+    real_run = bench.run_ops_bench
+
+    def run_and_keep(**kwargs):
+        results.append(real_run(**kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(bench, "run_ops_bench", run_and_keep)
+    rc, printed, err = run_cli(capsys, "bench", "--ops", "--quick", "--out", out)
+    assert rc == 0, err
+    [result] = results
     saved = strict_json(out.read_text())
     assert saved["rows"] == ["training rows"]  # the other benchmark's part is kept
     assert saved["ops"]["rows"] == strict_json(json.dumps(result["rows"]))
@@ -142,7 +152,8 @@ def test_bench_ops_quick_rows_and_json(tmp_path):
     for op in OPS_IMPLS:
         assert f"`{op}`: grad" in table
     assert sum(ln.startswith("| 64 |") for ln in table.splitlines()) == len(rows)
-    assert result["table"] in "\n".join(lines)
+    assert result["table"] in printed
+    assert "| N | V | dtype | jaxninja ms |" in printed
 
 
 def test_bench_ops_peer_missing_is_a_note(monkeypatch):
@@ -157,33 +168,35 @@ def test_bench_ops_peer_missing_is_a_note(monkeypatch):
     assert row["ratios"]["time jaxninja/reference"] > 0
 
 
+# the ways an --out path can be unwritable; _bad_outs builds one path per kind, in order
+BAD_OUT_KINDS = (
+    "under a file",
+    "a directory",
+    "a user's file",
+    "missing parent",
+    "dangling link",
+    "link loop",
+)
+
+
 def _bad_outs(tmp_path):
     a_file = tmp_path / "file.txt"
     a_file.write_text("the user's notes\n")
     (tmp_path / "dir").mkdir()
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
-    return {
-        "under a file": (a_file / "bench.json", "not a directory"),
-        "a directory": (tmp_path / "dir", "not a regular file"),
-        "a user's file": (a_file, "not a jaxninja bench results file"),
-        "missing parent": (tmp_path / "no" / "bench.json", "not a directory"),
-        "dangling link": (tmp_path / "dangling", "symbolic link"),
-        "link loop": (tmp_path / "loop", "symbolic link"),
-    }
+    cases = [
+        (a_file / "bench.json", "not a directory"),
+        (tmp_path / "dir", "not a regular file"),
+        (a_file, "not a jaxninja bench results file"),
+        (tmp_path / "no" / "bench.json", "not a directory"),
+        (tmp_path / "dangling", "symbolic link"),
+        (tmp_path / "loop", "symbolic link"),
+    ]
+    return dict(zip(BAD_OUT_KINDS, cases, strict=True))
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        "under a file",
-        "a directory",
-        "a user's file",
-        "missing parent",
-        "dangling link",
-        "link loop",
-    ],
-)
+@pytest.mark.parametrize("kind", BAD_OUT_KINDS)
 @pytest.mark.parametrize("ops", [False, True])
 def test_unwritable_out_fails_before_any_work(tmp_path, names_file, kind, ops):
     """The check comes first and touches nothing: no line of progress, one error naming
@@ -237,12 +250,3 @@ def test_bench_parallel_experiment_runs_sharded(tmp_path, names_file):
     rows = [ln.split() for ln in table if ln.split() and ln.split()[0] in ("1", "2")]
     assert [r[0] for r in rows] == ["1", "2"]
     assert all(float(r[1]) > 0 and math.isfinite(float(r[1])) for r in rows)
-
-
-def test_cli_bench_ops_quick(tmp_path, capsys):
-    """``jaxninja bench --ops --quick``: the tables are printed and bench.json written."""
-    out = tmp_path / "bench.json"
-    rc, printed, err = run_cli(capsys, "bench", "--ops", "--quick", "--out", out)
-    assert rc == 0, err
-    assert {r["op"] for r in strict_json(out.read_text())["ops"]["rows"]} == set(OPS_IMPLS)
-    assert "| N | V | dtype | jaxninja ms |" in printed
