@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxninja import data, parallel, train
+from jaxninja import bench, data, parallel, train
 
 
 def bench_data_parallel(
@@ -49,11 +49,9 @@ def bench_data_parallel(
     ).validate()
     results = []
     for n in device_counts:
-        t = time.perf_counter()
         state = train.init_state(cfg, splits.vocab.size)
         chunk = train.make_train_chunk(cfg, steps, mesh=parallel.data_mesh(cfg, n))
-        compiled = chunk.lower(state, Xtr, Ytr).compile()
-        compile_s = time.perf_counter() - t
+        compiled, compile_s = bench.compile_timed(chunk, state, Xtr, Ytr)
         best, losses = float("inf"), None
         for _ in range(repeats):
             state = jax.block_until_ready(train.init_state(cfg, splits.vocab.size))
