@@ -10,9 +10,6 @@ Modes:
     The K-th checkpoint write (1-based) writes the first half of the archive's bytes
     to the temporary file, flushes and fsyncs them, prints ``STALLED`` on stdout and
     then sleeps, so the test can SIGKILL the process in the middle of the write.
-``enospc-save K``
-    The K-th checkpoint write (1-based) writes part of the archive and then fails with
-    ``ENOSPC``, as a full disk would: the tool's own error path has to handle it.
 ``slow-save SECONDS``
     Every checkpoint write is followed by a pause, so a run of many tiny chunks lasts
     long enough for the test to deliver SIGINT between chunks.
@@ -20,7 +17,6 @@ Modes:
 
 from __future__ import annotations
 
-import errno
 import io
 import os
 import sys
@@ -58,14 +54,6 @@ def _stall_save(k: int) -> None:
     _on_kth_savez(k, stall)
 
 
-def _enospc_save(k: int) -> None:
-    def full(file, data):
-        file.write(data[:1000])
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    _on_kth_savez(k, full)
-
-
 def _slow_save(seconds: float) -> None:
     from jaxninja import checkpoint
 
@@ -84,8 +72,6 @@ def main(argv: list[str]) -> int:
     assert sep == "--", argv
     if mode == "stall-save":
         _stall_save(int(arg))
-    elif mode == "enospc-save":
-        _enospc_save(int(arg))
     elif mode == "slow-save":
         _slow_save(float(arg))
     else:

@@ -11,6 +11,7 @@ and on a 2-core machine they can do that next to the (mostly single-threaded) te
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -23,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import FAULT, params_of
 
-from jaxninja import data, model, ninja
+from jaxninja import cli, data, model, ninja, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,6 +70,47 @@ def batch(splits: data.Splits) -> Callable[..., tuple[np.ndarray, np.ndarray]]:
         return X[ix], Y[ix]
 
     return draw
+
+
+@pytest.fixture(scope="session")
+def words_file(names_file: Path, tmp_path_factory) -> Path:
+    """A small words file: the first 200 names of names.txt plus the first name with each
+    letter they lack, so the vocabulary is the full 27 (a temporary file)."""
+    all_words = names_file.read_text().split()
+    words = all_words[:200]
+    for letter in "abcdefghijklmnopqrstuvwxyz":
+        if not any(letter in w for w in words):
+            words.append(next(w for w in all_words if letter in w))
+    p = tmp_path_factory.mktemp("data") / "words.txt"
+    p.write_text("\n".join(words) + "\n")
+    return p
+
+
+@pytest.fixture(scope="module")
+def reuse_compiled_chunks() -> Iterator[None]:
+    """In this module's process, build each (config, n) training chunk once: a run that
+    resumes another run's config reuses its executable instead of compiling it again
+    (compiling is most of a tiny run's time). Subprocesses are not affected. Use it with
+    ``pytestmark = pytest.mark.usefixtures("reuse_compiled_chunks")``."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "make_train_chunk", functools.cache(train.make_train_chunk))
+        yield
+
+
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory) -> Path:
+    """A JAX persistent compilation cache shared by the fault tests' subprocesses, so each
+    chunk shape is compiled about once per session."""
+    return tmp_path_factory.mktemp("jax-cache")
+
+
+@pytest.fixture(scope="session")
+def fault_reference(words_file: Path, tmp_path_factory) -> tuple[dict, np.ndarray]:
+    """Final parameters and loss history of an uninterrupted ``helpers.FAULT`` run on
+    ``words_file`` (in-process): what every interrupted and resumed run must end with."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    assert cli.main(["train", "--data", str(words_file), "--out", str(out), *FAULT]) == 0
+    return params_of(out), np.load(out / "losses.npy")
 
 
 @pytest.fixture

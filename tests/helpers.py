@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import queue
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
-from jaxninja import cli
+import numpy as np
+import pytest
+
+from jaxninja import checkpoint, cli
+from jaxninja.data import is_control
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,3 +51,163 @@ def one_error_line(err: str) -> str:
     assert lines[0].startswith("error: "), lines[0]
     assert "Traceback" not in err
     return lines[0]
+
+
+# ------------------------------------------------------------- runs interrupted by faults
+
+# 40 chunks of 100 steps, each with its checkpoint: a run that lasts past a signal. Every
+# run compared with the uninterrupted reference (conftest's ``fault_reference``) uses it.
+FAULT = ["--steps", "4000", "--n-hidden", "16", "--chunk-steps", "100", "--samples", "0"]
+
+
+def params_of(run: Path) -> dict[str, np.ndarray]:
+    """The parameters stored in ``run``'s checkpoint, as numpy arrays."""
+    return {k: np.asarray(v) for k, v in checkpoint.load(run).state.params.items()}
+
+
+def assert_same_run(run: Path, reference: tuple[dict, np.ndarray]) -> None:
+    """``run`` ends with the reference's parameters and loss history, bit for bit."""
+    # Measured: a resumed run is bitwise identical to an uninterrupted one (the batch of
+    # step s comes from fold_in(key, s) and every chunk runs the same executable).
+    params, losses = reference
+    got = params_of(run)
+    assert got.keys() == params.keys()
+    for k in params:
+        np.testing.assert_array_equal(got[k], params[k], err_msg=k)
+    np.testing.assert_array_equal(np.load(run / "losses.npy"), losses)
+
+
+def progress(line: str) -> bool:
+    """The first progress line of ``jaxninja train`` (step 0)."""
+    return line.strip().startswith("0/")
+
+
+class Proc:
+    """``python PREFIX ARGS`` (by default ``python -m jaxninja ARGS``) with its stdout and
+    stderr lines collected by threads; subprocesses share the compilation cache ``cache``."""
+
+    def __init__(self, args, cache: Path, cwd: Path = REPO, prefix=("-m", "jaxninja")):
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "JAX_COMPILATION_CACHE_DIR": str(cache),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        }
+        cmd = [sys.executable, *map(str, prefix), *map(str, args)]
+        self.p = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd
+        )
+        self.lines: dict[str, queue.Queue] = {"out": queue.Queue(), "err": queue.Queue()}
+        self.seen: dict[str, list[str]] = {"out": [], "err": []}
+        for name, stream in (("out", self.p.stdout), ("err", self.p.stderr)):
+            threading.Thread(target=self._pump, args=(stream, name), daemon=True).start()
+
+    def _pump(self, stream, name: str) -> None:
+        for line in stream:
+            self.lines[name].put(line)
+        self.lines[name].put(None)
+
+    def wait_for(self, name: str, pred, timeout: float = 120) -> str:
+        """The first new line of stdout/stderr (``name``) for which ``pred`` holds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines[name].get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                line = None
+            if line is None:
+                self.p.kill()
+                pytest.fail(f"never got the line; {name} so far: {self.seen[name]}")
+            self.seen[name].append(line)
+            if pred(line):
+                return line
+
+    def finish(self, timeout: float = 120) -> tuple[int, str, str]:
+        """Exit status and the rest of stdout and stderr (all of it, seen or not)."""
+        try:
+            rc = self.p.wait(timeout)
+        finally:
+            if self.p.poll() is None:
+                self.p.kill()
+                self.p.wait()
+        for name in ("out", "err"):
+            while (line := self.lines[name].get(timeout=30)) is not None:
+                self.seen[name].append(line)
+        return rc, "".join(self.seen["out"]), "".join(self.seen["err"])
+
+
+# ------------------------------------------------------------------ tampered checkpoints
+
+
+def npz_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of the .npz archive ``path``."""
+    with np.load(path) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def rewrite_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def with_arrays(fn):
+    """A mutation of a checkpoint file that applies ``fn`` to its dict of arrays."""
+
+    def mutate(path: Path) -> None:
+        arrays = npz_arrays(path)
+        fn(arrays)
+        rewrite_npz(path, arrays)
+
+    return mutate
+
+
+def with_meta(edit):
+    """A mutation that applies ``edit`` to the decoded JSON ``meta`` entry."""
+
+    def change(arrays: dict[str, np.ndarray]) -> None:
+        meta = json.loads(bytes(arrays["meta"]))
+        edit(meta)
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+
+    return with_arrays(change)
+
+
+def set_array(name: str, value):
+    """A mutation that replaces array ``name`` by ``value(old)``."""
+    return with_arrays(lambda a: a.__setitem__(name, value(a[name])))
+
+
+def refused(run: Path) -> str:
+    """``checkpoint.load(run)``'s one short line (no control character, no numpy advice)."""
+    with pytest.raises(checkpoint.CheckpointError) as exc:
+        checkpoint.load(run)
+    msg = str(exc.value)
+    assert msg.startswith(f"{run / checkpoint.FILENAME}: "), msg
+    assert "\n" not in msg and len(msg) < len(str(run)) + 250, msg
+    assert "allow_pickle" not in msg and not any(is_control(c) for c in msg), msg
+    return msg
+
+
+# ------------------------------------------------------------------------------ sampling
+
+
+def numpy_logits(params, bn_stats, context: list[int]) -> np.ndarray:
+    """Eval-mode logits for one context, in float64 numpy."""
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    mean, var = (np.asarray(bn_stats[k], np.float64) for k in ("mean", "var"))
+    hprebn = p["C"][context].reshape(1, -1) @ p["W1"] + p["b1"]
+    h = np.tanh(p["bngain"] * (hprebn - mean) / np.sqrt(var + 1e-5) + p["bnbias"])
+    return (h @ p["W2"] + p["b2"])[0]
+
+
+def greedy_name(params, bn_stats, vocab, max_len: int = 32) -> str:
+    """Argmax decoding, one character at a time."""
+    context, out = [0, 0, 0], []
+    for _ in range(max_len):
+        ix = int(np.argmax(numpy_logits(params, bn_stats, context)))
+        if ix == 0:
+            break
+        out.append(vocab.itos[ix])
+        context = context[1:] + [ix]
+    return "".join(out)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import greedy_name, numpy_logits
 
 from jaxninja import checkpoint, model, run, sample, train
 from jaxninja.train import TrainConfig
@@ -343,27 +344,6 @@ def test_samples_are_deterministic_for_a_key(trained, splits):
     c = sample.sample_names(params, bn_stats, splits.vocab, jax.random.key(8), N_SAMPLES)
     assert a == b
     assert a != c
-
-
-def numpy_logits(params, bn_stats, context: list[int]) -> np.ndarray:
-    """Eval-mode logits for one context, in float64 numpy."""
-    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
-    mean, var = (np.asarray(bn_stats[k], np.float64) for k in ("mean", "var"))
-    hprebn = p["C"][context].reshape(1, -1) @ p["W1"] + p["b1"]
-    h = np.tanh(p["bngain"] * (hprebn - mean) / np.sqrt(var + 1e-5) + p["bnbias"])
-    return (h @ p["W2"] + p["b2"])[0]
-
-
-def greedy_name(params, bn_stats, vocab, max_len: int = 32) -> str:
-    """Argmax decoding, one character at a time."""
-    context, out = [0, 0, 0], []
-    for _ in range(max_len):
-        ix = int(np.argmax(numpy_logits(params, bn_stats, context)))
-        if ix == 0:
-            break
-        out.append(vocab.itos[ix])
-        context = context[1:] + [ix]
-    return "".join(out)
 
 
 def mean_nll(params, bn_stats, vocab, names: list[str]) -> float:
