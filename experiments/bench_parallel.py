@@ -28,7 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxninja import bench, data, parallel, train
+from jaxninja import bench
+from jaxninja.lecture import data
+from jaxninja.training import parallel, train
 
 
 def bench_data_parallel(

@@ -4,17 +4,17 @@ The lecture splits the forward pass into 20 named intermediates (emb, embcat, hp
 bnmeani, ..., probs, logprobs, loss), backpropagates through every one of them by hand
 and compares each of the 26 gradients with autodiff using ``cmp``: bitwise equality,
 ``allclose`` and the max abs difference. Here autodiff is ``jax.grad`` (through zero
-"taps" added to each intermediate, see ``jaxninja.ninja.reference_grads``).
+"taps" added to each intermediate, see ``jaxninja.lecture.ninja.reference_grads``).
 
-Run (names.txt from $JAXNINJA_DATA, else the download cache)::
+Run (names.txt from $JAXNINJA_DATA, else the copy bundled in the package)::
 
     python experiments/exercise1_manual_backprop.py
 
 Both tables are computed with ``jax.jit`` (forward, manual backward and ``jax.grad`` each
 compiled on its own). float32 is not bit-exact on every row the way the lecture's PyTorch
-run was; float64 shows the same 1-ulp pattern at 1e-17. Why: see the docstring of
-``jaxninja.check`` (JAX's tanh rule and XLA:CPU's fused multiply-adds round differently
-from ``(1 - h**2) * dh``).
+run was; float64 shows the same 1-ulp pattern at 1e-17. Why: see "Why not 26/26 bit-exact" in
+docs/lecture.md (JAX's tanh rule and XLA:CPU's fused multiply-adds round differently from
+``(1 - h**2) * dh``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxninja import data, model, ninja
+from jaxninja.lecture import data, model, ninja
 
 SEED = 42
 BATCH_SIZE = 32

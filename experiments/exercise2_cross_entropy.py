@@ -12,7 +12,7 @@ then looks at ``dlogits`` as a picture: each row sums to zero, a dark cell at th
 character (pulled up) and light cells elsewhere (pushed down, in proportion to the
 probability the network gave them).
 
-Run (names.txt from $JAXNINJA_DATA, else the download cache)::
+Run (names.txt from $JAXNINJA_DATA, else the copy bundled in the package)::
 
     python experiments/exercise2_cross_entropy.py [--out dlogits.png]
 
@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxninja import data, model, ninja, ops
+from jaxninja import ops
+from jaxninja.lecture import data, model, ninja
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out", default="dlogits.png", help="where to save the dlogits picture")

@@ -11,7 +11,7 @@ The lecture first checks a one-line forward pass against the long one (``max dif
 ``dhprebn`` against autodiff. The fused rule is given autodiff's own ``dhpreact``, so the
 row tests that one step alone.
 
-Run (names.txt from $JAXNINJA_DATA, else the download cache)::
+Run (names.txt from $JAXNINJA_DATA, else the copy bundled in the package)::
 
     python experiments/exercise3_batchnorm.py
 
@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxninja import data, model, ninja, ops
+from jaxninja import ops
+from jaxninja.lecture import data, model, ninja
 
 SEED = 42
 BATCH_SIZE = 32

@@ -2,7 +2,7 @@
 
 The lecture's last exercise puts it all together: train the MLP with the backward pass
 written by hand, no ``loss.backward()``. Here that hand-written backward pass is
-:func:`jaxninja.ninja.manual_grads` (fused cross-entropy and batch-norm rules, a
+:func:`jaxninja.lecture.ninja.manual_grads` (fused cross-entropy and batch-norm rules, a
 scatter-add for the embedding table), and nothing below calls autodiff except the one
 check at the start, which is what the lecture compares against.
 
@@ -21,7 +21,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxninja import data, model, ninja, sample, train
+from jaxninja.lecture import data, model, ninja, sample
+from jaxninja.training import train
 
 # ----------------------------------------------------------------------- settings
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

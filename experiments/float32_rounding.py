@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxninja import check, model, ninja
+from jaxninja.lecture import check, model, ninja
 
 
 def float32_rounding_experiment(

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxninja import ops
-from jaxninja.data import Vocab, build_dataset
+from jaxninja.lecture.data import Vocab, build_dataset
 
 WORDS = "emma olivia ava isabella sophia charlotte mia amelia harper evelyn abigail".split()
 AXIS = "batch"

@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 
 from jaxninja import ops
-from jaxninja.data import Vocab, build_dataset
+from jaxninja.lecture.data import Vocab, build_dataset
 
 WORDS = "emma olivia ava isabella sophia charlotte mia amelia harper evelyn abigail".split()
 

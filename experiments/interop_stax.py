@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.example_libraries import stax
 
 from jaxninja import ops
-from jaxninja.data import Vocab, build_dataset, load_words
+from jaxninja.lecture.data import Vocab, build_dataset, load_words
 
 Array = jax.Array
 Params = Any  # the nested tuples of a stax model

@@ -1,3 +1,3 @@
 """jaxninja: makemore Part 4 ("Becoming a Backprop Ninja") in JAX, backprop written by hand."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

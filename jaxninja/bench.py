@@ -22,8 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxninja import data, fileio, ops, sweep, train
-from jaxninja.train import BACKENDS, ConfigError, TrainConfig
+from jaxninja import ops
+from jaxninja.lecture import data
+from jaxninja.training import fileio, sweep, train
+from jaxninja.training.train import BACKENDS, ConfigError, TrainConfig
 
 Log = Callable[[str], None]
 Timer = tuple[Callable[[], Any], float]  # a call to time and the units of work it does
@@ -165,7 +167,7 @@ def _row(cfg: TrainConfig, w: Workload, kind: str, name: str, **extra: Any) -> d
 
 def chunk_entry(cfg: TrainConfig, w: Workload, steps: int, m: int = 0) -> Entry:
     """A compiled, warmed-up chunk of ``steps`` training steps (of ``m`` models in one
-    vmapped program of :mod:`jaxninja.sweep` if ``m``): its row, a timer in us per step."""
+    vmapped program of :mod:`jaxninja.training.sweep` if ``m``): its row, a timer in us per step."""
     X, Y, V = w
     rest: tuple[jax.Array, ...] = (X, Y)
     if m:

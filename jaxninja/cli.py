@@ -17,9 +17,11 @@ from typing import Any
 
 import jax
 
-from jaxninja import bench, check, parallel, run, rundir, sample, sweep
+from jaxninja import bench
 from jaxninja.errors import JaxninjaError
-from jaxninja.train import BACKENDS, FLOAT32_TINY, INT32_MAX, ConfigError, TrainConfig
+from jaxninja.lecture import check, sample
+from jaxninja.training import job, parallel, rundir, sweep
+from jaxninja.training.train import BACKENDS, FLOAT32_TINY, INT32_MAX, ConfigError, TrainConfig
 
 USAGE_ERROR = 2
 MAX_NAMES, MAX_LEN = 100_000, 1_000  # sample -n x --max-len: at most 1e8 ids; more is a typo
@@ -93,19 +95,19 @@ def _config(args: argparse.Namespace) -> TrainConfig:
 
 def _train(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    job = _pick(args, "coordinator", "num_processes", "process_id", "heartbeat_timeout")
-    parallel.initialize(**job)  # alone: no-op
+    job_options = _pick(args, "coordinator", "num_processes", "process_id", "heartbeat_timeout")
+    parallel.initialize(**job_options)  # alone: no-op
     # the pid makes two runs started in the same second two directories
     out = args.out or os.path.join("runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     if parallel.is_main():
         print(f"run directory: {out}", flush=True)
     flags = _pick(args, "resume", "overwrite", "other_data", "devices")
-    run.train_run(cfg, out, args.data, num_samples=args.samples, **flags)
+    job.train_run(cfg, out, args.data, num_samples=args.samples, **flags)
     return 0
 
 
 def _sample(args: argparse.Namespace) -> int:
-    ckpt = run.load_run(args.out)
+    ckpt = job.load_run(args.out)
     assert ckpt.bn_stats is not None  # load_run raises for a run without them
     key, how = jax.random.key(args.seed), _pick(args, "max_len", "temperature")
     names = sample.sample_names(ckpt.state.params, ckpt.bn_stats, ckpt.vocab, key, args.num, **how)
@@ -114,7 +116,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    for split, value in run.eval_run(args.out, args.data, other_data=args.other_data).items():
+    for split, value in job.eval_run(args.out, args.data, other_data=args.other_data).items():
         print(f"{split:5s} {value:.4f}")
     return 0
 
@@ -232,8 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
         _add_options(command, options)
         command.set_defaults(func=handler)
         if name == "train":
-            job = command.add_argument_group("multi-process job (jaxninja.parallel.initialize)")
-            _add_options(job, JOB)
+            job_group = command.add_argument_group(
+                "multi-process job (jaxninja.training.parallel.initialize)"
+            )
+            _add_options(job_group, JOB)
     return p
 
 

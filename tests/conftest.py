@@ -24,13 +24,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import FAULT, params_of
+from helpers import CFG, FAULT, SHA, VOCAB, params_of
 
-from jaxninja import cli, data, model, ninja, train
+from jaxninja import cli
+from jaxninja.lecture import data, model, ninja
+from jaxninja.training import checkpoint, train
+from jaxninja.training.train import init_state
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The lecture's init scales (REFERENCE.md), for parameters drawn with numpy: compiling
+# The lecture's init scales (the lecture's notebook), for parameters drawn with numpy: compiling
 # jax.random for every shape costs seconds, numpy costs nothing. model.init_params itself
 # is tested in test_model.py.
 _SCALES = {"C": 1.0, "W1": (5 / 3) / 30**0.5, "b1": 0.1, "W2": 0.1, "b2": 0.1}
@@ -255,3 +258,17 @@ def experiment_runs(names_file: Path) -> dict[str, tuple[int, str, Path]]:
             stdout, _ = proc.communicate()
         results[name] = proc.returncode, stdout, out
     return results
+
+
+@pytest.fixture(scope="module")
+def ckpt_state():
+    state = init_state(CFG, VOCAB.size)
+    stats = {"mean": jnp.full((1, 8), 0.5), "var": jnp.full((1, 8), 2.0)}
+    return state, stats
+
+
+@pytest.fixture
+def saved(tmp_path: Path, ckpt_state) -> Path:
+    state, stats = ckpt_state
+    checkpoint.save(tmp_path, CFG, VOCAB, state, stats, data_sha256=SHA)
+    return tmp_path

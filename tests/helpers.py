@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -16,8 +17,10 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from jaxninja import checkpoint, cli
-from jaxninja.data import is_control
+from jaxninja import cli
+from jaxninja.lecture.data import Vocab, is_control
+from jaxninja.training import checkpoint
+from jaxninja.training.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -211,3 +214,9 @@ def greedy_name(params, bn_stats, vocab, max_len: int = 32) -> str:
         out.append(vocab.itos[ix])
         context = context[1:] + [ix]
     return "".join(out)
+
+
+# A small run's pieces, for the checkpoint, atomic-write and sampling tests.
+CFG = TrainConfig(n_hidden=8, steps=4, chunk_steps=2)
+VOCAB = Vocab(tuple(".abcd"))
+SHA = hashlib.sha256(b"some data file").hexdigest()

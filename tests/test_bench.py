@@ -16,7 +16,7 @@ from helpers import REPO, one_error_line, run_cli
 
 from jaxninja import bench
 from jaxninja.errors import JaxninjaError
-from jaxninja.train import BACKENDS, ConfigError
+from jaxninja.training.train import BACKENDS, ConfigError
 
 SUMMARY_KEYS = {"median", "min", "max", "spread", "n"}
 

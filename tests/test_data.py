@@ -1,37 +1,27 @@
-"""Tests for jaxninja.data (the packaged file, loading, vocabulary, examples and splits,
-every kind of hostile data path or content) and for what else carries the data to and
-from disk: checkpoints (tampered ones refused), atomic writes (umask, full disk) and
-sampling (any positive finite temperature)."""
+"""Tests for jaxninja.lecture.data: the packaged file, loading, vocabulary, examples and splits,
+every kind of hostile data path or content."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import errno
 import hashlib
-import io
-import math
 import os
 import pickle
 import random
 import socket
-import stat
-import tempfile
 import threading
-import zipfile
 from importlib import resources
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import greedy_name, refused
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxninja import checkpoint, data, fileio, sample
-from jaxninja.data import (
+from jaxninja.errors import JaxninjaError
+from jaxninja.lecture import data
+from jaxninja.lecture.data import (
     DataError,
     UnknownCharError,
     Vocab,
@@ -42,8 +32,6 @@ from jaxninja.data import (
     resolve_data_path,
     split_words,
 )
-from jaxninja.errors import JaxninjaError
-from jaxninja.train import TrainConfig, init_state
 
 
 @pytest.fixture(scope="module")
@@ -447,7 +435,7 @@ def test_default_is_the_packaged_file(env, monkeypatch: pytest.MonkeyPatch) -> N
     else:
         monkeypatch.setenv("JAXNINJA_DATA", env)
     p = resolve_data_path()
-    assert p == Path(data.__file__).parent / "names.txt"
+    assert p == Path(data.__file__).parents[1] / "names.txt"
     assert len(load_words()) == 32033
     assert load_splits().sha256 == data.NAMES_SHA256
 
@@ -457,11 +445,6 @@ def test_resolve_explicit_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert resolve_data_path(tmp_path / "explicit.txt") == tmp_path / "explicit.txt"
     assert resolve_data_path("rel.txt") == Path("rel.txt")
     assert resolve_data_path() == tmp_path / "env.txt"
-
-
-def test_download_code_is_gone() -> None:
-    for name in ("cache_dir", "download_names", "DEFAULT_URL"):
-        assert not hasattr(data, name), name
 
 
 # --------------------------------------------------------------------------- Splits
@@ -499,7 +482,6 @@ def test_too_small_for_a_training_split(tmp_path: Path) -> None:
 
 
 def test_data_error_is_the_tool_s_error() -> None:
-    from jaxninja.errors import JaxninjaError
 
     assert issubclass(DataError, JaxninjaError) and issubclass(DataError, ValueError)
 
@@ -668,225 +650,3 @@ def test_no_control_character_reaches_the_vocabulary(tmp_path_factory, lines) ->
         return
     assert all(not is_control(c) for w in words for c in w)
     assert all(not is_control(c) for c in Vocab.from_words(words).itos)
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-CFG = TrainConfig(n_hidden=8, steps=4, chunk_steps=2)
-VOCAB = Vocab(tuple(".abcd"))
-SHA = hashlib.sha256(b"some data file").hexdigest()
-
-
-@pytest.fixture(scope="module")
-def ckpt_state():
-    state = init_state(CFG, VOCAB.size)
-    stats = {"mean": jnp.full((1, 8), 0.5), "var": jnp.full((1, 8), 2.0)}
-    return state, stats
-
-
-@pytest.fixture
-def saved(tmp_path: Path, ckpt_state) -> Path:
-    state, stats = ckpt_state
-    checkpoint.save(tmp_path, CFG, VOCAB, state, stats, data_sha256=SHA)
-    return tmp_path
-
-
-def test_checkpoint_round_trip_records_the_data_hash(saved: Path, ckpt_state) -> None:
-    ck = checkpoint.load(saved)
-    assert ck.data_sha256 == SHA and ck.config == CFG and ck.vocab == VOCAB
-    np.testing.assert_array_equal(ck.bn_stats["var"], ckpt_state[1]["var"])
-    for a, b in zip(jax.tree.leaves(ck.state), jax.tree.leaves(ckpt_state[0]), strict=True):
-        np.testing.assert_array_equal(a, b)
-    checkpoint.save(saved, CFG, VOCAB, ckpt_state[0])  # no hash, no statistics: both None
-    ck = checkpoint.load(saved)
-    assert ck.data_sha256 is None and ck.bn_stats is None
-    assert issubclass(checkpoint.CheckpointError, JaxninjaError)
-
-
-def test_200000_junk_entries_are_refused_before_reading(saved: Path) -> None:
-    with zipfile.ZipFile(saved / checkpoint.FILENAME, "a") as z:
-        n = len(z.infolist()) + 200_000
-        for i in range(200_000):
-            z.writestr(f"junk{i}.npy", b"")
-    msg = refused(saved)
-    assert f"unreadable checkpoint ({n} entries, over the limit of 1000)" in msg
-
-
-def test_checkpoint_files_follow_the_umask(tmp_path: Path, ckpt_state) -> None:
-    before = os.umask(0o022)
-    try:
-        for mask, mode in [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664), (0o027, 0o640)]:
-            os.umask(mask)
-            path = checkpoint.save(tmp_path / f"m{mask:o}", CFG, VOCAB, ckpt_state[0])
-            assert stat.S_IMODE(path.stat().st_mode) == mode, (oct(mask), oct(path.stat().st_mode))
-            assert checkpoint.load(path.parent).config == CFG
-    finally:
-        os.umask(before)
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-
-def _listing(d: Path) -> list[str]:
-    return sorted(p.name for p in d.iterdir())
-
-
-def test_write_atomic_follows_the_umask(tmp_path: Path) -> None:
-    before = os.umask(0o077)
-    try:
-        fileio.write_atomic(tmp_path / "private.txt", lambda f: f.write("x"), "w")
-        os.umask(0o022)
-        fileio.write_atomic(tmp_path / "shared.txt", lambda f: f.write("x"), "w")
-    finally:
-        os.umask(before)
-    assert stat.S_IMODE((tmp_path / "private.txt").stat().st_mode) == 0o600
-    assert stat.S_IMODE((tmp_path / "shared.txt").stat().st_mode) == 0o644
-    assert fileio.current_umask() == before
-
-
-def test_full_disk_while_writing_a_checkpoint(
-    saved: Path, monkeypatch: pytest.MonkeyPatch, ckpt_state
-) -> None:
-    """ENOSPC in the middle of the archive: one-line error, old checkpoint intact, no temp file."""
-    old = (saved / checkpoint.FILENAME).read_bytes()
-    real_savez = np.savez
-
-    def savez_then_full(f, **arrays):
-        buf = io.BytesIO()
-        real_savez(buf, **arrays)
-        f.write(buf.getvalue()[:100])
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(np, "savez", savez_then_full)
-    with pytest.raises(fileio.WriteError) as exc:
-        checkpoint.save(saved, CFG, VOCAB, ckpt_state[0], data_sha256=SHA)
-    dest = saved / checkpoint.FILENAME
-    assert str(exc.value) == f"cannot write {dest}: No space left on device"
-    assert isinstance(exc.value, JaxninjaError)
-    assert dest.read_bytes() == old and _listing(saved) == [checkpoint.FILENAME]
-
-
-@pytest.mark.parametrize(
-    ("where", "err"),
-    [
-        ("fsync", errno.ENOSPC),
-        ("mkstemp", errno.EROFS),
-        ("mkstemp", errno.EACCES),
-        ("replace", errno.EXDEV),
-    ],
-)
-def test_write_errors_become_one_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where, err
-) -> None:
-    dest = tmp_path / "metrics.json"
-    dest.write_text("old")
-
-    def fail(*args, **kwargs):
-        raise OSError(err, os.strerror(err))
-
-    target = {"fsync": (os, "fsync"), "mkstemp": (tempfile, "mkstemp"), "replace": (os, "replace")}
-    monkeypatch.setattr(*target[where], fail)
-    with pytest.raises(fileio.WriteError) as exc:
-        fileio.write_atomic(dest, lambda f: f.write("new"), "w")
-    assert str(exc.value) == f"cannot write {dest}: {os.strerror(err)}"
-    monkeypatch.undo()
-    assert dest.read_text() == "old" and _listing(tmp_path) == ["metrics.json"]
-
-
-def test_write_atomic_real_failures(tmp_path: Path) -> None:
-    with pytest.raises(fileio.WriteError, match="No such file or directory"):
-        fileio.write_atomic(tmp_path / "missing" / "a.txt", lambda f: f.write(b"x"))
-    (tmp_path / "file").write_text("")
-    with pytest.raises(fileio.WriteError, match="Not a directory"):
-        fileio.write_atomic(tmp_path / "file" / "a.txt", lambda f: f.write(b"x"))
-    with pytest.raises(fileio.WriteError, match=r"cannot create .*file"):
-        checkpoint.save(tmp_path / "file" / "run", CFG, VOCAB, init_state(CFG, VOCAB.size))
-
-
-@pytest.mark.parametrize("exc", [ValueError("bad"), KeyboardInterrupt()])
-def test_write_atomic_other_errors_pass_through_and_clean_up(tmp_path: Path, exc) -> None:
-    def write(f):
-        f.write(b"partial")
-        raise exc
-
-    with pytest.raises(type(exc)):
-        fileio.write_atomic(tmp_path / "a.bin", write)
-    assert _listing(tmp_path) == []
-
-
-# --------------------------------------------------------------------------- sampling temperature
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    """Untrained lecture-shaped parameters with calibrated statistics (no training needed)."""
-    state = init_state(TrainConfig(n_hidden=16), 5)
-    stats = {"mean": jnp.zeros((1, 16)), "var": jnp.ones((1, 16))}
-    return state.params, stats
-
-
-@pytest.mark.parametrize("t", [1e-300, 5e-324, 1e-45, 1e-30])
-def test_tiny_temperature_is_exact_greedy_decoding(tiny_model, t: float) -> None:
-    params, stats = tiny_model
-    names = sample.sample_names(
-        params, stats, VOCAB, jax.random.key(0), 6, max_len=8, temperature=t
-    )
-    assert names == [greedy_name(params, stats, VOCAB, 8)] * 6
-
-
-def test_tempered_choice_samples_softmax_of_logits_over_t() -> None:
-    z = jnp.array([0.0, 1.0, 2.0, -1.0])
-    n = 40_000
-    for t in (0.5, 1.0, 3.0):
-        draws = sample.tempered_choice(jax.random.key(1), jnp.broadcast_to(z, (n, 4)), t)
-        freq = np.bincount(np.asarray(draws), minlength=4) / n
-        want = np.exp(np.asarray(z) / t) / np.exp(np.asarray(z) / t).sum()
-        assert np.abs(freq - want).max() < 0.01, (t, freq, want)
-    for t in (1e30, 1e300):  # T -> infinity: uniform
-        draws = sample.tempered_choice(jax.random.key(2), jnp.broadcast_to(z, (n, 4)), t)
-        freq = np.bincount(np.asarray(draws), minlength=4) / n
-        assert np.abs(freq - 0.25).max() < 0.01, (t, freq)
-
-
-def test_tempered_choice_is_the_gumbel_max_of_logits_over_t() -> None:
-    """Same noise, same draws as argmax(z / T + g), computed in float64, for T < 1 and T > 1."""
-    key = jax.random.key(3)
-    z = jax.random.normal(jax.random.key(4), (2000, 27)) * 3
-    g = np.asarray(jax.random.gumbel(key, z.shape, z.dtype), np.float64)
-    for t in (0.05, 0.7, 1.0, 4.0):
-        want = np.argmax(np.asarray(z, np.float64) / t + g, axis=-1)
-        got = np.asarray(sample.tempered_choice(key, z, t))
-        assert (got == want).mean() > 0.999, t
-
-
-@pytest.mark.parametrize("t", [0.0, -1.0, -1e-300, math.nan, math.inf, -math.inf, True, "1"])
-def test_bad_temperatures_are_refused(tiny_model, t) -> None:
-    params, stats = tiny_model
-    with pytest.raises(JaxninjaError, match="temperature must be a positive finite number"):
-        sample.sample_names(params, stats, VOCAB, jax.random.key(0), 2, temperature=t)
-
-
-@pytest.mark.parametrize(
-    ("kw", "name"), [({"num_samples": 0}, "num_samples"), ({"max_len": 0}, "max_len")]
-)
-def test_bad_sizes_are_refused(tiny_model, kw, name) -> None:
-    params, stats = tiny_model
-    with pytest.raises(JaxninjaError, match=f"{name} must be a positive integer"):
-        sample.sample_names(params, stats, VOCAB, jax.random.key(0), **{"num_samples": 2, **kw})
-
-
-def test_control_characters_in_a_path_are_escaped(tmp_path: Path) -> None:
-    p = tmp_path / "evil\x1b[2J\u202e.txt"
-    with pytest.raises(DataError) as exc:
-        load_words(p)
-    assert str(exc.value) == f"{tmp_path}/evil\\x1b[2J\\u202e.txt: no such file"
-    p.write_text("emma\n")
-    with pytest.raises(DataError, match=r"evil\\x1b\[2J\\u202e\.txt: the training split is empty"):
-        load_splits(p)
-
-
-def test_a_huge_hostile_vocabulary_is_refused_quickly_and_briefly() -> None:
-    itos = (".", *(chr(0x4E00 + i % 20_000) for i in range(200_000)))
-    with pytest.raises(ValueError, match="vocabulary has 20000 duplicate entries") as exc:
-        Vocab(itos)
-    assert len(str(exc.value)) < 100

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 from helpers import FAULT, Proc, assert_same_run, one_error_line, progress, run_cli
 
-from jaxninja import checkpoint
+from jaxninja.training import checkpoint
 
 ROOT = os.geteuid() == 0
 # one chunk of many steps: seconds inside a single compiled call

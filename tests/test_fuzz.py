@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 from helpers import run_cli
 
-from jaxninja import rundir, sweep, train
+from jaxninja.training import rundir, sweep, train
 
 ROOT = os.geteuid() == 0
 BIG, I64 = str(10**30), str(2**63)

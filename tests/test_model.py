@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxninja import model, ops
+from jaxninja import ops
+from jaxninja.lecture import model
 
 TOL = 1e-12
 

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from helpers import one_error_line, run_cli
 
-from jaxninja import checkpoint, parallel
+from jaxninja.training import checkpoint, parallel
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 240  # per phase; a hang fails the test instead of stalling CI

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.extend.core import ClosedJaxpr, Jaxpr
 
-from jaxninja import check, model, ninja
+from jaxninja.lecture import check, model, ninja
 
 TOL = 1e-12
 
@@ -203,7 +203,7 @@ def test_run_check_float32(names_file):
     assert [r.name for r in sections[0]] == list(ninja.GRADIENTS)
     assert [r.name for r in sections[1]] == ["logits (fused)", "hprebn (fused)"]
     assert [r.name for r in sections[2]] == list(model.PARAM_NAMES)
-    # under jit the rows up to b2 are bit-exact (see jaxninja.check's docstring)
+    # under jit the rows up to b2 are bit-exact (see jaxninja.lecture.check's docstring)
     assert all(r.exact for r in sections[0][:11]) and report.n_exact >= 11
     assert all(r.approximate and r.maxdiff < 1e-7 for r in report.all_rows)
     text = report.format()

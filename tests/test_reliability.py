@@ -39,14 +39,15 @@ from helpers import (
     with_meta,
 )
 
-from jaxninja import checkpoint, ops
-from jaxninja.checkpoint import CheckpointError
-from jaxninja.data import Vocab
-from jaxninja.run import RunError, train_run
-from jaxninja.train import ConfigError, TrainConfig
+from jaxninja import ops
+from jaxninja.lecture.data import Vocab
+from jaxninja.training import checkpoint
+from jaxninja.training.checkpoint import CheckpointError
+from jaxninja.training.job import RunError, train_run
+from jaxninja.training.train import ConfigError, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
-HELPER = Path(__file__).with_name("_fault_helpers.py")
+HELPER = Path(__file__).parent / "scripts" / "train_with_fault.py"
 TINY = ["--steps", "50", "--n-hidden", "16", "--chunk-steps", "50"]  # runs that must fail
 # Runs that must work: 2 chunks of 1 step (a one-step scan compiles in half the time).
 WORKING = ["--steps", "2", "--n-hidden", "16", "--chunk-steps", "1"]
@@ -422,7 +423,7 @@ def test_learning_rate_beyond_float32_is_refused():
 
 
 def _helper(mode: str, arg: str, words_file: Path, out: Path, cache: Path) -> Proc:
-    """``jaxninja train`` with ``tests/_fault_helpers.py MODE ARG``'s fault injected."""
+    """``jaxninja train`` with ``tests/scripts/train_with_fault.py MODE ARG``'s fault injected."""
     args = ["train", "--data", words_file, "--out", out, *FAULT]
     return Proc(args, cache, prefix=(HELPER, mode, arg, "--"))
 

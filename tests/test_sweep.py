@@ -1,4 +1,4 @@
-"""jaxninja.sweep: M models in one vmapped program equal M separate runs."""
+"""jaxninja.training.sweep: M models in one vmapped program equal M separate runs."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxninja import cli, sweep, train
-from jaxninja.train import ConfigError, TrainConfig
+from jaxninja import cli
+from jaxninja.training import sweep, train
+from jaxninja.training.train import ConfigError, TrainConfig
 
 H, STEPS = 32, 300
 SMALL = TrainConfig(n_hidden=H, steps=STEPS, chunk_steps=STEPS, lr_decay_step=200)

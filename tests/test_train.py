@@ -1,4 +1,4 @@
-"""Tests for training, evaluation and sampling (jaxninja.train, run, checkpoint, sample).
+"""Tests for training, evaluation and sampling (jaxninja.training.train, run, checkpoint, sample).
 
 Short runs of a small model (H=32) on the real names.txt, plus one full run of the
 lecture's Exercise-4 configuration (200,000 steps). Compilation dominates the cost of the
@@ -22,8 +22,9 @@ import optax
 import pytest
 from helpers import greedy_name, numpy_logits
 
-from jaxninja import checkpoint, model, run, sample, train
-from jaxninja.train import TrainConfig
+from jaxninja.lecture import model, sample
+from jaxninja.training import checkpoint, job, train
+from jaxninja.training.train import TrainConfig
 
 H = 32  # small hidden layer for the short runs
 TRAJ_STEPS = 300  # steps of the backend / chunking / determinism trajectories
@@ -246,8 +247,8 @@ def test_running_stats_track_the_calibrated_stats(train_xy, splits):
     # not trivially close: the initial (0, 1) statistics are much further off
     assert np.mean(np.abs(rm - cm) / std) < 0.25 * np.mean(np.abs(cm) / std)
     assert np.mean(np.abs(rv - cv) / cv) < 0.25 * np.mean(np.abs(1 - cv) / cv)
-    losses_cal = run.split_losses_of(state.params, cal, splits.data)
-    losses_run = run.split_losses_of(state.params, state.bn_running, splits.data)
+    losses_cal = job.split_losses_of(state.params, cal, splits.data)
+    losses_run = job.split_losses_of(state.params, state.bn_running, splits.data)
     for split in ("train", "val", "test"):
         assert abs(losses_run[split] - losses_cal[split]) < 0.02, (losses_cal, losses_run)
 
@@ -409,12 +410,12 @@ def test_resume_equals_uninterrupted(tmp_path, names_file):
     cfg = TrainConfig(n_hidden=H, steps=400, chunk_steps=100)
     a, b = tmp_path / "a", tmp_path / "b"
     logs: dict[str, list[str]] = {"a1": [], "a2": [], "b": []}
-    m_a1 = run.train_run(
+    m_a1 = job.train_run(
         dataclasses.replace(cfg, steps=200), a, names_file, log=logs["a1"].append, num_samples=2
     )
     assert m_a1["steps"] == 200 and checkpoint.load(a).bn_stats is not None
-    m_a = run.train_run(cfg, a, names_file, resume=True, log=logs["a2"].append, num_samples=2)
-    m_b = run.train_run(cfg, b, names_file, log=logs["b"].append, num_samples=2)
+    m_a = job.train_run(cfg, a, names_file, resume=True, log=logs["a2"].append, num_samples=2)
+    m_b = job.train_run(cfg, b, names_file, log=logs["b"].append, num_samples=2)
 
     ck_a, ck_b = checkpoint.load(a), checkpoint.load(b)
     assert int(ck_a.state.step) == 400
@@ -450,10 +451,10 @@ def test_full_default_training(tmp_path, names_file):
                "lr_decay_step": 100_000, "lr_decay": 0.1, "backend": "custom_vjp"}  # fmt: skip
     assert {k: getattr(cfg, k) for k in lecture} == lecture
     lines: list[str] = []
-    metrics = run.train_run(cfg, tmp_path, names_file, log=lines.append, num_samples=5)
+    metrics = job.train_run(cfg, tmp_path, names_file, log=lines.append, num_samples=5)
     assert metrics["train_loss"] <= 2.09, metrics
     assert metrics["val_loss"] <= 2.13, metrics
-    # and within the +-0.02 a correct reimplementation lands in (REFERENCE.md)
+    # and within the +-0.02 a correct reimplementation lands in (published: 2.0705 / 2.1099)
     assert abs(metrics["train_loss"] - 2.0705) <= 0.02
     assert abs(metrics["val_loss"] - 2.1099) <= 0.02
     assert metrics["test_loss"] <= 2.13

@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxninja import model, ninja
-from jaxninja.data import load_splits
-from jaxninja.ninja import Comparison, compare
+from jaxninja.lecture import model, ninja
+from jaxninja.lecture.data import load_splits
+from jaxninja.lecture.ninja import Comparison, compare
 
 TOLERANCES: Mapping[str, float] = {"float32": 1e-6, "float64": 1e-12}
 """Max abs difference per row (gradients are 1e-3 to 1e-1): float32's is ~30x the largest

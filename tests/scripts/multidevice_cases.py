@@ -1,7 +1,7 @@
 """Multi-device checks, run by tests/test_parallel.py in a fresh process.
 
-Usage: ``python tests/_parallel_cases.py CASE N_DEVICES``. The number of CPU devices must be
-fixed before jax is imported, so this script sets ``XLA_FLAGS`` itself and then imports
+Usage: ``python tests/scripts/multidevice_cases.py CASE N_DEVICES``. The number of CPU devices
+must be fixed before jax is imported, so this script sets ``XLA_FLAGS`` itself and then imports
 jax. It prints one JSON object (the largest differences it measured) on its last line;
 the test decides what is close enough.
 
@@ -11,7 +11,7 @@ Cases:
          gradients through parallel.sharded_loss_and_grads.
   train  50 sharded training steps against 50 single-device steps on the same batches
          (float64; add a third argument ``float32`` for float32 too), and
-         run.train_run(devices=N).
+         job.train_run(devices=N).
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ from jax import lax  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from jaxninja import data, model, ops, parallel, train  # noqa: E402
+from jaxninja import ops  # noqa: E402
+from jaxninja.lecture import data, model  # noqa: E402
+from jaxninja.training import parallel, train  # noqa: E402
 
 assert jax.device_count() == N_DEV, jax.devices()
 AX = parallel.AXIS
@@ -203,14 +205,14 @@ def train_compare(dtype, steps: int = 50) -> dict[str, float]:
 
 
 def train_run_case() -> dict[str, object]:
-    """run.train_run sharded over N_DEV devices (the hook behind ``train --devices``)."""
+    """job.train_run sharded over N_DEV devices (the hook behind ``train --devices``)."""
     import tempfile
 
-    from jaxninja import checkpoint, run
+    from jaxninja.training import checkpoint, job
 
     cfg = train.TrainConfig(batch_size=16, n_hidden=32, steps=20, chunk_steps=20)
     with tempfile.TemporaryDirectory() as tmp:
-        metrics = run.train_run(cfg, tmp, devices=N_DEV, num_samples=0, log=lambda s: None)
+        metrics = job.train_run(cfg, tmp, devices=N_DEV, num_samples=0, log=lambda s: None)
         state = checkpoint.load(tmp).state
     return {
         "devices": metrics.get("devices"),

@@ -15,8 +15,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxninja import data, fileio, model, run, train
-from jaxninja.train import ConfigError, TrainConfig, TrainState
+from jaxninja.lecture import data, model
+from jaxninja.training import fileio, job, train
+from jaxninja.training.train import ConfigError, TrainConfig, TrainState
 
 Array = jax.Array
 TOOL = "jaxninja sweep"  # what a results file says it is
@@ -50,7 +51,7 @@ def init_states(cfg: TrainConfig, seeds: Sequence[int], vocab_size: int) -> Trai
 
 def make_sweep_chunk(cfg: TrainConfig, n_steps: int) -> jax.stages.Wrapped:
     """A jitted ``(states, seeds[M], lrs[M], Xtr, Ytr) -> (states, losses[M, n_steps])``:
-    :func:`jaxninja.train.make_train_chunk` vmapped over members. ``cfg.seed`` and
+    :func:`jaxninja.training.train.make_train_chunk` vmapped over members. ``cfg.seed`` and
     ``cfg.lr`` are unused (each member brings its own); the states are donated."""
     chunk = train.make_train_chunk(cfg, n_steps)
 
@@ -117,5 +118,5 @@ def _evaluate(params: model.Params, i: int, Xtr: Array, splits: dict) -> dict[st
     calibrated on ``Xtr``."""
     p = jax.tree.map(lambda a: a[i], params)
     two = {k: splits[k] for k in ("train", "val")}
-    losses = run.split_losses_of(p, train.calibrate_bn(p, Xtr), two)
+    losses = job.split_losses_of(p, train.calibrate_bn(p, Xtr), two)
     return {f"{k}_loss": v for k, v in losses.items()}

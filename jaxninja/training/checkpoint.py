@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxninja import fileio
-from jaxninja.data import Vocab
 from jaxninja.errors import JaxninjaError, listing
-from jaxninja.model import BNStats
-from jaxninja.train import TrainConfig, TrainState, init_state
+from jaxninja.lecture.data import Vocab
+from jaxninja.lecture.model import BNStats
+from jaxninja.training import fileio
+from jaxninja.training.train import TrainConfig, TrainState, init_state
 
 FILENAME = "checkpoint.npz"
 FORMAT = "jaxninja-checkpoint-1"
@@ -54,7 +54,7 @@ def save(
     data_sha256: str | None = None,
 ) -> Path:
     """Write ``run_dir/checkpoint.npz`` atomically; a failed write raises
-    :class:`~jaxninja.fileio.WriteError` (``cannot write PATH: REASON``)."""
+    :class:`~jaxninja.training.fileio.WriteError` (``cannot write PATH: REASON``)."""
     path = Path(run_dir) / FILENAME
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,9 +9,9 @@ import operator
 import jax
 import jax.numpy as jnp
 
-from jaxninja import model
-from jaxninja.data import Vocab
 from jaxninja.errors import JaxninjaError
+from jaxninja.lecture import model
+from jaxninja.lecture.data import Vocab
 
 
 def tempered_choice(key: jax.Array, logits: jax.Array, temperature: float | jax.Array) -> jax.Array:

@@ -2,7 +2,7 @@
 
 Used by ``tests/test_reliability.py``; not a test module itself::
 
-    python tests/_fault_helpers.py MODE ARG -- train --data F --out D ...
+    python tests/scripts/train_with_fault.py MODE ARG -- train --data F --out D ...
 
 Modes:
 
@@ -55,7 +55,7 @@ def _stall_save(k: int) -> None:
 
 
 def _slow_save(seconds: float) -> None:
-    from jaxninja import checkpoint
+    from jaxninja.training import checkpoint
 
     real_save = checkpoint.save
 

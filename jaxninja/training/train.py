@@ -22,8 +22,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxninja import model, ninja, ops
+from jaxninja import ops
 from jaxninja.errors import JaxninjaError, listing
+from jaxninja.lecture import model, ninja
 
 Array = jax.Array
 FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)

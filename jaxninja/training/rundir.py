@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxninja import checkpoint, data
 from jaxninja.errors import JaxninjaError
-from jaxninja.train import TrainConfig, TrainState
+from jaxninja.lecture import data
+from jaxninja.training import checkpoint
+from jaxninja.training.train import TrainConfig, TrainState
 
 FILES = (checkpoint.FILENAME, "losses.npy", "metrics.json", "loss.png")
 LOCK = ".jaxninja.lock"

@@ -1,7 +1,7 @@
 """A training run on disk: data -> chunks of fused steps -> checkpoints -> metrics -> samples.
 
 A run directory holds ``checkpoint.npz``, ``losses.npy`` (every step's loss, NaN where not yet
-run), ``metrics.json``, ``loss.png`` and the lock of :mod:`jaxninja.rundir`.
+run), ``metrics.json``, ``loss.png`` and the lock of :mod:`jaxninja.training.rundir`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxninja import checkpoint, data, fileio, parallel, rundir, sample, train
-from jaxninja.rundir import Interrupted, RunError
-from jaxninja.train import TrainConfig
+from jaxninja.lecture import data, sample
+from jaxninja.training import checkpoint, fileio, parallel, rundir, train
+from jaxninja.training.rundir import Interrupted, RunError
+from jaxninja.training.train import TrainConfig
 
 print_flush = partial(print, flush=True)  # progress lines reach a pipe (``| tee``) as printed
 

@@ -19,9 +19,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxninja import model, train
 from jaxninja.errors import JaxninjaError
-from jaxninja.train import AXIS, ConfigError, TrainConfig
+from jaxninja.lecture import model
+from jaxninja.training import train
+from jaxninja.training.train import AXIS, ConfigError, TrainConfig
 
 HEARTBEAT_TIMEOUT = 30  # seconds without a heartbeat: a process counts as dead (JAX: 100)
 CONNECT_TIMEOUT = 300  # seconds to wait for every process to join (they may start apart)
@@ -37,7 +38,7 @@ _FATAL = "Terminating process because the JAX distributed service detected fatal
 def data_mesh(cfg: TrainConfig, devices: int | None = None) -> Mesh | None:
     """The 1-D mesh of ``devices`` devices for ``cfg`` (default: all; one for ``manual``, which
     has no cross-device rule; a job of several processes trains on all), ``None`` for one.
-    :class:`~jaxninja.train.ConfigError` for a count ``cfg`` cannot use."""
+    :class:`~jaxninja.training.train.ConfigError` for a count ``cfg`` cannot use."""
     available, processes = jax.device_count(), jax.process_count()
     data_parallel = train.BACKENDS[cfg.backend].data_parallel
     if processes > 1 and devices not in (None, available):

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxninja.model import BN_EPS, PARAM_NAMES, Params
+from jaxninja.lecture.model import BN_EPS, PARAM_NAMES, Params
 
 Array = jax.Array
 
@@ -36,7 +36,7 @@ def forward_atomized(
     with respect to a tap is the gradient with respect to that intermediate.
 
     >>> import jax, jax.numpy as jnp
-    >>> from jaxninja.model import init_params
+    >>> from jaxninja.lecture.model import init_params
     >>> p = init_params(jax.random.key(0), n_hidden=64)
     >>> acts = forward_atomized(p, jnp.zeros((32, 3), jnp.int32), jnp.ones(32, jnp.int32))
     >>> acts["bnraw"].shape, acts["loss"].shape
@@ -186,7 +186,7 @@ def manual_grads(params: Params, X: Array, Y: Array) -> tuple[Array, Params]:
     forward pass, then the fused rules of Exercises 2 and 3 and a scatter-add for ``C``.
 
     >>> import jax, jax.numpy as jnp
-    >>> from jaxninja.model import init_params, loss
+    >>> from jaxninja.lecture.model import init_params, loss
     >>> p = init_params(jax.random.key(0))
     >>> X, Y = jnp.zeros((8, 3), jnp.int32), jnp.arange(8)
     >>> l, g = manual_grads(p, X, Y)

@@ -1,0 +1,99 @@
+"""Tests for jaxninja.lecture.sample: any positive finite temperature, bad sizes refused."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import VOCAB, greedy_name
+
+from jaxninja.errors import JaxninjaError
+from jaxninja.lecture import sample
+from jaxninja.lecture.data import (
+    DataError,
+    Vocab,
+    load_splits,
+    load_words,
+)
+from jaxninja.training.train import TrainConfig, init_state
+
+# --------------------------------------------------------------------------- sampling temperature
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """Untrained lecture-shaped parameters with calibrated statistics (no training needed)."""
+    state = init_state(TrainConfig(n_hidden=16), 5)
+    stats = {"mean": jnp.zeros((1, 16)), "var": jnp.ones((1, 16))}
+    return state.params, stats
+
+
+@pytest.mark.parametrize("t", [1e-300, 5e-324, 1e-45, 1e-30])
+def test_tiny_temperature_is_exact_greedy_decoding(tiny_model, t: float) -> None:
+    params, stats = tiny_model
+    names = sample.sample_names(
+        params, stats, VOCAB, jax.random.key(0), 6, max_len=8, temperature=t
+    )
+    assert names == [greedy_name(params, stats, VOCAB, 8)] * 6
+
+
+def test_tempered_choice_samples_softmax_of_logits_over_t() -> None:
+    z = jnp.array([0.0, 1.0, 2.0, -1.0])
+    n = 40_000
+    for t in (0.5, 1.0, 3.0):
+        draws = sample.tempered_choice(jax.random.key(1), jnp.broadcast_to(z, (n, 4)), t)
+        freq = np.bincount(np.asarray(draws), minlength=4) / n
+        want = np.exp(np.asarray(z) / t) / np.exp(np.asarray(z) / t).sum()
+        assert np.abs(freq - want).max() < 0.01, (t, freq, want)
+    for t in (1e30, 1e300):  # T -> infinity: uniform
+        draws = sample.tempered_choice(jax.random.key(2), jnp.broadcast_to(z, (n, 4)), t)
+        freq = np.bincount(np.asarray(draws), minlength=4) / n
+        assert np.abs(freq - 0.25).max() < 0.01, (t, freq)
+
+
+def test_tempered_choice_is_the_gumbel_max_of_logits_over_t() -> None:
+    """Same noise, same draws as argmax(z / T + g), computed in float64, for T < 1 and T > 1."""
+    key = jax.random.key(3)
+    z = jax.random.normal(jax.random.key(4), (2000, 27)) * 3
+    g = np.asarray(jax.random.gumbel(key, z.shape, z.dtype), np.float64)
+    for t in (0.05, 0.7, 1.0, 4.0):
+        want = np.argmax(np.asarray(z, np.float64) / t + g, axis=-1)
+        got = np.asarray(sample.tempered_choice(key, z, t))
+        assert (got == want).mean() > 0.999, t
+
+
+@pytest.mark.parametrize("t", [0.0, -1.0, -1e-300, math.nan, math.inf, -math.inf, True, "1"])
+def test_bad_temperatures_are_refused(tiny_model, t) -> None:
+    params, stats = tiny_model
+    with pytest.raises(JaxninjaError, match="temperature must be a positive finite number"):
+        sample.sample_names(params, stats, VOCAB, jax.random.key(0), 2, temperature=t)
+
+
+@pytest.mark.parametrize(
+    ("kw", "name"), [({"num_samples": 0}, "num_samples"), ({"max_len": 0}, "max_len")]
+)
+def test_bad_sizes_are_refused(tiny_model, kw, name) -> None:
+    params, stats = tiny_model
+    with pytest.raises(JaxninjaError, match=f"{name} must be a positive integer"):
+        sample.sample_names(params, stats, VOCAB, jax.random.key(0), **{"num_samples": 2, **kw})
+
+
+def test_control_characters_in_a_path_are_escaped(tmp_path: Path) -> None:
+    p = tmp_path / "evil\x1b[2J\u202e.txt"
+    with pytest.raises(DataError) as exc:
+        load_words(p)
+    assert str(exc.value) == f"{tmp_path}/evil\\x1b[2J\\u202e.txt: no such file"
+    p.write_text("emma\n")
+    with pytest.raises(DataError, match=r"evil\\x1b\[2J\\u202e\.txt: the training split is empty"):
+        load_splits(p)
+
+
+def test_a_huge_hostile_vocabulary_is_refused_quickly_and_briefly() -> None:
+    itos = (".", *(chr(0x4E00 + i % 20_000) for i in range(200_000)))
+    with pytest.raises(ValueError, match="vocabulary has 20000 duplicate entries") as exc:
+        Vocab(itos)
+    assert len(str(exc.value)) < 100
