@@ -15,7 +15,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +28,24 @@ from jaxninja.training import fileio, sweep, train
 from jaxninja.training.train import BACKENDS, ConfigError, TrainConfig
 
 Log = Callable[[str], None]
-Timer = tuple[Callable[[], Any], float]  # a call to time and the units of work it does
-Entry = tuple[dict[str, Any], Timer]  # a row of a table and the timer of its figures
-Workload = tuple[jax.Array, jax.Array, int]  # the training split X, Y and the vocabulary size
+
+
+class Timer(NamedTuple):
+    run: Callable[[], Any]  # the call to time
+    units: float  # the units of work one call does (figures are per unit)
+
+
+class Entry(NamedTuple):
+    row: dict[str, Any]  # a row of a table
+    timer: Timer  # the timer of its figures
+
+
+class Workload(NamedTuple):
+    X: jax.Array  # the training split's contexts
+    Y: jax.Array  # and targets
+    vocab_size: int
+
+
 DEFAULT_SETTINGS = ((200, 32), (1024, 256))
 DEFAULT_MEMBERS = (1, 8, 32)
 TOOL = "jaxninja bench"  # what a results file says it is: the only --out a bench replaces
@@ -47,7 +62,9 @@ def summary(values: Sequence[float]) -> dict[str, float]:
     >>> summary([1.0, 2.0, 4.0])
     {'median': 2.0, 'min': 1.0, 'max': 4.0, 'spread': 1.5, 'n': 3}
     """
-    med, lo, hi = statistics.median(values), min(values), max(values)
+    med = statistics.median(values)
+    lo = min(values)
+    hi = max(values)
     spread = (hi - lo) / med if med else float("nan")
     return {"median": med, "min": lo, "max": hi, "spread": spread, "n": len(values)}
 
@@ -62,9 +79,13 @@ def rounds(
     start = time.perf_counter()
     for r in range(repeats):
         for i in [(r + j) % len(timers) for j in range(len(timers))]:
-            (run, units), c, t = timers[i], time.process_time(), time.perf_counter()
-            run()
-            values[i].append(((time.perf_counter() - t) / units, (time.process_time() - c) / units))
+            timer = timers[i]
+            cpu_start = time.process_time()
+            wall_start = time.perf_counter()
+            timer.run()
+            wall = (time.perf_counter() - wall_start) / timer.units
+            cpu = (time.process_time() - cpu_start) / timer.units
+            values[i].append((wall, cpu))
         if r >= 2 and time.perf_counter() - start > budget_s:
             break
     return [tuple(summary(column) for column in zip(*v, strict=True)) for v in values]
@@ -92,7 +113,7 @@ def call_timer(fn: Callable[..., Any], args: tuple[Any, ...], target_s: float = 
             out = fn(*args)
         jax.block_until_ready(out)
 
-    return run, k * 1e-3
+    return Timer(run, k * 1e-3)
 
 
 def loadavg() -> list[float] | None:
@@ -104,8 +125,12 @@ def start_run(repeats: int, out: str | os.PathLike[str] | None, log: Log) -> tup
     if repeats < 1:
         raise ConfigError(f"repeats must be >= 1, got {repeats}")
     previous = fileio.check_results_file(out, TOOL) if out else {}
-    machine: dict[str, Any] = {"cpu_count": os.cpu_count(), "platform": platform.platform()}
-    machine |= {"processor": platform.processor(), "device": str(jax.devices()[0].device_kind)}
+    machine: dict[str, Any] = {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "device": str(jax.devices()[0].device_kind),
+    }
     machine["loadavg_start"] = loadavg()
     log(f"machine: {machine['cpu_count']} CPUs, load average {machine['loadavg_start']}")
     return previous, machine
@@ -159,8 +184,10 @@ def parse_settings(text: str) -> list[tuple[int, int]]:
 
 
 def _row(cfg: TrainConfig, w: Workload, kind: str, name: str, **extra: Any) -> dict[str, Any]:
-    h, b, fan_in = cfg.n_hidden, cfg.batch_size, cfg.n_embd * cfg.block_size
-    flops = 3 * 2 * b * (fan_in * h + h * w[2])  # 2 matmuls forward, 4 backward
+    h = cfg.n_hidden
+    b = cfg.batch_size
+    fan_in = cfg.n_embd * cfg.block_size
+    flops = 3 * 2 * b * (fan_in * h + h * w.vocab_size)  # 2 matmuls forward, 4 backward
     row = {"setting": f"{h}x{b}", "n_hidden": h, "batch_size": b, "kind": kind, "row": name}
     return {**row, "compile_s": None, "flops_per_step": flops, **extra}
 
@@ -168,14 +195,15 @@ def _row(cfg: TrainConfig, w: Workload, kind: str, name: str, **extra: Any) -> d
 def chunk_entry(cfg: TrainConfig, w: Workload, steps: int, m: int = 0) -> Entry:
     """A compiled, warmed-up chunk of ``steps`` training steps (of ``m`` models in one
     vmapped program of :mod:`jaxninja.training.sweep` if ``m``): its row, a timer in us per step."""
-    X, Y, V = w
-    rest: tuple[jax.Array, ...] = (X, Y)
+    rest: tuple[jax.Array, ...] = (w.X, w.Y)
     if m:
         seeds = list(range(cfg.seed, cfg.seed + m))
-        jitted, state = sweep.make_sweep_chunk(cfg, steps), sweep.init_states(cfg, seeds, V)
+        jitted = sweep.make_sweep_chunk(cfg, steps)
+        state = sweep.init_states(cfg, seeds, w.vocab_size)
         rest = (jnp.asarray(seeds, jnp.int32), jnp.full((m,), cfg.lr, jnp.float32), *rest)
     else:
-        jitted, state = train.make_train_chunk(cfg, steps), train.init_state(cfg, V)
+        jitted = train.make_train_chunk(cfg, steps)
+        state = train.init_state(cfg, w.vocab_size)
     fn, compile_s = compile_timed(jitted, state, *rest)
     state = jax.block_until_ready(fn(state, *rest))[0]
 
@@ -185,7 +213,7 @@ def chunk_entry(cfg: TrainConfig, w: Workload, steps: int, m: int = 0) -> Entry:
 
     extra = {"compile_s": compile_s, "steps_per_repeat": steps} | ({"members": m} if m else {})
     row = _row(cfg, w, "sweep" if m else "jax", f"sweep M={m}" if m else cfg.backend, **extra)
-    return row, (run, steps * max(m, 1) * 1e-6)
+    return Entry(row, Timer(run, steps * max(m, 1) * 1e-6))
 
 
 def _torch_step(params: list, Xb: Any, Yb: Any, name: str) -> Any:
@@ -214,7 +242,8 @@ def _torch_step(params: list, Xb: Any, Yb: Any, name: str) -> Any:
         dlogits[range(n), Yb] -= 1
         dlogits /= n
         dhpreact = (1.0 - h**2) * (dlogits @ W2.T)
-        dsum, dsum_raw = dhpreact.sum(0), (dhpreact * bnraw).sum(0)
+        dsum = dhpreact.sum(0)
+        dsum_raw = (dhpreact * bnraw).sum(0)
         dhprebn = bngain * bnvar_inv / n * (n * dhpreact - dsum - n / (n - 1) * bnraw * dsum_raw)
         demb = (dhprebn @ W1.T).view(emb.shape)
         dC = torch.zeros_like(C)
@@ -239,8 +268,12 @@ def torch_entry(cfg: TrainConfig, name: str, steps: int, w: Workload) -> Entry:
     import torch
 
     torch.set_num_threads(1)
-    X, Y = (torch.as_tensor(np.asarray(a, np.int64)) for a in w[:2])
-    e, h, v, fan_in = cfg.n_embd, cfg.n_hidden, w[2], cfg.n_embd * cfg.block_size
+    X = torch.as_tensor(np.asarray(w.X, np.int64))
+    Y = torch.as_tensor(np.asarray(w.Y, np.int64))
+    e = cfg.n_embd
+    h = cfg.n_hidden
+    v = w.vocab_size
+    fan_in = cfg.n_embd * cfg.block_size
     g = torch.Generator().manual_seed(42)
     shapes = [(v, e), (fan_in, h), (h,), (h, v), (v,), (1, h), (1, h)]
     C, W1, b1, W2, b2, gain, bias = (torch.randn(s, generator=g) for s in shapes)
@@ -248,7 +281,8 @@ def torch_entry(cfg: TrainConfig, name: str, steps: int, w: Workload) -> Entry:
     params = [p.requires_grad_(name == "autograd") for p in [*params, bias * 0.1]]
     # the lecture's Python double loop is that slow at large batches
     n = max(1, steps // 4) if name == "lecture_loop" and cfg.batch_size > 64 else steps
-    row, batches = _row(cfg, w, "torch", f"torch {name}", steps_per_repeat=n), g.manual_seed(43)
+    row = _row(cfg, w, "torch", f"torch {name}", steps_per_repeat=n)
+    batches = g.manual_seed(43)
 
     def run(k: int = n) -> None:
         for _ in range(k):
@@ -257,7 +291,7 @@ def torch_entry(cfg: TrainConfig, name: str, steps: int, w: Workload) -> Entry:
         row["final_loss"] = float(loss.detach())
 
     run(max(1, n // 10))  # warm-up
-    return row, (run, n * 1e-6)
+    return Entry(row, Timer(run, n * 1e-6))
 
 
 def time_entries(entries: Sequence[Entry], repeats: int, log: Log) -> list[dict[str, Any]]:
@@ -276,7 +310,9 @@ def markdown_table(rows: Sequence[dict[str, Any]], peak_gflops: float) -> list[s
     base = {r["setting"]: r["us_per_step"]["median"] for r in rows if r["row"] == "custom_vjp"}
     table = []
     for r in rows:
-        us, flops, setting = r["us_per_step"]["median"], r["flops_per_step"], r["setting"]
+        us = r["us_per_step"]["median"]
+        flops = r["flops_per_step"]
+        setting = r["setting"]
         steps_per_s = f" ({r['model_steps_per_s']:.0f} model-steps/s)" if "members" in r else ""
         table.append(
             [setting, r["row"] + steps_per_s, _fmt(us, ".1f")]
@@ -338,10 +374,11 @@ def run_bench(
             f"got {list(settings)}, {list(backends)}, {list(members)}"
         )
     previous, machine = start_run(repeats, out, log)
-    repeats, scale = (min(repeats, 2), 10) if quick else (repeats, 1)
+    scale = 10 if quick else 1  # quick: a tenth of the steps, at most 2 repeats
+    repeats = min(repeats, 2) if quick else repeats
     splits = data.load_splits(data_path, block_size=3)
     X, Y = (jnp.asarray(a) for a in splits.data["train"])
-    w = X, Y, splits.vocab.size
+    w = Workload(X, Y, splits.vocab.size)
     machine["peak"] = peak = machine_peak(repeats=3 if quick else 5)
     log(f"  {peak['matmul']} matmul: {peak['gflops']:.0f} GFLOP/s")
     has_torch = use_torch and importlib.util.find_spec("torch") is not None
@@ -363,7 +400,7 @@ def run_bench(
         log(f"sweep (H={cfg.n_hidden}, batch {cfg.batch_size}): {sn} steps x {repeats} repeats")
         rows += time_entries([chunk_entry(cfg, w, sn, m) for m in members], repeats, log)
     options = {"settings": [f"{h}x{b}" for h, b in settings], "repeats": repeats, "quick": quick}
-    options |= {"backends": list(backends), "members": list(members), "vocab_size": w[2]}
+    options |= {"backends": list(backends), "members": list(members), "vocab_size": w.vocab_size}
     method = f"float32 matmul peak {peak['gflops']:.0f} GFLOP/s ({peak['matmul']})."
     result = end_run(machine, options, rows, ["torch"], method)
     result["summary"] = summary_ratios(rows)
@@ -393,10 +430,14 @@ def _times_c(norm: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
     return loss
 
 
-OPS: dict[str, tuple[str, tuple[int, ...], dict[str, Callable[..., jax.Array]]]] = {
-    # op: (the loss whose gradient is timed, its argnums, the losses of its implementations
-    # (ours first): the mean is taken of them)
-    "cross_entropy": (
+class OpCase(NamedTuple):
+    about: str  # the loss whose gradient is timed
+    argnums: tuple[int, ...]  # the arguments it is taken with respect to
+    losses: dict[str, Callable[..., jax.Array]]  # the implementations, ours first (mean taken)
+
+
+OPS: dict[str, OpCase] = {
+    "cross_entropy": OpCase(
         "grad w.r.t. the logits of `mean(cross_entropy(logits, labels))`",
         (0,),
         {
@@ -405,7 +446,7 @@ OPS: dict[str, tuple[str, tuple[int, ...], dict[str, Callable[..., jax.Array]]]]
             "reference": ops.cross_entropy_reference,
         },
     ),
-    "batch_norm": (
+    "batch_norm": OpCase(
         "grad w.r.t. x, gain and bias of `mean(batch_norm(x, gain, bias, unbiased=False) * c)`"
         ", c a fixed random cotangent",
         (0, 1, 2),
@@ -415,7 +456,7 @@ OPS: dict[str, tuple[str, tuple[int, ...], dict[str, Callable[..., jax.Array]]]]
             "reference": _times_c(ops.batch_norm_reference),
         },
     ),
-    "linear_cross_entropy": (
+    "linear_cross_entropy": OpCase(
         "grad w.r.t. x and w of `mean(linear_cross_entropy(x, w, labels))` against the "
         "unfused `mean(cross_entropy(x @ w, labels))`",
         (0, 1),
@@ -429,7 +470,10 @@ OPS: dict[str, tuple[str, tuple[int, ...], dict[str, Callable[..., jax.Array]]]]
 
 def _op_args(op: str, size: dict[str, int], dtype: str) -> tuple[jax.Array, ...]:
     """Random arguments of ``op``'s losses (fixed keys): float ``dtype`` inputs, labels."""
-    n, v, h, d = (size.get(k, 1) for k in "NVHD")
+    n = size.get("N", 1)
+    v = size.get("V", 1)
+    h = size.get("H", 1)
+    d = size.get("D", 1)
 
     def normal(key: int, shape: tuple[int, ...], scale: float = 1.0) -> jax.Array:
         return (scale * jax.random.normal(jax.random.key(key), shape, jnp.float32)).astype(dtype)
@@ -440,8 +484,11 @@ def _op_args(op: str, size: dict[str, int], dtype: str) -> tuple[jax.Array, ...]
     if op == "cross_entropy":
         return normal(0, (n, v)), labels(1)
     if op == "batch_norm":  # x, gain, bias and the cotangent c
-        x, c = normal(0, (n, h), 2.0), normal(3, (n, h))
-        return x, 1 + normal(1, (h,), 0.1), normal(2, (h,), 0.1), c
+        x = normal(0, (n, h), 2.0)
+        gain = 1 + normal(1, (h,), 0.1)
+        bias = normal(2, (h,), 0.1)
+        c = normal(3, (n, h))
+        return x, gain, bias, c
     return normal(0, (n, d)), normal(1, (d, v), d**-0.5), labels(2)
 
 
@@ -464,11 +511,13 @@ def measure_case(
     ``op`` (:data:`OPS`; flax's is left out with a note when flax is not installed), and the
     ratios: ours (the first) over the peer (the second) in time, and over the smallest of the
     others in temporary memory (``None``: ours needs some where that one needs none)."""
-    _, argnums, losses = OPS[op]
+    argnums = OPS[op].argnums
+    losses = OPS[op].losses
     missing = {}
     if "flax" in losses and importlib.util.find_spec("flax") is None:
         missing = {"flax": "flax not installed (pip install flax)"}
-    args, names = _op_args(op, size, dtype), [k for k in losses if k not in missing]
+    args = _op_args(op, size, dtype)
+    names = [k for k in losses if k not in missing]
 
     def grad(loss: Callable[..., jax.Array]) -> Any:  # of the mean loss, in float32
         return jax.jit(jax.grad(lambda *a: jnp.mean(loss(*a).astype(jnp.float32)), argnums))
@@ -487,7 +536,8 @@ def measure_case(
         ratios[f"time {names[0]}/{names[1]}"] = timings[0][0]["median"] / timings[1][0]["median"]
     if len(names) > 1 and None not in temps:
         label = names[1] if len(names) == 2 else f"min({', '.join(names[1:])})"
-        mine, least = temps[0], min(temps[1:])
+        mine = temps[0]
+        least = min(temps[1:])
         ratios[f"temp {names[0]}/{label}"] = mine / least if least else (None if mine else 1.0)
     row = {"op": op, "size": size, "dtype": dtype, "impls": impls}
     return {**row, "missing": missing, "ratios": ratios}
@@ -518,7 +568,7 @@ def ops_table(rows: Sequence[dict[str, Any]], op: str) -> str:
         table.append(cells + [_fmt(r["ratios"].get(k), ".2f") for k in ratios])
     align = "r" * len(size) + "l" + "r" * (len(head) + len(ratios) - len(size) - 1)
     notes = sorted({f"({k}: {v})" for r in rows for k, v in r["missing"].items()})
-    lines = [f"`{op}`: {OPS[op][0]}", "", *md_table(head + ratios, align, table)]
+    lines = [f"`{op}`: {OPS[op].about}", "", *md_table(head + ratios, align, table)]
     return "\n".join(lines + ([""] if notes else []) + notes)
 
 
