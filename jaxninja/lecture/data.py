@@ -106,7 +106,7 @@ def load_words(path: PathArg | None = None) -> list[str]:
     UTF-8 (LF, CRLF or CR; a BOM is ignored), at most :data:`MAX_BYTES`. '.', control
     characters and any problem with the file raise :class:`DataError` (file and line).
 
-    Example:
+    Examples:
       >>> load_words(resources.files("jaxninja") / "names.txt")[:3]
       ['emma', 'olivia', 'ava']
     """
