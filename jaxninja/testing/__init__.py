@@ -1,10 +1,20 @@
 """Checks for hand-written VJPs, yours and ours: against autodiff of a plain ``jnp`` reference
-(:func:`assert_vjp_matches`) or central differences (:func:`check_finite_differences`)."""
+at one point (:func:`assert_vjp_matches`) or in every setting where custom VJPs break
+(:func:`check_vjp`, :data:`SETTINGS`), or against central differences
+(:func:`check_finite_differences`)."""
 
 from jaxninja.testing._checks import (
     assert_vjp_matches,
     check_finite_differences,
     default_tolerances,
 )
+from jaxninja.testing._matrix import SETTINGS, VJPReport, check_vjp
 
-__all__ = ["assert_vjp_matches", "check_finite_differences", "default_tolerances"]
+__all__ = [
+    "SETTINGS",
+    "VJPReport",
+    "assert_vjp_matches",
+    "check_finite_differences",
+    "check_vjp",
+    "default_tolerances",
+]

@@ -71,8 +71,12 @@ def _partial(fn: Callable[..., Any], args: tuple, nums: tuple[int, ...]) -> Call
     return lambda *xs: fn(*(dict(zip(nums, xs, strict=True)).get(i, a) for i, a in enumerate(args)))
 
 
-def _assert_close(tree_f: Any, tree_r: Any, atol, rtol, what: str, suffix: str = "") -> float:
-    """Max abs difference of two pytrees whose leaves pass ``isclose`` (integers: equal)."""
+def _assert_close(
+    tree_f: Any, tree_r: Any, atol, rtol, what: str, suffix: str = "", scale_atol: bool = False
+) -> float:
+    """Max abs difference of two pytrees whose leaves pass ``isclose`` (integers: equal;
+    float0: skipped). ``scale_atol``: ``atol`` times the largest finite ``|b|`` of the leaf
+    (at least 1), for values whose rounding grows with the inputs' magnitude."""
     maxdiff = 0.0
     leaves_r = jax.tree.leaves(tree_r)
     for (path, a), b in zip(jax.tree.leaves_with_path(tree_f), leaves_r, strict=True):
@@ -80,9 +84,14 @@ def _assert_close(tree_f: Any, tree_r: Any, atol, rtol, what: str, suffix: str =
         where = f"{what}{_at(path)} (shape {a.shape}, {a.dtype})"
         if a.shape != b.shape or a.dtype != b.dtype:
             raise AssertionError(f"{where}: reference gives shape {b.shape} {b.dtype}{suffix}")
+        if a.dtype == jax.dtypes.float0:  # an integer input's (symbolic zero) cotangent
+            continue
         at, rt = default_tolerances(a.dtype) if jnp.issubdtype(a.dtype, jnp.inexact) else (0, 0)
         if jnp.issubdtype(a.dtype, jnp.inexact):  # integers must be equal
             at, rt = at if atol is None else atol, rt if rtol is None else rtol
+            if scale_atol:
+                finite = np.abs(b[np.isfinite(b)]).astype(np.float64)
+                at = at * max(1.0, float(finite.max(initial=0.0)))
         aw, bw = (x.astype(np.complex128 if np.iscomplexobj(a) else np.float64) for x in (a, b))
         ok = np.isclose(aw, bw, rtol=rt, atol=at, equal_nan=True)
         with np.errstate(invalid="ignore", over="ignore"):
@@ -102,6 +111,37 @@ def _assert_close(tree_f: Any, tree_r: Any, atol, rtol, what: str, suffix: str =
 def _avals(tree: Any) -> Any:
     leaves, treedef = jax.tree.flatten(tree)
     return treedef, [(jnp.shape(x), jnp.result_type(x)) for x in leaves]
+
+
+def _standard_normal(out: Any, seed: int) -> Any:
+    """Standard normal cotangents shaped like ``out``; an integer output takes a float0
+    (a symbolic zero). All ones could hide a wrong rule."""
+    leaves, treedef = jax.tree.flatten(out)
+    keys = jax.random.split(jax.random.key(seed), max(len(leaves), 1))
+    cts = [
+        jax.random.normal(k, jnp.shape(x), jnp.result_type(x))
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+        else np.zeros(jnp.shape(x), jax.dtypes.float0)
+        for k, x in zip(keys, leaves, strict=False)
+    ]
+    return jax.tree.unflatten(treedef, cts)
+
+
+def _vjp_runner(f: Callable[..., Any], reference: Callable[..., Any], seed: int) -> Callable:
+    """``run(primals, ct) -> (out_f, out_r, vjp_f(ct), vjp_r(ct))``, jitted: one compilation
+    for both functions and both VJPs, reused for any primals of the same shapes and dtypes.
+    ``ct=None``: standard normal from ``seed``. The VJPs are ``None`` when the outputs' shapes
+    or dtypes differ (the caller reports it from the values)."""
+
+    @jax.jit
+    def run(primals: list[Any], ct: Any) -> tuple[Any, Any, Any, Any]:
+        (out_f, vjp_f), (out_r, vjp_r) = jax.vjp(f, *primals), jax.vjp(reference, *primals)
+        if _avals(out_f) != _avals(out_r):
+            return out_f, out_r, None, None
+        ct = _standard_normal(out_f, seed) if ct is None else ct
+        return out_f, out_r, vjp_f(ct), vjp_r(ct)
+
+    return run
 
 
 def assert_vjp_matches(
@@ -135,24 +175,7 @@ def assert_vjp_matches(
     nums = _argnums(argnums, args, "assert_vjp_matches differentiates", f)
     f_part, ref_part = _partial(f, args, nums), _partial(reference, args, nums)
     f_name, ref_name = (getattr(g, "__name__", type(g).__name__) for g in (f, reference))
-
-    @jax.jit  # one compilation for both functions and both VJPs
-    def run(primals: list[Any], ct: Any) -> tuple[Any, Any, Any, Any]:
-        (out_f, vjp_f), (out_r, vjp_r) = jax.vjp(f_part, *primals), jax.vjp(ref_part, *primals)
-        if _avals(out_f) != _avals(out_r):  # reported below, from the values
-            return out_f, out_r, None, None
-        if ct is None:  # standard normal; an integer output takes a float0 (symbolic zero)
-            leaves, treedef = jax.tree.flatten(out_f)
-            keys = jax.random.split(jax.random.key(seed), max(len(leaves), 1))
-            cts = [
-                jax.random.normal(k, jnp.shape(x), jnp.result_type(x))
-                if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
-                else np.zeros(jnp.shape(x), jax.dtypes.float0)
-                for k, x in zip(keys, leaves, strict=False)
-            ]
-            ct = jax.tree.unflatten(treedef, cts)
-        return out_f, out_r, vjp_f(ct), vjp_r(ct)
-
+    run = _vjp_runner(f_part, ref_part, seed)
     out_f, out_r, grads_f, grads_r = run([args[i] for i in nums], cotangent)
     names = f"f={f_name} and reference={ref_name}"
     if (tree_f := _avals(out_f)[0]) != (tree_r := _avals(out_r)[0]):
