@@ -122,7 +122,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    report = check.run_check(**_pick(args, "dtype", "n_hidden", "seed", "data"))
+    solution = check.load_solution(args.solution) if args.solution else None
+    report = check.run_check(**_pick(args, "dtype", "n_hidden", "seed", "data"), solution=solution)
     print(report.format())
     return 0 if report.ok else 1
 
@@ -194,6 +195,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, list]] = {
         ("--n-hidden", _number(int, 1, 100_000), 64, "hidden units"),
         ("--seed", _seed, 42, "init and batch seed"),
         DATA,
+        ("--solution", str, None, "grade the functions this Python file defines instead "
+         "(any of " + ", ".join(check.FUNCTIONS) + ", as in jaxninja.lecture.ninja)"),
     ]),
     "bench": (_bench, "time the training step: backends, PyTorch, sweeps", [
         ("--ops", bool, None, "time the ops (cross_entropy, batch_norm, linear_cross_entropy) "
