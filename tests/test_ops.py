@@ -605,18 +605,86 @@ def test_batch_norm_eval_low_precision_and_strict_configs():
     np.testing.assert_allclose(np.asarray(y, np.float32), ref, atol=2e-2)
 
 
-def test_running_average_is_flax_momentum():
+def test_running_average_default_is_flax_momentum():
     running = {"mean": jnp.zeros((1, 3)), "var": jnp.ones((1, 3))}
     batch = {"mean": jnp.full((1, 3), 2.0), "var": jnp.full((1, 3), 5.0)}
     out = jax.jit(ops.running_average)(running, batch)
-    np.testing.assert_allclose(out["mean"], 0.001 * 2.0, rtol=1e-6)  # the lecture's 0.999
-    np.testing.assert_allclose(out["var"], 0.999 + 0.001 * 5.0, rtol=1e-6)
-    half = ops.running_average(running, batch, momentum=0.5)
-    np.testing.assert_allclose(half["var"], 3.0)
-    with pytest.raises(ValueError, match="momentum"):
-        ops.running_average(running, batch, momentum=1.5)
+    np.testing.assert_allclose(out["mean"], 0.01 * 2.0, rtol=1e-6)  # flax's, Equinox's 0.99
+    np.testing.assert_allclose(out["var"], 0.99 + 0.01 * 5.0, rtol=1e-6)
+    lecture = ops.running_average(running, batch, momentum=0.999)
+    np.testing.assert_allclose(lecture["var"], 0.999 + 0.001 * 5.0, rtol=1e-6)
     with pytest.raises(ValueError, match=r"\['var'\] has shape \(1, 3\)"):
-        ops.running_average(running, {**batch, "var": jnp.ones(3)})
+        ops.running_average(running, {**batch, "var": jnp.ones(4)})
+
+
+GOOD_MOMENTA = [0, 1, -0.0, 0.25, np.float32(0.5), np.float64(0.75), np.int64(1), jnp.asarray(0.5)]
+BAD_MOMENTA = [
+    (float("nan"), ValueError), (float("inf"), ValueError), (-float("inf"), ValueError),
+    (1.5, ValueError), (-0.01, ValueError), (np.float32(1.5), ValueError),
+    (np.float64(1.5), ValueError), (np.float32("nan"), ValueError),
+    (jnp.asarray(1.5), ValueError), (True, TypeError), ("0.5", TypeError),
+    (np.full(2, 0.5), TypeError), (0.5j, TypeError), (None, TypeError),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("momentum", GOOD_MOMENTA, ids=repr)
+def test_running_average_concrete_momenta_in_range(momentum):
+    running, batch = {"m": jnp.full(3, 2.0)}, {"m": jnp.full(3, 6.0)}
+    want = float(momentum) * 2.0 + (1.0 - float(momentum)) * 6.0
+    got = ops.running_average(running, batch, momentum)["m"]
+    assert got.shape == (3,) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("momentum,error", BAD_MOMENTA, ids=repr)
+def test_running_average_bad_concrete_momenta_are_refused(momentum, error):
+    """Python, NumPy and concrete JAX scalars are checked alike (np.float32(1.5) was not)."""
+    with pytest.raises(error, match="momentum must be"):
+        ops.running_average({"m": jnp.zeros(3)}, {"m": jnp.ones(3)}, momentum)
+
+
+def test_running_average_traced_momentum_outside_the_range_is_nan():
+    """A traced momentum cannot be checked at trace time: a bad one poisons every leaf."""
+    running = {"mean": jnp.zeros((1, 3)), "var": jnp.ones(3)}
+    batch = {"mean": jnp.ones((1, 3)), "var": jnp.full(3, 3.0)}
+    f = jax.jit(ops.running_average)
+    for m in (0.0, 0.25, 1.0):
+        out = f(running, batch, m)
+        np.testing.assert_allclose(out["var"], m + (1 - m) * 3.0, rtol=1e-6)
+    for m in (1.5, -0.5, float("nan"), float("inf")):
+        out = f(running, batch, m)
+        assert all(np.all(np.isnan(leaf)) for leaf in jax.tree.leaves(out)), m
+    with pytest.raises(TypeError, match="real scalar"):
+        f(running, batch, jnp.full(3, 0.5))
+
+
+@pytest.mark.parametrize("stat_shape", [(4,), (1, 4)])
+@pytest.mark.parametrize("param_shape", [(4,), (1, 4)])
+def test_flax_and_lecture_statistic_shapes_are_interchangeable(x64, stat_shape, param_shape):
+    """flax keeps gain, bias and statistics as (H,), the lecture as (1, H): both work,
+    each result keeping its own input's shape."""
+    x, gain, bias, dy = bn_inputs((6, 4), (1, 4), seed=29)
+    mean, var = ops.batch_stats(x)
+    assert mean.shape == var.shape == (1, 4)
+    g = gain.reshape(param_shape)
+    b = bias.reshape(param_shape)
+    # evaluation mode with the batch's own statistics is training mode, whatever the shapes
+    y_eval = ops.batch_norm_eval(x, g, b, mean.reshape(stat_shape), var.reshape(stat_shape))
+    close(y_eval, ops.batch_norm(x, gain, bias))
+    y, vjp = jax.vjp(lambda g, b: ops.batch_norm(x, g, b), g, b)
+    dgain, dbias = vjp(dy)
+    close(y, y_eval)
+    assert dgain.shape == dbias.shape == param_shape
+    close(dgain.reshape(1, 4), jax.grad(lambda g: (ops.batch_norm(x, g, bias) * dy).sum())(gain))
+    # running averages: either shape of statistic updates either shape of running average
+    running = {"mean": jnp.zeros(stat_shape), "var": jnp.ones(stat_shape)}
+    for batch in ({"mean": mean, "var": var}, {"mean": mean[0], "var": var[0]}):
+        out = ops.running_average(running, batch, 0.5)
+        assert out["mean"].shape == out["var"].shape == stat_shape
+        close(out["var"].reshape(1, 4), 0.5 + 0.5 * var)
+    for bad in (jnp.ones(5), jnp.ones((2, 4))):
+        with pytest.raises(ValueError, match="differ only in size-1 dims"):
+            ops.running_average(running, {"mean": bad, "var": var})
 
 
 @pytest.mark.parametrize("eps", [-1e-5, float("nan"), float("inf")])

@@ -143,13 +143,15 @@ def test_batch_norm_biased_matches_flax(x64, masked):
         x, scale, bias, argnums=(0, 1, 2),
     )  # fmt: skip
     assert maxdiff <= 1e-12
-    # flax's running averages are ours with momentum=0.9 (its statistics, ours)
+    # flax's running averages are ours with momentum=0.9 (its statistics, ours): our
+    # (1, 5) statistics update flax-shaped (5,) running averages as they are
     _, state = _flax_bn(x, scale, bias, None if mask is None else jnp.broadcast_to(mask, x.shape))
     mean, var = ops.batch_stats(x, unbiased=False, where=mask)
     running = ops.running_average(
-        {"mean": jnp.zeros(5), "var": jnp.ones(5)}, {"mean": mean[0], "var": var[0]}, 0.9
+        {"mean": jnp.zeros(5), "var": jnp.ones(5)}, {"mean": mean, "var": var}, 0.9
     )
     for k in ("mean", "var"):
+        assert running[k].shape == state["batch_stats"][k].shape == (5,)
         np.testing.assert_allclose(running[k], state["batch_stats"][k], rtol=0, atol=TOL)
 
 

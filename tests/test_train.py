@@ -231,6 +231,19 @@ def test_lr_decay_inside_a_chunk_matches_manual_sgd(train_xy):
         np.testing.assert_allclose(state.params[k], p2[k], rtol=1e-6, atol=1e-7, err_msg=k)
 
 
+def test_running_stats_use_the_lectures_momentum(train_xy):
+    """--running-stats is the lecture's ``bnmean_running = 0.999 * bnmean_running + 0.001 *
+    bnmeani``, whatever ``ops.running_average``'s default (flax's 0.99)."""
+    Xtr, Ytr = train_xy
+    cfg = dataclasses.replace(SMALL, running_stats=True)
+    state = train.init_state(cfg, 27)
+    Xb, Yb = Xtr[:32], Ytr[:32]
+    _, stats = model.loss_with_stats(state.params, Xb, Yb)
+    new, _ = train.train_step(cfg, train.make_optimizer(cfg))(state, (Xb, Yb))
+    np.testing.assert_allclose(new.bn_running["mean"], 0.001 * stats["mean"], rtol=1e-5)
+    np.testing.assert_allclose(new.bn_running["var"], 0.999 + 0.001 * stats["var"], rtol=1e-6)
+
+
 def test_running_stats_track_the_calibrated_stats(train_xy, splits):
     """The lecture's running averages (momentum 0.001) end up near the post-training
     calibration: after 4,000 steps (H=32) measured max |mean diff| 0.16 std, max relative

@@ -27,6 +27,8 @@ Params = dict[str, Array]
 BNStats = dict[str, Array]
 
 BN_EPS = 1e-5
+# The lecture's running averages: bnmean_running = 0.999 * bnmean_running + 0.001 * bnmeani
+BN_MOMENTUM = 0.999
 PARAM_NAMES = ("C", "W1", "b1", "W2", "b2", "bngain", "bnbias")
 
 

@@ -180,7 +180,7 @@ def train_step(
         params = optax.apply_updates(state.params, updates)
         running = state.bn_running
         if cfg.running_stats:
-            running = ops.running_average(running, stats, momentum=0.999)
+            running = ops.running_average(running, stats, momentum=model.BN_MOMENTUM)
         return TrainState(params, opt_state, state.step + 1, running), loss
 
     return step
