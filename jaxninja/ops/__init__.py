@@ -15,10 +15,11 @@ from jaxninja.ops._batch_norm import (
     batch_stats,
     running_average,
 )
-from jaxninja.ops._cross_entropy import cross_entropy, cross_entropy_reference
+from jaxninja.ops._cross_entropy import LossAndLse, cross_entropy, cross_entropy_reference
 from jaxninja.ops._linear_cross_entropy import linear_cross_entropy
 
 __all__ = [
+    "LossAndLse",
     "batch_norm",
     "batch_norm_eval",
     "batch_norm_reference",

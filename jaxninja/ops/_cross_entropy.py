@@ -1,7 +1,9 @@
-"""Cross-entropy with a hand-written VJP (Exercise 2): :func:`cross_entropy` and its reference."""
+"""Cross-entropy with a hand-written VJP (Exercise 2): :func:`cross_entropy` and its reference,
+and the per-row loss algebra that :func:`~jaxninja.ops.linear_cross_entropy` shares."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -11,14 +13,88 @@ from jax import lax
 from jaxninja.ops._validation import (
     Array,
     Axis,
+    LossOptions,
     check_dtype,
+    check_loss_options,
     compute_dtype,
+    kept_rows,
     label_index,
     masked,
     normalize_axes,
+    reduce_losses,
     row_cotangent,
     row_losses,
 )
+
+
+class LossAndLse(NamedTuple):
+    """What ``return_lse=True`` returns: the (reduced) loss and the per-row log-sum-exp."""
+
+    loss: Array
+    lse: Array
+
+
+# ------------------------------------------------------------ the per-row loss algebra
+
+
+def soft_cap(z: Array, opts: LossOptions) -> Array:
+    """Gemma 2's soft-capped logits ``c * tanh(z / c)`` (``z`` itself without ``softcap``)."""
+    return z if opts.softcap is None else opts.softcap * jnp.tanh(z / opts.softcap)
+
+
+def cap_slope(dz: Array, capped: Array, opts: LossOptions) -> Array:
+    """``dz`` through the cap: ``d(c tanh(z/c))/dz = 1 - tanh(z/c)**2``, from the capped value."""
+    return dz if opts.softcap is None else dz * (1 - jnp.square(capped / opts.softcap))
+
+
+def shift(m: Array) -> Array:
+    """The shift exp sees: the row max where finite, else 0 (as ``jax.nn.logsumexp``), so a
+    row or chunk of -inf logits never meets ``exp(-inf - -inf)``."""
+    return jnp.where(jnp.isfinite(m), m, jnp.zeros((), m.dtype))
+
+
+def rescale(m: Array, m_new: Array) -> Array:
+    """``exp(m - m_new)``, the factor that moves a running sum of exps to a new max; 1 when
+    the max did not move (both -inf or both +inf included)."""
+    return jnp.exp(jnp.where(m == m_new, jnp.zeros((), m.dtype), m - m_new))
+
+
+def row_loss(lse: Array, label_logit: Array, mean_logit: Array | None, opts: LossOptions) -> Array:
+    """``lse - (1 - e) z_y - e mean(z) + k lse**2`` (terms of a zero option left out: 0 * inf
+    would be NaN)."""
+    e, k = opts.label_smoothing, opts.z_loss
+    loss = lse - (1 - e) * label_logit if e else lse - label_logit
+    if e:
+        loss = loss - e * mean_logit
+    return loss + k * jnp.square(lse) if k else loss
+
+
+class RowCoefficients(NamedTuple):
+    """``d loss / d z_j = scale * exp(z_j - shift(m)) - label * [j = y] - uniform``."""
+
+    scale: Array  # (g (1 + 2 k lse) + h) / s: g, h the cotangents of the loss and of lse
+    label: Array  # g (1 - e)
+    uniform: Array | None  # g e / num_classes (None without label smoothing)
+
+
+def row_coefficients(
+    g: Array, h: Array, lse: Array, s: Array, num_classes: Any, opts: LossOptions
+) -> RowCoefficients:
+    """The per-row coefficients of the logits' cotangent for loss cotangent ``g`` and lse
+    cotangent ``h`` (both already 0 on masked rows)."""
+    e, k = opts.label_smoothing, opts.z_loss
+    a = g * (1 + 2 * k * lse) + h if k else g + h
+    uniform = g * (e / num_classes) if e else None
+    return RowCoefficients(a / s, g * (1 - e) if e else g, uniform)
+
+
+def finish(losses: Array, lse: Array, rows: Array | None, reduction: str, return_lse: bool) -> Any:
+    """The public ops' result: ``reduction`` of the losses, with the lse if asked for."""
+    loss = reduce_losses(losses, rows, reduction)
+    return LossAndLse(loss, lse) if return_lse else loss
+
+
+# ------------------------------------------------------------------------ cross_entropy
 
 
 class _Rows(NamedTuple):
@@ -37,9 +113,8 @@ def _to_rows(a: Array, batch: tuple[int, ...], classes: tuple[int, ...]) -> Arra
     return a.reshape(a.shape[: len(batch)] + (-1,))
 
 
-def _cross_entropy_rows(logits: Any, labels: Any, axis: Any, where: Any) -> _Rows:
-    """Validate once at the edge and bring the inputs to the :class:`_Rows` layout."""
-    logits, labels = jnp.asarray(logits), jnp.asarray(labels)
+def _check_logits(logits: Array, labels: Array, axis: Any) -> tuple[tuple[int, ...], ...]:
+    """Refuse bad dtypes and shapes; return the (class axes, batch axes)."""
     check_dtype("logits", logits)
     check_dtype("labels", labels, jnp.integer)
     if logits.ndim == 0:
@@ -52,6 +127,13 @@ def _cross_entropy_rows(logits: Any, labels: Any, axis: Any, where: Any) -> _Row
             f"labels shape {labels.shape} does not match logits shape {logits.shape} "
             f"without the class axis {axis} (expected {expected})"
         )
+    return axes, batch
+
+
+def _cross_entropy_rows(logits: Any, labels: Any, axis: Any, where: Any, ignore: Any) -> _Rows:
+    """Validate once at the edge and bring the inputs to the :class:`_Rows` layout."""
+    logits, labels = jnp.asarray(logits), jnp.asarray(labels)
+    axes, batch = _check_logits(logits, labels, axis)
     rows = classes = None
     if where is not None:
         where = jnp.asarray(where, dtype=bool)
@@ -59,119 +141,226 @@ def _cross_entropy_rows(logits: Any, labels: Any, axis: Any, where: Any) -> _Row
             classes = _to_rows(where, batch, axes)
             rows = jnp.any(classes, axis=-1)
             classes = classes | ~rows[..., None]  # an all-masked row stays finite
-        elif where.shape == expected:
+        elif where.shape == labels.shape:
             rows = where
         else:
             raise ValueError(
-                f"where shape {where.shape} must equal labels shape {expected} "
+                f"where shape {where.shape} must equal labels shape {labels.shape} "
                 f"(a row mask) or logits shape {logits.shape} (a per-logit mask)"
             )
+    rows = kept_rows(rows, labels, ignore)
     return _Rows(_to_rows(logits, batch, axes), labels, rows, classes)
 
 
-def _masked_logits(r: _Rows) -> Array:
-    """Logits, masked rows set to 0 (whatever they held) and masked classes to -inf."""
+def _capped_logits(r: _Rows, opts: LossOptions) -> Array:
+    """Logits with masked rows set to 0 (whatever they held), then capped; classes unmasked.
+    Without a cap they stay in their own dtype (the max is exact in any dtype)."""
     x = masked(r.rows, r.x)
-    if r.classes is not None:
-        x = jnp.where(r.classes, x, jnp.asarray(-jnp.inf, x.dtype))
-    return x
+    return soft_cap(x.astype(compute_dtype(x.dtype)), opts) if opts.softcap else x
 
 
-def _label_logit(r: _Rows, index: Array) -> Array:
-    """``z[..., y]``, 0 on masked rows (taken even if a per-logit mask leaves ``y`` out)."""
-    return masked(r.rows, jnp.take_along_axis(r.x, index[..., None], axis=-1)[..., 0])
+def _drop_classes(r: _Rows, z: Array, fill: float) -> Array:
+    """``z`` with the classes the per-logit mask leaves out set to ``fill``."""
+    if r.classes is None:
+        return z
+    return jnp.where(r.classes, z, jnp.asarray(fill, z.dtype))
+
+
+def _label_logit(r: _Rows, index: Array, opts: LossOptions, dtype: Any) -> Array:
+    """Capped ``z[..., y]``, 0 on masked rows (taken even if a per-logit mask leaves ``y`` out)."""
+    z_y = jnp.take_along_axis(r.x, index[..., None], axis=-1)[..., 0]
+    return soft_cap(masked(r.rows, z_y).astype(dtype), opts)
+
+
+def _num_classes(r: _Rows) -> Any:
+    """Classes in each row's normaliser: V, or the per-logit mask's count."""
+    return r.x.shape[-1] if r.classes is None else jnp.sum(r.classes, axis=-1)
+
+
+def _mean_logit(r: _Rows, z: Array, dtype: Any) -> Array:
+    """The mean capped logit over the classes in the normaliser."""
+    total = jnp.sum(_drop_classes(r, z, 0.0).astype(dtype), axis=-1)
+    return total / jnp.asarray(_num_classes(r), dtype)
 
 
 def cross_entropy_reference(
-    logits: Array, labels: Array, axis: Axis = -1, where: Array | None = None
-) -> Array:
-    """Plain-``jnp`` cross-entropy (autodiff's baseline); contract of :func:`cross_entropy`.
+    logits: Array,
+    labels: Array,
+    axis: Axis = -1,
+    where: Array | None = None,
+    *,
+    ignore_index: int | None = None,
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: str = "none",
+    return_lse: bool = False,
+) -> Any:
+    """Plain-``jnp`` :func:`cross_entropy` differentiated by autodiff: the tests' baseline.
 
-    >>> import jax.numpy as jnp, numpy as np
-    >>> losses = cross_entropy_reference(jnp.zeros((2, 4)), jnp.array([0, 3]))
-    >>> np.asarray(losses, np.float64).round(4).tolist()  # log(4) each
-    [1.3863, 1.3863]
+    Same arguments, results and errors as :func:`cross_entropy`, written the obvious way:
+    ``log p = z - logsumexp(z)`` on the whole logits (capped first), then
+    ``-(1 - e) log p_y - e mean_j log p_j + k lse**2``.
+
+    Example:
+        >>> import jax.numpy as jnp, numpy as np
+        >>> losses = cross_entropy_reference(jnp.zeros((2, 4)), jnp.array([0, 3]))
+        >>> np.asarray(losses, np.float64).round(4).tolist()  # log(4) each
+        [1.3863, 1.3863]
     """
-    r = _cross_entropy_rows(logits, labels, axis, where)
-    x = _masked_logits(r).astype(compute_dtype(r.x.dtype))
-    index, valid = label_index(r.labels, x.shape[-1])
-    logprobs = jax.nn.log_softmax(x, axis=-1)
-    if r.classes is None:
-        label_logprob = jnp.take_along_axis(logprobs, index[..., None], axis=-1)[..., 0]
-    else:  # the label's own logit, even if the per-logit mask leaves its class out
-        label_logprob = _label_logit(r, index).astype(x.dtype) - jax.nn.logsumexp(x, -1)
-    return row_losses(-label_logprob, valid, r.rows).astype(r.x.dtype)
+    opts = check_loss_options(softcap, label_smoothing, z_loss, reduction, ignore_index)
+    r = _cross_entropy_rows(logits, labels, axis, where, ignore_index)
+    dtype = compute_dtype(r.x.dtype)
+    z = soft_cap(masked(r.rows, r.x).astype(dtype), opts)
+    index, valid = label_index(r.labels, z.shape[-1])
+    lse = jax.nn.logsumexp(_drop_classes(r, z, -jnp.inf), axis=-1)
+    label_logprob = _label_logit(r, index, opts, dtype) - lse
+    losses = -label_logprob
+    if opts.label_smoothing:
+        mean_logprob = _mean_logit(r, z, dtype) - lse
+        losses = -(1 - opts.label_smoothing) * label_logprob
+        losses = losses - opts.label_smoothing * mean_logprob
+    if opts.z_loss:
+        losses = losses + opts.z_loss * jnp.square(lse)
+    losses = row_losses(losses, valid, r.rows).astype(r.x.dtype)
+    return finish(losses, masked(r.rows, lse).astype(r.x.dtype), r.rows, reduction, return_lse)
 
 
-@jax.custom_vjp
-def _cross_entropy(r: _Rows) -> Array:
-    return _cross_entropy_fwd(r)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _cross_entropy(r: _Rows, opts: LossOptions) -> tuple[Array, Array]:
+    return _cross_entropy_fwd(r, opts)[0]
 
 
-def _cross_entropy_fwd(r: _Rows):
-    x = _masked_logits(r)
-    dtype = compute_dtype(x.dtype)
-    # The max is exact in any dtype: take it before the cast, so no float32 copy of
-    # 16-bit logits is ever needed. It only shifts exp's argument: no gradient.
-    m = lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True)).astype(dtype)
-    s = jnp.sum(jnp.exp(x.astype(dtype) - m), axis=-1, keepdims=True)
-    index, valid = label_index(r.labels, x.shape[-1])
-    label_logit = _label_logit(r, index).astype(dtype)
-    losses = row_losses(jnp.log(s[..., 0]) + m[..., 0] - label_logit, valid, r.rows)
-    # Residuals: the logits (the caller holds them) and two numbers per row; recomputing
+def _cross_entropy_fwd(r: _Rows, opts: LossOptions):
+    dtype = compute_dtype(r.x.dtype)
+    z = _capped_logits(r, opts)
+    # The max only shifts exp's argument: no gradient.
+    m = lax.stop_gradient(jnp.max(_drop_classes(r, z, -jnp.inf), axis=-1)).astype(dtype)
+    exps = jnp.exp(_drop_classes(r, z, -jnp.inf).astype(dtype) - shift(m)[..., None])
+    s = jnp.sum(exps, axis=-1)
+    lse = jnp.log(s) + shift(m)
+    index, valid = label_index(r.labels, r.x.shape[-1])
+    mean = _mean_logit(r, z, dtype) if opts.label_smoothing else None
+    loss = row_loss(lse, _label_logit(r, index, opts, dtype), mean, opts)
+    losses = row_losses(loss, valid, r.rows)
+    # Residuals: the logits (the caller holds them) and three numbers per row; recomputing
     # exp is faster on CPU than writing and re-reading an (N, V) residual.
-    return losses.astype(x.dtype), (r, m, s, index, valid)
+    out = (losses.astype(r.x.dtype), masked(r.rows, lse).astype(r.x.dtype))
+    return out, (r, m, s, lse, index, valid)
 
 
-def _cross_entropy_bwd(residuals, g):
-    r, m, s, index, valid = residuals
-    g = row_cotangent(g.astype(m.dtype), valid, r.rows)[..., None]
-    x = _masked_logits(r)
+def _minus_label(p: Array, index: Array, label: Array, same_dtype: bool) -> Array:
+    """``p - label * onehot(index)``."""
+    if same_dtype:  # in p's own dtype a per-row scatter is fastest
+        flat = p.reshape(-1, p.shape[-1])
+        rows = jnp.arange(flat.shape[0])
+        return flat.at[rows, index.reshape(-1)].add(-label.reshape(-1)).reshape(p.shape)
+    # for 16-bit logits the select fuses with the cast
+    onehot = lax.broadcasted_iota(jnp.int32, p.shape, p.ndim - 1) == index[..., None]
+    return jnp.where(onehot, p - label[..., None], p)
+
+
+def _cross_entropy_bwd(opts: LossOptions, residuals, cotangents):
+    r, m, s, lse, index, valid = residuals
+    g = row_cotangent(cotangents[0].astype(m.dtype), valid, r.rows)
+    h = masked(r.rows, cotangents[1].astype(m.dtype))
+    coef = row_coefficients(g, h, lse, s, _num_classes(r), opts)
+    z = _capped_logits(r, opts)
     # The fused rule of Exercise 2, d loss / d z_j = softmax_j - [j = y], with softmax
     # normalised as exp(z - max) / sum (as optax): exp(z - lse) would carry the rounding
     # of lse, wrong at logits of 1e8 in float32.
-    p = jnp.exp(x.astype(m.dtype) - m) * (g / s)
-    if x.dtype == m.dtype:  # p - g * onehot: in p's own dtype a per-row scatter is fastest
-        flat = p.reshape(-1, p.shape[-1])
-        rows = jnp.arange(flat.shape[0])
-        dx = flat.at[rows, index.reshape(-1)].add(-g.reshape(-1)).reshape(p.shape)
-    else:  # for 16-bit logits the select fuses with the cast
-        onehot = lax.broadcasted_iota(jnp.int32, p.shape, p.ndim - 1) == index[..., None]
-        dx = jnp.where(onehot, p - g, p)
-    return (_Rows(dx.astype(x.dtype), None, None, None),)
+    p = jnp.exp(_drop_classes(r, z, -jnp.inf).astype(m.dtype) - shift(m)[..., None])
+    p = p * coef.scale[..., None]
+    if coef.uniform is not None:
+        p = p - coef.uniform[..., None]
+    p = _drop_classes(r, p, 0.0)  # a left-out class gets exactly 0, whatever the row holds
+    dz = cap_slope(_minus_label(p, index, coef.label, z.dtype == m.dtype), z, opts)
+    return (_Rows(dz.astype(r.x.dtype), None, None, None),)
 
 
 _cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 
 
 def cross_entropy(
-    logits: Array, labels: Array, axis: Axis = -1, where: Array | None = None
-) -> Array:
-    r"""Per-example softmax cross-entropy with integer labels, with a fused VJP: losses of
-    shape ``labels.shape`` in ``logits``' dtype.
+    logits: Array,
+    labels: Array,
+    axis: Axis = -1,
+    where: Array | None = None,
+    *,
+    ignore_index: int | None = None,
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: str = "none",
+    return_lse: bool = False,
+) -> Any:
+    r"""Softmax cross-entropy with integer labels and a fused VJP; a drop-in for
+    ``optax.softmax_cross_entropy_with_integer_labels``.
+
+    For a row of logits ``z`` (soft-capped to ``c tanh(z / c)`` first if ``softcap=c``) and
+    its label ``y``:
 
     .. math::
-        \ell_i = \log \sum_j e^{z_{ij}} - z_{i, y_i}, \qquad
-        \frac{\partial \ell_i}{\partial z_{ij}} = \mathrm{softmax}(z_i)_j - [j = y_i]
+        \ell = \mathrm{lse}(z) - (1 - e)\, z_y - e\, \overline{z} + k\, \mathrm{lse}(z)^2,
+        \qquad
+        \frac{\partial \ell}{\partial z_j} = (1 + 2k\,\mathrm{lse})\,\mathrm{softmax}(z)_j
+        - (1 - e)\,[j = y] - e / V
 
-    Keeps two numbers per row (``max``, ``sum exp``); the backward pass recomputes ``exp``.
-    A label outside ``[0, num_classes)`` gives NaN loss and gradient for its row.
+    with ``lse = log sum_j exp(z_j)``, ``e = label_smoothing`` (torch's and Liger's
+    definition: ``(1 - e) CE(y) + e mean_j(-log p_j)``), ``k = z_loss`` (PaLM's z-loss) and
+    ``z-bar`` the mean logit over the classes in the normaliser. The defaults give optax's
+    result. Forward keeps three numbers per row (``max``, ``sum exp``, ``lse``); the backward
+    pass recomputes ``exp(z - max) / sum`` (normalised as optax, right at logits of 1e8 in
+    float32). A label outside ``[0, num_classes)`` gives a NaN loss and NaN gradient for its
+    row, never a silently clamped answer (a uint8 label against 300 classes never wraps).
+    A row of logits is exactly as finite as in :func:`cross_entropy_reference`: a row or
+    class of ``-inf`` logits gives what ``jax.nn.logsumexp`` gives, never
+    ``exp(-inf - -inf)``. ``jax.grad`` of ``jax.grad`` works; forward mode does not.
 
     Args:
       logits: ``(..., num_classes)`` floating scores (the class axis is ``axis``).
-      labels: integer class ids, the shape of ``logits`` without ``axis``.
+      labels: integer class ids of any integer dtype, the shape of ``logits`` without
+        ``axis``.
       axis: the class axis, or a tuple of axes (then a label is a flat index into
         ``logits``' slice over those axes, in the tuple's order, as in optax).
       where: optional bool mask, the shape of ``labels`` (False rows get loss 0 and
-        gradient exactly 0, whatever they hold) or of ``logits`` (optax's per-logit mask).
+        gradient exactly 0, whatever they hold: padding labels, inf, NaN) or of ``logits``
+        (optax's per-logit mask: False classes leave the normaliser; a row with none left
+        counts as masked).
+      ignore_index: rows whose label equals it count as masked, as with ``where``
+        (torch's ``ignore_index=-100``); ``None``: no label is ignored.
+      softcap: ``c > 0``: logits ``c * tanh(z / c)`` (Gemma 2); ``None``: no cap.
+      label_smoothing: ``e`` in ``[0, 1)``.
+      z_loss: ``k >= 0``: adds ``k * lse**2`` per row.
+      reduction: ``"none"`` (per-row losses), ``"sum"`` or ``"mean"`` (divided by the
+        number of rows that count: not masked, not ignored; 0 if none does).
+      return_lse: also return the per-row log-sum-exp of the (capped) logits,
+        differentiable, 0 on masked rows.
 
-    >>> import jax, jax.numpy as jnp, numpy as np
-    >>> logits = jnp.array([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
-    >>> labels = jnp.array([0, 2])
-    >>> np.asarray(cross_entropy(logits, labels), np.float64).round(4).tolist()
-    [0.2395, 1.0986]
-    >>> dlogits = jax.grad(lambda z: cross_entropy(z, labels).mean())(logits)
-    >>> np.asarray(dlogits * 2, np.float64).round(4).tolist()  # softmax - onehot
-    [[-0.213, 0.1065, 0.1065], [0.3333, 0.3333, -0.6667]]
+    Returns:
+      The losses, ``labels.shape`` (a scalar for ``"sum"`` and ``"mean"``) in ``logits``'
+      dtype (16-bit logits are computed in float32), or with ``return_lse`` a
+      :class:`LossAndLse` ``(loss, lse)``, ``lse`` of shape ``labels.shape``.
+
+    Raises:
+      TypeError: non-floating logits, non-integer labels, an option of the wrong type.
+      ValueError: shapes that do not fit (both are named), an ``axis`` out of range, or
+        an option out of its range (the option is named).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> logits = jnp.array([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+        >>> labels = jnp.array([0, 2])
+        >>> np.asarray(cross_entropy(logits, labels), np.float64).round(4).tolist()
+        [0.2395, 1.0986]
+        >>> dlogits = jax.grad(lambda z: cross_entropy(z, labels).mean())(logits)
+        >>> np.asarray(dlogits * 2, np.float64).round(4).tolist()  # softmax - onehot
+        [[-0.213, 0.1065, 0.1065], [0.3333, 0.3333, -0.6667]]
+        >>> padded = jnp.array([0, -100])  # the second row is padding
+        >>> float(cross_entropy(logits, padded, ignore_index=-100, reduction="mean"))
+        0.2395...
     """
-    return _cross_entropy(_cross_entropy_rows(logits, labels, axis, where))
+    opts = check_loss_options(softcap, label_smoothing, z_loss, reduction, ignore_index)
+    r = _cross_entropy_rows(logits, labels, axis, where, ignore_index)
+    losses, lse = _cross_entropy(r, opts)
+    return finish(losses, lse, r.rows, reduction, return_lse)
