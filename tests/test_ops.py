@@ -10,6 +10,8 @@ against float32 computations.
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -943,8 +945,6 @@ def test_linear_cross_entropy_bad_inputs_are_clear_errors():
         ops.linear_cross_entropy(x, w, y, bias=b[:18])
     with pytest.raises(ValueError, match="chunk_size"):
         ops.linear_cross_entropy(x, w, y, chunk_size=0)
-    with pytest.raises(TypeError, match="dtype"):
-        ops.linear_cross_entropy(x, w.astype(jnp.bfloat16), y)
     with pytest.raises(TypeError, match="integer"):
         ops.linear_cross_entropy(x, w, y.astype(jnp.float32))
 
@@ -963,3 +963,278 @@ def test_linear_cross_entropy_keeps_no_logits_sized_temporaries():
     unfused = temp(lambda x, w: ops.cross_entropy(x @ w, y))
     assert unfused >= n * v * 4  # the (N, V) logits
     assert fused <= 4 * n * chunk * 4  # a few (N, chunk) blocks: 1/8 of the logits here
+
+
+# ------------------------------------- cross-entropy options, layouts, finiteness (issue 20)
+
+# Each option alone, then all at once; (w_layout, chunk_size) rotates over the alone cases
+# and the combined case runs every pair. Chunk 4 of V=19: 5 chunks, the last one slid.
+OPTIONS = {
+    "softcap": dict(softcap=1.5),
+    "label_smoothing": dict(label_smoothing=0.2),
+    "z_loss": dict(z_loss=0.05),
+    "ignore_index": dict(ignore_index=-100),
+    "where": dict(where=True),
+    "all": dict(where=True, ignore_index=-100, softcap=1.5, label_smoothing=0.2, z_loss=0.05),
+}
+LAYOUT_CHUNK = [("dv", 4), ("vd", None), ("vd", 4), ("dv", None)]
+OPTION_CASES = [(k, *LAYOUT_CHUNK[i % 4]) for i, k in enumerate(list(OPTIONS)[:-1])]
+OPTION_CASES += [("all", layout, chunk) for layout, chunk in LAYOUT_CHUNK]
+
+
+def option_inputs(name: str, seed: int = 60):
+    """x (3, 4, 5), w (5, 19), bias, labels (two of them -100) and the option's kwargs."""
+    x, w, b, y = lce_inputs(seed=seed)
+    y = y.at[0, 1].set(-100).at[2, 3].set(-100)
+    kwargs = dict(OPTIONS[name])
+    if kwargs.pop("where", False):
+        kwargs["where"] = jnp.asarray(np.random.default_rng(seed).random(y.shape) < 0.7)
+    if "ignore_index" not in kwargs:  # keep the labels in range
+        y = jnp.where(y < 0, 7, y)
+    return x, w, b, y, kwargs
+
+
+def loss_and_lse(op, y, kwargs, ct, ct_lse):
+    """A scalar of both outputs, with random cotangents: their VJPs are what we compare."""
+
+    def f(x, w, b):
+        out = op(x, w, y, bias=b, return_lse=True, **kwargs)
+        return (out.loss * ct).sum() + (out.lse * ct_lse).sum()
+
+    return f
+
+
+def unfused(op, layout):
+    """``op(x @ w + bias, labels, ...)`` with the fused op's signature."""
+
+    def f(x, w, labels, *, bias, **kwargs):
+        return op(x @ (w if layout == "dv" else w.T) + bias, labels, **kwargs)
+
+    return f
+
+
+@pytest.fixture(scope="module")
+def option_grads():
+    """Values and gradients (x, w, bias) of fused, cross_entropy and reference, per case."""
+    results = {}
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(61)
+        ct, ct_lse = (jnp.asarray(rng.standard_normal((3, 4))) for _ in range(2))
+        for name, layout, chunk in OPTION_CASES:
+            x, w, b, y, kw = option_inputs(name)
+            wl = w if layout == "dv" else w.T
+
+            fused = functools.partial(ops.linear_cross_entropy, w_layout=layout, chunk_size=chunk)
+            impls = (
+                fused,
+                unfused(ops.cross_entropy, layout),
+                unfused(ops.cross_entropy_reference, layout),
+            )
+            grad = [
+                jax.value_and_grad(loss_and_lse(f, y, kw, ct, ct_lse), (0, 1, 2)) for f in impls
+            ]
+            got = [jax.jit(g)(x, wl, b) for g in grad]
+            results[name, layout, chunk] = jax.tree.map(np.asarray, got)
+    return results
+
+
+@pytest.mark.parametrize("name,layout,chunk", OPTION_CASES)
+def test_linear_cross_entropy_options_match_the_reference(option_grads, name, layout, chunk):
+    fused, unfused, ref = option_grads[name, layout, chunk]
+    chex.assert_trees_all_close(fused, ref, atol=1e-10, rtol=0)
+    chex.assert_trees_all_close(unfused, ref, atol=1e-10, rtol=0)
+    chex.assert_tree_all_finite(fused)
+    assert all(float(jnp.abs(g).max()) > 1e-3 for g in fused[1])  # not trivially zero
+
+
+def numpy_loss(z, y, softcap=None, label_smoothing=0.0, z_loss=0.0, ignore_index=None, where=None):
+    """The options from their definitions, in numpy: per-row losses and lse."""
+    z = np.asarray(z, np.float64).reshape(-1, z.shape[-1])
+    y = np.asarray(y).reshape(-1)
+    keep = np.ones(y.shape, bool) if where is None else np.asarray(where).reshape(-1)
+    keep = keep & (y != ignore_index)
+    if softcap is not None:
+        z = softcap * np.tanh(z / softcap)
+    lse = np.log(np.exp(z).sum(1))
+    logp = z - lse[:, None]
+    ce = -logp[np.arange(len(y)), np.where(keep, y, 0)]
+    loss = (1 - label_smoothing) * ce + label_smoothing * -logp.mean(1) + z_loss * lse**2
+    return np.where(keep, loss, 0.0), np.where(keep, lse, 0.0), keep
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_cross_entropy_options_against_their_definitions(x64, name):
+    x, w, b, y, kw = option_inputs(name, seed=62)
+    z = x @ w + b
+    want, want_lse, keep = numpy_loss(z, y, **kw)
+    for op in (ops.cross_entropy, ops.cross_entropy_reference):
+        got = op(z, y, return_lse=True, **kw)
+        close(np.asarray(got.loss).reshape(-1), want, 1e-12)
+        close(np.asarray(got.lse).reshape(-1), want_lse, 1e-12)
+        close(op(z, y, reduction="sum", **kw), want.sum(), 1e-12)
+        close(op(z, y, reduction="mean", **kw), want.sum() / keep.sum(), 1e-12)
+    fused = ops.linear_cross_entropy(x, w, y, bias=b, reduction="mean", chunk_size=4, **kw)
+    close(fused, want.sum() / keep.sum(), 1e-12)
+
+
+def test_linear_cross_entropy_grad_of_grad_with_options(x64):
+    x, w, b, y, kw = option_inputs("all", seed=63)
+    ct = jnp.asarray(np.random.default_rng(63).standard_normal(y.shape))
+
+    def loss(f):
+        return lambda x, w, b: (f(x, w, b) * ct).sum()
+
+    fused = loss(lambda x, w, b: ops.linear_cross_entropy(x, w.T, y, bias=b, w_layout="vd",
+                                                          chunk_size=4, **kw))  # fmt: skip
+    ref = loss(lambda x, w, b: ops.cross_entropy_reference(x @ w + b, y, **kw))
+    argnums = (0, 1, 2)
+    err = assert_vjp_matches(
+        jax.grad(fused, argnums), jax.grad(ref, argnums), x, w, b, argnums=argnums
+    )
+    assert err <= 1e-10
+
+
+def test_reductions_divide_by_the_rows_that_count(x64):
+    x, w, b, y, kw = option_inputs("all", seed=64)
+    per_row = ops.linear_cross_entropy(x, w, y, bias=b, **kw)
+    counted = np.asarray(kw["where"]) & (np.asarray(y) != -100)
+    assert np.all(np.asarray(per_row)[~counted] == 0.0) and counted.sum() < y.size
+    mean = ops.linear_cross_entropy(x, w, y, bias=b, reduction="mean", **kw)
+    close(mean, np.asarray(per_row).sum() / counted.sum())
+    g = jax.grad(lambda x: ops.linear_cross_entropy(x, w, y, bias=b, reduction="sum", **kw))(x)
+    assert np.all(np.asarray(g)[~counted] == 0.0)
+    nothing = jnp.zeros(y.shape, bool)  # no row counts: the mean is 0, not 0/0
+    assert float(ops.cross_entropy(x @ w + b, y, where=nothing, reduction="mean")) == 0.0
+
+
+def finiteness_cases():
+    """Logits holding a whole chunk of -inf classes (a label among them), NaN and inf rows,
+    and masked rows holding NaN; the second case without the unmasked NaN/inf rows (so dw
+    and db must come back finite)."""
+    rng = np.random.default_rng(65)
+    x = rng.standard_normal((6, 3))
+    w = rng.standard_normal((3, 12))
+    b = rng.standard_normal(12)
+    b[4:8] = -np.inf  # chunk 1 of chunk_size 4: all -inf
+    y = rng.integers(0, 12, 6)
+    y[4] = 5
+    where = np.array([True, True, False, True, True, False])
+    bad = x.copy()
+    bad[1], bad[3, 0] = np.nan, np.inf
+    bad[[2, 5]] = np.nan  # masked rows
+    clean = x.copy()
+    clean[[2, 5]] = np.nan
+    return [tuple(map(jnp.asarray, (xx, w, b, y, where))) for xx in (bad, clean)]
+
+
+def _masked_rows_first(x, mask):
+    """What a masked row means in the unfused path too: it contributes nothing (0 * NaN
+    in x.T @ dz would otherwise put a masked row's NaN into dw)."""
+    return x if mask is None else jnp.where(mask[:, None], x, 0.0)
+
+
+def _value_and_grads(f, *args):
+    out, vjp = jax.vjp(f, *args)
+    return (out, *vjp(jnp.ones_like(out)))
+
+
+@pytest.mark.parametrize("case", [0, 1])
+@pytest.mark.parametrize("options", [{}, {"softcap": 2.0, "label_smoothing": 0.1, "z_loss": 0.01}])
+def test_ops_are_exactly_as_finite_as_the_unfused_reference(x64, case, options):
+    """Issue 22: the online log-sum-exp once met exp(-inf - -inf) on a -inf chunk."""
+    x, w, b, y, where = finiteness_cases()[case]
+
+    @jax.jit
+    def ref(x, w, b, m):
+        return ops.cross_entropy_reference(_masked_rows_first(x, m) @ w + b, y, where=m, **options)
+
+    @jax.jit
+    def fused(x, w, b, m):
+        return ops.linear_cross_entropy(x, w, y, bias=b, where=m, chunk_size=4, **options)
+
+    @jax.jit
+    def plain(x, w, b, m):
+        return ops.cross_entropy(_masked_rows_first(x, m) @ w + b, y, where=m, **options)
+
+    for mask in (None, where):
+        want = _value_and_grads(functools.partial(ref, m=mask), x, w, b)
+        for op in (fused, plain):
+            got = _value_and_grads(functools.partial(op, m=mask), x, w, b)
+            for a, r in zip(got, want, strict=True):
+                np.testing.assert_array_equal(np.isfinite(a), np.isfinite(r))
+                finite = np.isfinite(r)
+                np.testing.assert_allclose(np.asarray(a)[finite], np.asarray(r)[finite], atol=1e-10)
+    assert np.isnan(np.asarray(want[1])).any() == (case == 0)  # the unmasked NaN row's dx
+    if case == 1:  # no unmasked NaN: every gradient is finite, the masked rows' exactly 0
+        _, dx, dw, db = _value_and_grads(functools.partial(fused, m=where), x, w, b)
+        chex.assert_tree_all_finite((dw, db))
+        assert np.all(np.asarray(dx)[[2, 5]] == 0.0)
+
+
+def test_empty_batches_and_empty_features(x64):
+    assert ops.cross_entropy(jnp.zeros((0, 5)), jnp.zeros(0, jnp.int32)).shape == (0,)  # optax's
+    empty_rows = ops.cross_entropy(jnp.zeros((2, 5, 0)), jnp.zeros((2, 0), jnp.int32), axis=1)
+    assert empty_rows.shape == (2, 0)
+    x0, w = jnp.zeros((0, 3)), jnp.ones((3, 5))
+    y0 = jnp.zeros(0, jnp.int32)
+    assert ops.linear_cross_entropy(x0, w, y0).shape == (0,)
+    dx, dw = jax.grad(lambda x, w: ops.linear_cross_entropy(x, w, y0, reduction="mean"), (0, 1))(
+        x0, w)  # fmt: skip
+    assert dx.shape == (0, 3) and np.all(np.asarray(dw) == 0.0)
+    # D = 0: the logits are the bias alone
+    b, y = jnp.arange(5.0), jnp.array([0, 4])
+    got = ops.linear_cross_entropy(jnp.zeros((2, 0)), jnp.zeros((0, 5)), y, bias=b)
+    close(got, ops.cross_entropy(jnp.broadcast_to(b, (2, 5)), y))
+    with pytest.raises(ValueError, match=r"no classes \(V = 0\)"):
+        ops.linear_cross_entropy(jnp.zeros((2, 3)), jnp.zeros((3, 0)), y)
+    with pytest.raises(ValueError, match="no classes"):
+        ops.cross_entropy(jnp.zeros((2, 0)), y)
+
+
+def test_mixed_precision_promotes_and_returns_float32_losses():
+    x, w, b, y = lce_inputs(n=(16,), d=8, v=300, seed=66, dtype=np.float32)
+    x16 = x.astype(jnp.bfloat16)
+
+    def grads(x, w, b):
+        f = lambda x, w, b: ops.linear_cross_entropy(x, w, y, bias=b, chunk_size=128)  # noqa: E731
+        return jax.value_and_grad(lambda *a: f(*a).mean(), (0, 1, 2))(x, w, b)
+
+    loss, (dx, dw, db) = jax.jit(grads)(x16, w, b.astype(jnp.bfloat16))
+    assert loss.dtype == jnp.float32  # not rounded to bfloat16
+    assert (dx.dtype, dw.dtype, db.dtype) == (jnp.bfloat16, jnp.float32, jnp.bfloat16)
+    want, (dx32, dw32, _) = jax.jit(grads)(x16.astype(jnp.float32), w, b.astype(jnp.bfloat16))
+    np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)
+    close(dw, dw32, 1e-6)
+    losses = ops.linear_cross_entropy(x16, w.astype(jnp.bfloat16), y)
+    assert losses.dtype == jnp.float32
+    with jax.numpy_dtype_promotion("strict"), pytest.raises(TypeError, match="promot"):
+        ops.linear_cross_entropy(x16, w, y)
+
+
+BAD_OPTIONS = [
+    (dict(softcap=0.0), ValueError, "softcap"),
+    (dict(softcap=-1.0), ValueError, "softcap"),
+    (dict(softcap=float("inf")), ValueError, "softcap"),
+    (dict(label_smoothing=1.0), ValueError, "label_smoothing"),
+    (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
+    (dict(z_loss=-1.0), ValueError, "z_loss"),
+    (dict(reduction="avg"), ValueError, "reduction"),
+    (dict(ignore_index=1.5), TypeError, "ignore_index"),
+    (dict(softcap="30"), TypeError, "softcap"),
+    (dict(w_layout="DV"), ValueError, "w_layout"),
+    (dict(vocab_axis_name="v"), ValueError, "vocab_axis_name='v'"),
+    (dict(chunk_size=0), ValueError, "chunk_size"),
+    (dict(w_layout="vd"), ValueError, r'w must be \(V, D\) for w_layout="vd"'),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,match", BAD_OPTIONS)
+def test_bad_options_are_one_clear_error(kwargs, error, match):
+    x, w, b, y = lce_inputs(n=(4,), seed=67, dtype=np.float32)
+    with pytest.raises(error, match=match):
+        ops.linear_cross_entropy(x, w, y, bias=b, **kwargs)
+    linear_only = {"w_layout", "vocab_axis_name", "chunk_size"}
+    if not linear_only & kwargs.keys():
+        for op in (ops.cross_entropy, ops.cross_entropy_reference):
+            with pytest.raises(error, match=match):
+                op(x @ w, y, **kwargs)

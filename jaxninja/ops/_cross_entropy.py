@@ -4,6 +4,7 @@ and the per-row loss algebra that :func:`~jaxninja.ops.linear_cross_entropy` sha
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -110,7 +111,8 @@ def _to_rows(a: Array, batch: tuple[int, ...], classes: tuple[int, ...]) -> Arra
     """Transpose ``a`` to (batch axes, class axes) and flatten the class axes."""
     if batch + classes != tuple(range(a.ndim)):
         a = jnp.transpose(a, batch + classes)
-    return a.reshape(a.shape[: len(batch)] + (-1,))
+    lead = a.shape[: len(batch)]
+    return a.reshape(lead + (math.prod(a.shape[len(batch) :]),))  # not -1: any size may be 0
 
 
 def _check_logits(logits: Array, labels: Array, axis: Any) -> tuple[tuple[int, ...], ...]:
@@ -121,6 +123,8 @@ def _check_logits(logits: Array, labels: Array, axis: Any) -> tuple[tuple[int, .
         raise ValueError("logits must have at least one axis (the classes), got a scalar")
     axes = normalize_axes(axis, logits.ndim)  # a tuple: optax's flat-index order
     batch = tuple(a for a in range(logits.ndim) if a not in axes)
+    if math.prod(logits.shape[a] for a in axes) == 0:
+        raise ValueError(f"logits shape {logits.shape} has no classes on axis {axis}")
     expected = tuple(logits.shape[a] for a in batch)
     if labels.shape != expected:
         raise ValueError(
