@@ -11,6 +11,11 @@ against float32 computations.
 from __future__ import annotations
 
 import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import chex
 import jax
@@ -19,7 +24,7 @@ import numpy as np
 import pytest
 
 from jaxninja import ops
-from jaxninja.testing import assert_vjp_matches, check_finite_differences
+from jaxninja.testing import assert_vjp_matches, check_finite_differences, check_vjp
 
 TOL = 1e-12
 
@@ -1238,3 +1243,38 @@ def test_bad_options_are_one_clear_error(kwargs, error, match):
         for op in (ops.cross_entropy, ops.cross_entropy_reference):
             with pytest.raises(error, match=match):
                 op(x @ w, y, **kwargs)
+
+
+def test_vocabulary_parallel_on_4_devices_equals_one_device():
+    """Megatron's vocabulary-parallel head: tests/scripts/vocab_parallel_cases.py runs the op
+    inside shard_map on 4 forced CPU devices (a fresh process: the device count is fixed
+    when jax starts) and prints its differences from the one-device op."""
+    script = Path(__file__).parent / "scripts" / "vocab_parallel_cases.py"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, str(script), "4"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == 5
+    for name, r in results.items():
+        assert r["values"] <= 1e-10 and r["grads"] <= 1e-10, (name, r)
+        assert r["grad_scale"] > 1.0 and r["finite"], (name, r)
+
+
+def test_check_vjp_on_linear_cross_entropy_with_its_options_as_keyword_variants(x64):
+    x, w, b, y, kwargs = option_inputs("all", seed=68)
+
+    def fused(x, w, b, **k):
+        return ops.linear_cross_entropy(x, w, y, bias=b, chunk_size=4, **k)
+
+    def reference(x, w, b, **k):
+        out = ops.cross_entropy_reference(x @ w + b, y, **k)
+        return out.astype(jnp.promote_types(out.dtype, jnp.float32))  # as the fused op returns
+
+    variants = [{k: v} for k, v in kwargs.items()] + [kwargs, dict(kwargs, reduction="mean")]
+    settings = ["all_args", "keywords", "second_order", "jit", "vmap", "low_precision"]
+    report = check_vjp(fused, reference, x, w, b, keyword_variants=variants, settings=settings)
+    assert report.checked == tuple(settings)

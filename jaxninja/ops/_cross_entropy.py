@@ -65,7 +65,7 @@ def row_loss(lse: Array, label_logit: Array, mean_logit: Array | None, opts: Los
     would be NaN)."""
     e, k = opts.label_smoothing, opts.z_loss
     loss = lse - (1 - e) * label_logit if e else lse - label_logit
-    if e:
+    if mean_logit is not None:
         loss = loss - e * mean_logit
     return loss + k * jnp.square(lse) if k else loss
 

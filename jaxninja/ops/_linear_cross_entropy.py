@@ -104,7 +104,7 @@ def _chunks(lin: _Linear, st: _Static) -> Array:
 
 
 class _Labels(NamedTuple):
-    index: Array  # (N,) int32 class id in this device's slice of the vocabulary (if valid)
+    label: Array  # (N,) int32 class id in this device's slice of the vocabulary (if valid)
     here: Array  # (N,) bool: the label's class is in this slice
     valid: Array  # (N,) bool: 0 <= label < V (the whole vocabulary)
 
@@ -122,12 +122,12 @@ def _labels(lin: _Linear, st: _Static) -> _Labels:
 
 def _label_logit(lin: _Linear, x: Array, lab: _Labels, st: _Static) -> Array:
     """Capped ``z_y`` per row: one column of w per row, gathered (summed over the shards)."""
-    w_y = jnp.take(lin.w, lab.index, axis=1 if st.layout == "dv" else 0)
+    w_y = jnp.take(lin.w, lab.label, axis=1 if st.layout == "dv" else 0)
     w_y = w_y.T if st.layout == "dv" else w_y  # (N, D)
     dtype = compute_dtype(st.dtype)
     z_y = jnp.sum(x.astype(dtype) * w_y.astype(dtype), axis=1)
     if lin.bias is not None:
-        z_y = z_y + jnp.take(lin.bias, lab.index).astype(dtype)
+        z_y = z_y + jnp.take(lin.bias, lab.label).astype(dtype)
     if st.axis_name is not None:  # a where, not a product: another shard's column may be inf
         z_y = lax.psum(jnp.where(lab.here, z_y, jnp.zeros((), dtype)), st.axis_name)
     return soft_cap(z_y, st.opts)
@@ -179,18 +179,31 @@ def _chunk_cotangent(c: _Chunk, coef: Any, m: Array, lab: _Labels, lin: _Linear,
     dz = jnp.exp(c.z - shift(m)[:, None]) * coef.scale[:, None]
     if coef.uniform is not None:
         dz = dz - coef.uniform[:, None]
-    onehot = (c.cols[None] == lab.index[:, None]) & lab.here[:, None]
+    onehot = (c.cols[None] == lab.label[:, None]) & lab.here[:, None]
     dz = cap_slope(jnp.where(onehot, dz - coef.label[:, None], dz), c.capped, st.opts)
     keep = c.own if lin.rows is None else c.own & lin.rows[:, None]
     return jnp.where(keep, dz, 0)
+
+
+def _typed_over(w: Array, axis_name: Any) -> bool:
+    """Whether ``w`` is typed as varying over the vocabulary axis (shard_map's check_vma)."""
+    if axis_name is None:
+        return False
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    return set(names) <= jax.typeof(w).manual_axis_type.varying
 
 
 def _linear_cross_entropy_bwd(st: _Static, residuals, cotangents):
     lin, m, s, lse = residuals
     x = masked(lin.rows, lin.x)
     lab = _labels(lin, st)
-    g = row_cotangent(cotangents[0].astype(m.dtype), lab.valid, lin.rows)
-    h = masked(lin.rows, cotangents[1].astype(m.dtype))
+    g, h = (ct.astype(m.dtype) for ct in cotangents)
+    if st.axis_name is not None and not _typed_over(lin.w, st.axis_name):
+        # check_vma=False: shard_map's transpose hands each device 1/n of a replicated
+        # output's cotangent (and sums the replicated x's): the whole one is their sum.
+        g, h = lax.psum((g, h), st.axis_name)
+    g = row_cotangent(g, lab.valid, lin.rows)
+    h = masked(lin.rows, h)
     v = _vocab_size(lin.w, st.layout)
     v_all = v * (1 if st.axis_name is None else lax.axis_size(st.axis_name))
     coef = row_coefficients(g, h, lse, s, v_all, st.opts)
@@ -215,8 +228,8 @@ def _linear_cross_entropy_bwd(st: _Static, residuals, cotangents):
     db = vary_over(jnp.zeros(v, dw.dtype if lin.bias is None else lin.bias.dtype), lin.w)
     dx = vary_over(jnp.zeros_like(x, dtype=m.dtype), lin.w, lin.bias)
     (dx, dw, db), _ = lax.scan(body, (dx, dw, db), _chunks(lin, st))
-    if st.axis_name is not None:  # x is replicated over the vocabulary: sum its parts
-        dx = lax.psum(dx, st.axis_name)
+    if _typed_over(lin.w, st.axis_name):  # x is replicated over the vocabulary: sum its parts
+        dx = lax.psum(dx, st.axis_name)  # (check_vma=False: shard_map's transpose sums them)
     dbias = None if lin.bias is None else db
     return (_Linear(dx.astype(lin.x.dtype), dw, dbias, None, None),)
 

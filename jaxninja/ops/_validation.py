@@ -69,7 +69,9 @@ def label_index(labels: Array, num_classes: int) -> tuple[Array, Array]:
 
 def row_losses(losses: Array, valid: Array, rows: Array | None) -> Array:
     """NaN for a bad label (never a silently clamped answer), 0 for a masked row."""
-    return masked(rows, jnp.where(valid, losses, jnp.nan))
+    # A product, not a select: autodiff of the reference then gives a bad label's row a NaN
+    # gradient too, as the hand-written rules do (row_cotangent).
+    return masked(rows, losses * jnp.where(valid, 1, jnp.nan).astype(losses.dtype))
 
 
 def row_cotangent(g: Array, valid: Array, rows: Array | None) -> Array:
