@@ -1277,4 +1277,4 @@ def test_check_vjp_on_linear_cross_entropy_with_its_options_as_keyword_variants(
     variants = [{k: v} for k, v in kwargs.items()] + [kwargs, dict(kwargs, reduction="mean")]
     settings = ["all_args", "keywords", "second_order", "jit", "vmap", "low_precision"]
     report = check_vjp(fused, reference, x, w, b, keyword_variants=variants, settings=settings)
-    assert report.checked == tuple(settings)
+    assert sorted(report.checked) == sorted(settings)
