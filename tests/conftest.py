@@ -198,10 +198,7 @@ def f64_case(batch):
 
 # ------------------------------------------------------------------ experiment scripts
 
-EXPERIMENT_COMMANDS = {
-    "exercise1": ["exercise1_manual_backprop.py"],
-    "exercise2": ["exercise2_cross_entropy.py", "--out", "{out}/dl.png"],
-    "exercise3": ["exercise3_batchnorm.py"],
+EXPERIMENT_COMMANDS = {  # (the lecture's exercises are notebooks: tests/test_notebooks.py)
     "float32_rounding": ["float32_rounding.py"],
 }
 _experiments: dict[str, tuple[Path, subprocess.Popen]] = {}

@@ -1,8 +1,7 @@
-"""Tests for the ``jaxninja`` command (train / sample / eval / check) and the Exercise-4
-experiment script.
+"""Tests for the ``jaxninja`` command (train / sample / eval / check).
 
 The real entry point (``python -m jaxninja``) runs in subprocesses where it matters
-(a training run, the exact stderr of a failing process, ``check``, the experiment);
+(a training run, the exact stderr of a failing process, ``check``);
 the many error paths run in-process through :func:`jaxninja.cli.main`, which is faster.
 The dataset comes from conftest.py's ``names_file`` fixture ($JAXNINJA_DATA); a missing
 file is an error, never a skip.
@@ -22,7 +21,6 @@ import pytest
 from helpers import one_error_line, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
-EXPERIMENT = REPO / "experiments" / "exercise4_train_manual.py"
 RUN_STEPS = 2000
 # the lecture's progress line, f"{i:7d}/{n:7d}: {loss:.4f}"
 PROGRESS = re.compile(r" *(\d+)/ *(\d+): (\d+\.\d{4})")
@@ -228,25 +226,3 @@ def test_errors_from_a_real_process(tmp_path):
 def test_check_float64(names_file):
     proc = python("-m", "jaxninja", "check", "--dtype", "float64", data=names_file)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-# --------------------------------------------------------------------- experiment
-
-
-def test_exercise4_experiment_script(names_file):
-    proc = python(
-        str(EXPERIMENT), "--steps", "300", "--n-hidden", "32", "--samples", "5", data=names_file
-    )
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
-    # the lecture's cmp rows: manual_grads agrees with jax.grad for every parameter
-    rows = [ln for ln in lines if "| exact:" in ln]
-    assert [r.split()[0] for r in rows] == ["C", "W1", "b1", "W2", "b2", "bngain", "bnbias"]
-    assert all("approximate: True" in r for r in rows), rows
-    assert [ln for ln in lines if PROGRESS.fullmatch(ln)] == [
-        next(ln for ln in lines if ln.startswith("      0/    300: "))
-    ]
-    losses = {m[1]: float(m[2]) for m in map(SPLIT_LINE.fullmatch, lines) if m}
-    assert set(losses) == {"train", "val"} and all(2.0 < v < 3.0 for v in losses.values())
-    samples = lines[lines.index("5 samples:") + 1 :]
-    assert len(samples) == 5 and all(re.fullmatch(r"[a-z]*", s) for s in samples)

@@ -110,7 +110,8 @@ def reference_grads(params: Params, X: Array, Y: Array) -> dict[str, Array]:
         >>> from jaxninja.lecture.model import init_params
         >>> p = init_params(jax.random.key(0), n_hidden=8)
         >>> g = reference_grads(p, jnp.zeros((4, 3), jnp.int32), jnp.arange(4))
-        >>> g["logprobs"][0, 0].item(), g["C"].shape
+        >>> dlogprobs = g["logprobs"]
+        >>> dlogprobs[0, 0].item(), g["C"].shape
         (-0.25, (27, 10))
     """
     acts = forward_atomized(params, X, Y)
@@ -420,7 +421,7 @@ def compare(
 _BROADCAST = "broadcast over the rows in the forward pass: sum over axis 0, keepdims=True"
 HINTS: Mapping[str, str] = {
     "logprobs": "loss = -mean of the n picked logprobs[i, Y[i]]: each gets -1/n, the rest 0",
-    "probs": "logprobs = log(probs), and d/dx log(x) = 1/x: (1 / probs) * dlogprobs",
+    "probs": "logprobs = log(probs), and d/dx log(x) = 1/x; then the chain rule",
     "counts_sum_inv": "counts_sum_inv (n, 1) is broadcast over the columns in "
     "probs = counts * counts_sum_inv: multiply by counts, then sum over axis 1, keepdims=True",
     "counts_sum": "counts_sum_inv = counts_sum**-1, and d/dx x**-1 = -x**-2",
@@ -431,8 +432,10 @@ HINTS: Mapping[str, str] = {
     "minus the sum over axis 1, keepdims=True",
     "logits": "logits is used twice (norm_logits and logit_maxes): the max sends its gradient "
     "to the argmax of each row (one_hot(logits.argmax(1)))",
-    "h": "logits = h @ W2 + b2: dh = dlogits @ W2.T (match the shapes: (n, H))",
-    "W2": "logits = h @ W2 + b2: dW2 = h.T @ dlogits (match the shapes: (H, vocab))",
+    "h": "logits = h @ W2 + b2: a matmul's gradient is a matmul of dlogits with the other "
+    "factor, transposed so that the shapes match",
+    "W2": "logits = h @ W2 + b2: a matmul's gradient is a matmul of the other factor, "
+    "transposed, with dlogits, so that the shapes match",
     "b2": "b2 is " + _BROADCAST.replace(", keepdims=True", " (b2 is 1-D)"),
     "hpreact": "h = tanh(hpreact), and d/dx tanh(x) = 1 - tanh(x)**2 = 1 - h**2",
     "bngain": "bngain (1, H) is " + _BROADCAST,
@@ -448,12 +451,12 @@ HINTS: Mapping[str, str] = {
     "axis 0, keepdims=True",
     "hprebn": "hprebn is used twice (bndiff and bnmeani): add dbndiff and 1/n * dbnmeani, "
     "broadcast back over the rows",
-    "embcat": "hprebn = embcat @ W1 + b1: dembcat = dhprebn @ W1.T",
-    "W1": "hprebn = embcat @ W1 + b1: dW1 = embcat.T @ dhprebn",
+    "embcat": "hprebn = embcat @ W1 + b1: as for h, a matmul with W1, shapes matched",
+    "W1": "hprebn = embcat @ W1 + b1: as for W2, a matmul with embcat, shapes matched",
     "b1": "b1 is " + _BROADCAST.replace(", keepdims=True", " (b1 is 1-D)"),
     "emb": "embcat is emb viewed as (n, block_size * n_embd): reshape dembcat to emb's shape",
-    "C": "emb = C[X] picks rows of C, a row picked k times gets k gradients: a scatter-add, "
-    "jnp.zeros_like(C).at[X].add(demb)",
+    "C": "emb = C[X] picks rows of C, a row picked k times gets k gradients: a scatter-add "
+    "(jnp's .at[...].add)",
     "logits (fused)": "work out d loss / d logits[i, j] on paper for one row: softmax's p_j, "
     "minus 1 at the label, and the mean divides by n",
     "hprebn (fused)": "work out dhprebn on paper through mean, variance (n - 1) and "
