@@ -239,6 +239,11 @@ def training_batch(data: Any, seed: int, batch_size: int) -> tuple[int, np.ndarr
 
     Returns:
         ``(vocab_size, X, Y)``, ``X (batch_size, 3)`` and ``Y (batch_size,)`` int32.
+
+    Example:
+        >>> vocab_size, X, Y = training_batch(None, seed=0, batch_size=4)
+        >>> vocab_size, X.shape, Y.shape, str(X.dtype)
+        (27, (4, 3), (4,), 'int32')
     """
     splits = load_splits(data)
     Xtr, Ytr = splits.data["train"]
