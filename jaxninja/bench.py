@@ -436,6 +436,11 @@ class OpCase(NamedTuple):
     losses: dict[str, Callable[..., jax.Array]]  # the implementations, ours first (mean taken)
 
 
+# Every option of the cross-entropy ops on at once (1/8 of the labels are -100).
+EVERY_OPTION: dict[str, Any] = dict(
+    ignore_index=-100, softcap=30.0, label_smoothing=0.1, z_loss=1e-4, reduction="mean"
+)
+
 OPS: dict[str, OpCase] = {
     "cross_entropy": OpCase(
         "grad w.r.t. the logits of `mean(cross_entropy(logits, labels))`",
@@ -465,6 +470,18 @@ OPS: dict[str, OpCase] = {
             "unfused": lambda x, w, y: ops.cross_entropy(x @ w, y),
         },
     ),
+    "linear_cross_entropy options": OpCase(
+        "grad w.r.t. x, w (V, D) and bias of `linear_cross_entropy(x, w, labels, bias=bias, "
+        'w_layout="vd", **EVERY_OPTION)` against the unfused `cross_entropy(x @ w.T + bias, '
+        "labels, **EVERY_OPTION)`",
+        (0, 1, 2),
+        {
+            "linear_cross_entropy": lambda x, w, b, y: ops.linear_cross_entropy(
+                x, w, y, bias=b, w_layout="vd", **EVERY_OPTION
+            ),
+            "unfused": lambda x, w, b, y: ops.cross_entropy(x @ w.T + b, y, **EVERY_OPTION),
+        },
+    ),
 }
 
 
@@ -489,7 +506,11 @@ def _op_args(op: str, size: dict[str, int], dtype: str) -> tuple[jax.Array, ...]
         bias = normal(2, (h,), 0.1)
         c = normal(3, (n, h))
         return x, gain, bias, c
-    return normal(0, (n, d)), normal(1, (d, v), d**-0.5), labels(2)
+    if op == "linear_cross_entropy":
+        return normal(0, (n, d)), normal(1, (d, v), d**-0.5), labels(2)
+    ignored = jnp.arange(n) % 8 == 0  # the option rows: w is (V, D), a bias, padding labels
+    y = jnp.where(ignored, -100, labels(2))
+    return normal(0, (n, d)), normal(1, (v, d), d**-0.5), normal(3, (v,), 0.1), y
 
 
 def ops_cases(quick: bool = False) -> list[tuple[str, str, dict[str, int]]]:
@@ -501,7 +522,11 @@ def ops_cases(quick: bool = False) -> list[tuple[str, str, dict[str, int]]]:
     lce = [(64, 16, 300)] if quick else [(4096, 256, 32768), (4096, 512, 65536)]
     cases = [("cross_entropy", dt, {"N": n, "V": v}) for n, v in ce for dt in dts]
     cases += [("batch_norm", dt, {"N": n, "H": h}) for n, h in bn for dt in dts]
-    return cases + [("linear_cross_entropy", "float32", dict(N=n, D=d, V=v)) for n, d, v in lce]
+    cases += [("linear_cross_entropy", "float32", dict(N=n, D=d, V=v)) for n, d, v in lce]
+    opt = [(64, 16, 300)] if quick else [(4096, 256, 65536)]
+    return cases + [
+        ("linear_cross_entropy options", "float32", dict(N=n, D=d, V=v)) for n, d, v in opt
+    ]
 
 
 def measure_case(
