@@ -1248,7 +1248,8 @@ def test_bad_options_are_one_clear_error(kwargs, error, match):
 def test_vocabulary_parallel_on_4_devices_equals_one_device():
     """Megatron's vocabulary-parallel head: tests/scripts/vocab_parallel_cases.py runs the op
     inside shard_map on 4 forced CPU devices (a fresh process: the device count is fixed
-    when jax starts) and prints its differences from the one-device op."""
+    when jax starts) and prints its differences from the one-device op; and under plain
+    jit with w sharded over the vocabulary, whether w is all-gathered and how dw is sharded."""
     script = Path(__file__).parent / "scripts" / "vocab_parallel_cases.py"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     root = str(Path(__file__).resolve().parent.parent)
@@ -1258,10 +1259,13 @@ def test_vocabulary_parallel_on_4_devices_equals_one_device():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 5
+    assert len(results) == 7
     for name, r in results.items():
         assert r["values"] <= 1e-10 and r["grads"] <= 1e-10, (name, r)
-        assert r["grad_scale"] > 1.0 and r["finite"], (name, r)
+        if name.startswith("jit/"):  # w sharded by NamedSharding under plain jit
+            assert r["all_gathers"] == 0 and r["dw_sharded_like_w"], (name, r)
+        else:
+            assert r["grad_scale"] > 1.0 and r["finite"], (name, r)
 
 
 def test_check_vjp_on_linear_cross_entropy_with_its_options_as_keyword_variants(x64):

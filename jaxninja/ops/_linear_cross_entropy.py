@@ -34,6 +34,7 @@ from jaxninja.ops._validation import (
     varying_like,
 )
 
+_BLOCKS = "jaxninja_vocabulary_blocks"  # the vmap axis of the vocabulary's blocks
 LAYOUTS = ("dv", "vd")  # w is (D, V) (x @ w) or (V, D) (tied embeddings, torch's Linear)
 
 # dot_general contracting dims (of the left, of the right operand), per layout, for the
@@ -60,6 +61,7 @@ class _Static(NamedTuple):
     opts: LossOptions
     axis_name: Any  # the vocabulary's mesh axis, or None
     dtype: Any  # the inputs' promoted dtype; computed in compute_dtype(dtype)
+    blocks: int  # equal blocks of the vocabulary, vmapped (1: none)
 
 
 class _Chunk(NamedTuple):
@@ -104,42 +106,53 @@ def _chunks(lin: _Linear, st: _Static) -> Array:
 
 
 class _Labels(NamedTuple):
-    label: Array  # (N,) int32 class id in this device's slice of the vocabulary (if valid)
+    label: Array  # (N,) int32 class id in this slice of the vocabulary (where here)
     here: Array  # (N,) bool: the label's class is in this slice
-    valid: Array  # (N,) bool: 0 <= label < V (the whole vocabulary)
+
+
+def _slices(st: _Static) -> Any:
+    """The axis over which the vocabulary's slices combine: the user's mesh axis, the
+    blocks' vmap axis, or None (one slice)."""
+    return _BLOCKS if st.blocks > 1 else st.axis_name
 
 
 def _labels(lin: _Linear, st: _Static) -> _Labels:
-    v = _vocab_size(lin.w, st.layout)
-    if st.axis_name is None:
+    v, ax = _vocab_size(lin.w, st.layout), _slices(st)
+    if ax is None:
         index, valid = label_index(lin.labels, v)
-        return _Labels(index, valid, valid)
-    index, valid = label_index(lin.labels, v * lax.axis_size(st.axis_name))
-    local = index - lax.axis_index(st.axis_name) * v
+        return _Labels(index, valid)
+    index, valid = label_index(lin.labels, v * lax.axis_size(ax))
+    local = index - lax.axis_index(ax) * v
     here = valid & (local >= 0) & (local < v)
-    return _Labels(jnp.where(here, local, 0), here, valid)
+    return _Labels(jnp.where(here, local, 0), here)
 
 
-def _label_logit(lin: _Linear, x: Array, lab: _Labels, st: _Static) -> Array:
-    """Capped ``z_y`` per row: one column of w per row, gathered (summed over the shards)."""
+def _label_logit(lin: _Linear, x: Array, st: _Static) -> Array:
+    """Capped ``z_y`` per row: one column of w per row, gathered (summed over the slices)."""
+    lab = _labels(lin, st)
     w_y = jnp.take(lin.w, lab.label, axis=1 if st.layout == "dv" else 0)
     w_y = w_y.T if st.layout == "dv" else w_y  # (N, D)
     dtype = compute_dtype(st.dtype)
     z_y = jnp.sum(x.astype(dtype) * w_y.astype(dtype), axis=1)
     if lin.bias is not None:
         z_y = z_y + jnp.take(lin.bias, lab.label).astype(dtype)
-    if st.axis_name is not None:  # a where, not a product: another shard's column may be inf
-        z_y = lax.psum(jnp.where(lab.here, z_y, jnp.zeros((), dtype)), st.axis_name)
+    if _slices(st) is not None:  # a where, not a product: another slice's column may be inf
+        z_y = lax.psum(jnp.where(lab.here, z_y, jnp.zeros((), dtype)), _slices(st))
     return soft_cap(z_y, st.opts)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _linear_cross_entropy(lin: _Linear, st: _Static) -> tuple[Array, Array]:
-    return _linear_cross_entropy_fwd(lin, st)[0]
+class _Stats(NamedTuple):
+    """Per row, over the whole vocabulary: the max, ``sum exp(z - shift(max))``, the sum of
+    the logits (label smoothing) and the label's logit."""
+
+    m: Array
+    s: Array
+    total: Array
+    label_logit: Array
 
 
-def _forward_scan(lin: _Linear, x: Array, st: _Static) -> tuple[Array, Array, Array]:
-    """Online log-sum-exp over the chunks: ``(max, sum exp(z - shift(max)), sum z)``."""
+def _forward_stats(lin: _Linear, x: Array, st: _Static) -> _Stats:
+    """Online log-sum-exp over this slice's chunks, then combined over the slices."""
 
     def body(carry, k):  # rescale the running sum to the new max
         m, s, total = carry
@@ -153,24 +166,54 @@ def _forward_scan(lin: _Linear, x: Array, st: _Static) -> tuple[Array, Array, Ar
     # Carries that vary like the logits: under shard_map they vary over x's and w's axes.
     zero = vary_over(jnp.zeros(x.shape[:1], compute_dtype(st.dtype)), x, lin.w, lin.bias)
     (m, s, total), _ = lax.scan(body, (zero - jnp.inf, zero, zero), _chunks(lin, st))
-    m = lax.stop_gradient(m)
-    if st.axis_name is None:
-        return m, s, total
-    m_all = lax.stop_gradient(lax.pmax(m, st.axis_name))
-    s = lax.psum(s * rescale(m, m_all), st.axis_name)
-    return m_all, s, lax.psum(total, st.axis_name)
+    m, ax = lax.stop_gradient(m), _slices(st)
+    if ax is not None:
+        m_all = lax.stop_gradient(lax.pmax(m, ax))
+        s, total, m = lax.psum(s * rescale(m, m_all), ax), lax.psum(total, ax), m_all
+    return _Stats(m, s, total, _label_logit(lin, x, st))
+
+
+def _over_slices(fn: Any, lin: _Linear, st: _Static, w_out: bool) -> Any:
+    """``fn(lin)``, or with ``st.blocks`` blocks: ``fn`` vmapped over equal blocks of the
+    vocabulary (its collectives over the blocks' axis), w's cotangent put back together.
+    A w sharded over the vocabulary is then used where it lies: no all-gather under jit."""
+    if st.blocks == 1:
+        return fn(lin)
+    axis = 1 if st.layout == "dv" else 0
+    v = lin.w.shape[axis]
+    w = lin.w.reshape(lin.w.shape[:axis] + (st.blocks, v // st.blocks) + lin.w.shape[axis + 1 :])
+    bias = None if lin.bias is None else lin.bias.reshape(st.blocks, -1)
+
+    def block(w, bias):
+        return fn(lin._replace(w=w, bias=bias))
+
+    out_axes = (None, axis, 0) if w_out else None
+    out = jax.vmap(block, (axis, 0), out_axes, axis_name=_BLOCKS)(w, bias)
+    if not w_out:
+        return out
+    dx, dw, db = out
+    return dx, dw.reshape(lin.w.shape), None if db is None else db.reshape(-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _linear_cross_entropy(lin: _Linear, st: _Static) -> tuple[Array, Array]:
+    return _linear_cross_entropy_fwd(lin, st)[0]
+
+
+def _vocab_total(lin: _Linear, st: _Static) -> int:
+    v = _vocab_size(lin.w, st.layout)
+    return v if st.axis_name is None else v * lax.axis_size(st.axis_name)
 
 
 def _linear_cross_entropy_fwd(lin: _Linear, st: _Static):
     x = masked(lin.rows, lin.x)  # masked rows: 0
-    m, s, total = _forward_scan(lin, x, st)
-    lse = jnp.log(s) + shift(m)
-    lab = _labels(lin, st)
-    v = _vocab_size(lin.w, st.layout) * (1 if st.axis_name is None else lax.axis_size(st.axis_name))
-    mean = total / v if st.opts.label_smoothing else None
-    loss = row_loss(lse, _label_logit(lin, x, lab, st), mean, st.opts)
-    out = (row_losses(loss, lab.valid, lin.rows), masked(lin.rows, lse))
-    return out, (lin, m, s, lse)
+    stats = _over_slices(lambda lin: _forward_stats(lin, x, st), lin, st, w_out=False)
+    lse = jnp.log(stats.s) + shift(stats.m)
+    mean = stats.total / _vocab_total(lin, st) if st.opts.label_smoothing else None
+    loss = row_loss(lse, stats.label_logit, mean, st.opts)
+    valid = label_index(lin.labels, _vocab_total(lin, st))[1]
+    out = (row_losses(loss, valid, lin.rows), masked(lin.rows, lse))
+    return out, (lin, stats.m, stats.s, lse)
 
 
 def _chunk_cotangent(c: _Chunk, coef: Any, m: Array, lab: _Labels, lin: _Linear, st: _Static):
@@ -193,21 +236,9 @@ def _typed_over(w: Array, axis_name: Any) -> bool:
     return set(names) <= jax.typeof(w).manual_axis_type.varying
 
 
-def _linear_cross_entropy_bwd(st: _Static, residuals, cotangents):
-    lin, m, s, lse = residuals
-    x = masked(lin.rows, lin.x)
-    lab = _labels(lin, st)
-    g, h = (ct.astype(m.dtype) for ct in cotangents)
-    if st.axis_name is not None and not _typed_over(lin.w, st.axis_name):
-        # check_vma=False: shard_map's transpose hands each device 1/n of a replicated
-        # output's cotangent (and sums the replicated x's): the whole one is their sum.
-        g, h = lax.psum((g, h), st.axis_name)
-    g = row_cotangent(g, lab.valid, lin.rows)
-    h = masked(lin.rows, h)
-    v = _vocab_size(lin.w, st.layout)
-    v_all = v * (1 if st.axis_name is None else lax.axis_size(st.axis_name))
-    coef = row_coefficients(g, h, lse, s, v_all, st.opts)
-    axis = 1 if st.layout == "dv" else 0
+def _backward_scan(lin: _Linear, x: Array, coef: Any, m: Array, st: _Static):
+    """dx (summed over the slices), dw and dbias of this slice."""
+    lab, axis = _labels(lin, st), 1 if st.layout == "dv" else 0
 
     def body(carry, k):
         dx, dw, db = carry
@@ -225,12 +256,26 @@ def _linear_cross_entropy_bwd(st: _Static, residuals, cotangents):
         return (dx, dw, db), None
 
     dw = jnp.zeros_like(lin.w)  # lin.w varies like x (varying_like)
-    db = vary_over(jnp.zeros(v, dw.dtype if lin.bias is None else lin.bias.dtype), lin.w)
+    db = jnp.zeros(dw.shape[axis], dw.dtype if lin.bias is None else lin.bias.dtype)
     dx = vary_over(jnp.zeros_like(x, dtype=m.dtype), lin.w, lin.bias)
-    (dx, dw, db), _ = lax.scan(body, (dx, dw, db), _chunks(lin, st))
-    if _typed_over(lin.w, st.axis_name):  # x is replicated over the vocabulary: sum its parts
-        dx = lax.psum(dx, st.axis_name)  # (check_vma=False: shard_map's transpose sums them)
-    dbias = None if lin.bias is None else db
+    (dx, dw, db), _ = lax.scan(body, (dx, dw, vary_over(db, lin.w)), _chunks(lin, st))
+    if st.blocks > 1 or _typed_over(lin.w, st.axis_name):  # x is replicated over the slices
+        dx = lax.psum(dx, _slices(st))  # (check_vma=False: shard_map's transpose sums them)
+    return dx, dw, None if lin.bias is None else db
+
+
+def _linear_cross_entropy_bwd(st: _Static, residuals, cotangents):
+    lin, m, s, lse = residuals
+    x = masked(lin.rows, lin.x)
+    g, h = (ct.astype(m.dtype) for ct in cotangents)
+    if st.axis_name is not None and not _typed_over(lin.w, st.axis_name):
+        # check_vma=False: shard_map's transpose hands each device 1/n of a replicated
+        # output's cotangent (and sums the replicated x's): the whole one is their sum.
+        g, h = lax.psum((g, h), st.axis_name)
+    g = row_cotangent(g, label_index(lin.labels, _vocab_total(lin, st))[1], lin.rows)
+    h = masked(lin.rows, h)
+    coef = row_coefficients(g, h, lse, s, _vocab_total(lin, st), st.opts)
+    dx, dw, dbias = _over_slices(lambda lin: _backward_scan(lin, x, coef, m, st), lin, st, True)
     return (_Linear(dx.astype(lin.x.dtype), dw, dbias, None, None),)
 
 
@@ -287,6 +332,13 @@ def _chunk_size(chunk_size: Any, n: int, v: int) -> int:
     ):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     return min(v, chunk_size or max(128, (2**22 // max(n, 1)) // 128 * 128))
+
+
+def _blocks(v: int) -> int:
+    """Blocks of the vocabulary to vmap over: the most devices that divide V (a w sharded
+    over the vocabulary on up to that many devices then stays where it lies); 1 device: 1."""
+    devices = jax.device_count()
+    return max(b for b in range(1, devices + 1) if devices % b == 0 and v % b == 0)
 
 
 def linear_cross_entropy(
@@ -384,8 +436,10 @@ def linear_cross_entropy(
     rows = None if where is None else jnp.asarray(where, bool)
     rows = kept_rows(rows, labels, ignore_index)
     n = math.prod(labels.shape)
-    chunk = _chunk_size(chunk_size, n, _vocab_size(w, w_layout))
-    st = _Static(chunk, w_layout, opts, vocab_axis_name, dtype)
+    v = _vocab_size(w, w_layout)
+    blocks = 1 if vocab_axis_name is not None else _blocks(v)
+    chunk = min(v // blocks, -(-_chunk_size(chunk_size, n, v) // blocks))
+    st = _Static(chunk, w_layout, opts, vocab_axis_name, dtype, blocks)
     w, bias = varying_like(x, w), varying_like(x, bias)
     flat_rows = None if rows is None else rows.reshape(n)
     lin = _Linear(x.reshape(n, x.shape[-1]), w, bias, labels.reshape(n), flat_rows)

@@ -5,8 +5,10 @@ when jax starts, so this script sets ``XLA_FLAGS`` before importing jax. Inside
 ``shard_map`` over a mesh axis ``"v"``, ``w`` and ``bias`` hold consecutive slices of the
 vocabulary; the values and gradients (x, w, bias) are compared with the single-device op
 on the whole arrays (float64), with ``check_vma`` on and off, both layouts, every option,
-and rows split over a second axis. It prints one JSON object on its last line: the largest
-differences it measured and the shardings it saw; the test decides what is close enough.
+and rows split over a second axis. Then under plain ``jit`` with ``w`` sharded over the
+vocabulary by ``NamedSharding``: the compiled gradient's all-gathers, ``dw``'s sharding
+and the differences from the unfused reference. It prints one JSON object on its last
+line; the test decides what is close enough.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import Mesh  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from jaxninja import ops  # noqa: E402
@@ -98,6 +100,36 @@ def case(layout: str, check_vma: bool, mesh: Mesh, rows_axis: str | None) -> dic
             "finite": bool(np.all(np.isfinite(np.asarray(grads[0][0]))))}  # fmt: skip
 
 
+def sharded_under_jit(layout: str) -> dict:
+    """Plain jit, w sharded over the vocabulary by NamedSharding: no all-gather of w, dw
+    sharded like w, values and gradients those of the unfused reference."""
+    x, w, b, y, where, ct, ct_lse = inputs(n=16, v_per_device=40)
+    mesh = Mesh(np.array(jax.devices()), ("v",))
+    spec = P(None, "v") if layout == "dv" else P("v", None)
+    wl = jax.device_put(w if layout == "dv" else w.T, NamedSharding(mesh, spec))
+
+    def fused(x, w, b, y, where):
+        kwargs = dict(bias=b, where=where, w_layout=layout, **OPTIONS)
+        return ops.linear_cross_entropy(x, w, y, return_lse=True, **kwargs)
+
+    def reference(x, w, b, y, where):
+        z = x @ (w if layout == "dv" else w.T) + b
+        kwargs = {k: v for k, v in OPTIONS.items() if k != "chunk_size"}
+        return ops.cross_entropy_reference(z, y, where=where, return_lse=True, **kwargs)
+
+    grads = [
+        jax.jit(jax.value_and_grad(loss_fn(op, y, where, ct, ct_lse), (0, 1, 2)))
+        for op in (fused, reference)
+    ]
+    hlo = grads[0].lower(x, wl, b).compile().as_text()
+    got, want = grads[0](x, wl, b), grads[1](x, np.asarray(wl), b)
+    dw = got[1][1]
+    return {"values": maxdiff(got[0], want[0]), "grads": maxdiff(got[1], want[1]),
+            "all_gathers": hlo.count("all-gather("),
+            "dw_sharded_like_w": dw.sharding.is_equivalent_to(wl.sharding, 2),
+            "dw_spec": str(dw.sharding.spec)}  # fmt: skip
+
+
 def main() -> None:
     vocab = Mesh(np.array(jax.devices()), ("v",))
     grid = Mesh(np.array(jax.devices()).reshape(2, N_DEV // 2), ("d", "v"))
@@ -107,6 +139,7 @@ def main() -> None:
         for vma in (True, False)
     }
     results["dv/rows over d"] = case("dv", True, grid, "d")
+    results.update({f"jit/{layout}": sharded_under_jit(layout) for layout in ("dv", "vd")})
     print(json.dumps(results))
 
 
