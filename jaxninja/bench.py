@@ -436,6 +436,20 @@ class OpCase(NamedTuple):
     losses: dict[str, Callable[..., jax.Array]]  # the implementations, ours first (mean taken)
 
 
+def _vocab_parallel(x: jax.Array, w: jax.Array, labels: jax.Array) -> jax.Array:
+    """linear_cross_entropy with w's vocabulary split over every device of this process."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("v",))
+    spec = jax.sharding.PartitionSpec
+
+    def local(x: jax.Array, w: jax.Array, labels: jax.Array) -> jax.Array:
+        return ops.linear_cross_entropy(x, w, labels, vocab_axis_name="v")
+
+    sharded = jax.shard_map(
+        local, mesh=mesh, in_specs=(spec(), spec(None, "v"), spec()), out_specs=spec()
+    )
+    return sharded(x, w, labels)
+
+
 # Every option of the cross-entropy ops on at once (1/8 of the labels are -100).
 EVERY_OPTION: dict[str, Any] = dict(
     ignore_index=-100, softcap=30.0, label_smoothing=0.1, z_loss=1e-4, reduction="mean"
@@ -467,6 +481,17 @@ OPS: dict[str, OpCase] = {
         (0, 1),
         {
             "linear_cross_entropy": ops.linear_cross_entropy,
+            "unfused": lambda x, w, y: ops.cross_entropy(x @ w, y),
+        },
+    ),
+    "linear_cross_entropy vocab-parallel": OpCase(
+        "grad w.r.t. x and w of `mean(linear_cross_entropy(x, w, labels, "
+        'vocab_axis_name="v"))` inside `shard_map` with w split over the vocabulary on '
+        "all of this process's devices (on 1 device: the collectives' cost without their "
+        "communication) against the unfused `mean(cross_entropy(x @ w, labels))`",
+        (0, 1),
+        {
+            "linear_cross_entropy": _vocab_parallel,
             "unfused": lambda x, w, y: ops.cross_entropy(x @ w, y),
         },
     ),
@@ -506,7 +531,7 @@ def _op_args(op: str, size: dict[str, int], dtype: str) -> tuple[jax.Array, ...]
         bias = normal(2, (h,), 0.1)
         c = normal(3, (n, h))
         return x, gain, bias, c
-    if op == "linear_cross_entropy":
+    if op != "linear_cross_entropy options":
         return normal(0, (n, d)), normal(1, (d, v), d**-0.5), labels(2)
     ignored = jnp.arange(n) % 8 == 0  # the option rows: w is (V, D), a bias, padding labels
     y = jnp.where(ignored, -100, labels(2))
@@ -523,10 +548,9 @@ def ops_cases(quick: bool = False) -> list[tuple[str, str, dict[str, int]]]:
     cases = [("cross_entropy", dt, {"N": n, "V": v}) for n, v in ce for dt in dts]
     cases += [("batch_norm", dt, {"N": n, "H": h}) for n, h in bn for dt in dts]
     cases += [("linear_cross_entropy", "float32", dict(N=n, D=d, V=v)) for n, d, v in lce]
-    opt = [(64, 16, 300)] if quick else [(4096, 256, 65536)]
-    return cases + [
-        ("linear_cross_entropy options", "float32", dict(N=n, D=d, V=v)) for n, d, v in opt
-    ]
+    n, d, v = (64, 16, 300) if quick else (4096, 256, 65536)
+    more = ("linear_cross_entropy options", "linear_cross_entropy vocab-parallel")
+    return cases + [(op, "float32", dict(N=n, D=d, V=v)) for op in more]
 
 
 def measure_case(
