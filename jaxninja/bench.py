@@ -477,11 +477,12 @@ OPS: dict[str, OpCase] = {
     ),
     "linear_cross_entropy": OpCase(
         "grad w.r.t. x and w of `mean(linear_cross_entropy(x, w, labels))` against the "
-        "unfused `mean(cross_entropy(x @ w, labels))`",
+        "unfused `mean(cross_entropy(x @ w, labels))` and optax's",
         (0, 1),
         {
             "linear_cross_entropy": ops.linear_cross_entropy,
             "unfused": lambda x, w, y: ops.cross_entropy(x @ w, y),
+            "optax": lambda x, w, y: optax.softmax_cross_entropy_with_integer_labels(x @ w, y),
         },
     ),
     "linear_cross_entropy vocab-parallel": OpCase(
