@@ -1120,9 +1120,9 @@ def finiteness_cases():
     x = rng.standard_normal((6, 3))
     w = rng.standard_normal((3, 12))
     b = rng.standard_normal(12)
-    b[4:8] = -np.inf  # chunk 1 of chunk_size 4: all -inf
+    b[:4] = -np.inf  # chunk 0 of chunk_size 4: all -inf (the online max starts at -inf)
     y = rng.integers(0, 12, 6)
-    y[4] = 5
+    y[4] = 2
     where = np.array([True, True, False, True, True, False])
     bad = x.copy()
     bad[1], bad[3, 0] = np.nan, np.inf
