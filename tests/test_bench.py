@@ -113,7 +113,9 @@ def test_parse_settings():
 OPS_IMPLS = {
     "cross_entropy": ["jaxninja", "optax", "reference"],
     "batch_norm": ["jaxninja", "flax", "reference"],  # flax: a test extra, always in CI
-    "linear_cross_entropy": ["linear_cross_entropy", "unfused"],
+    "linear_cross_entropy": ["linear_cross_entropy", "unfused", "optax"],
+    "linear_cross_entropy vocab-parallel": ["linear_cross_entropy", "unfused"],
+    "linear_cross_entropy options": ["linear_cross_entropy", "unfused"],
 }
 
 
