@@ -313,14 +313,15 @@ def cross_entropy(
     with ``lse = log sum_j exp(z_j)``, ``e = label_smoothing`` (torch's and Liger's
     definition: ``(1 - e) CE(y) + e mean_j(-log p_j)``), ``k = z_loss`` (PaLM's z-loss) and
     ``z-bar`` the mean logit over the classes in the normaliser. The defaults give optax's
-    result (optax's own test class for its function passes with ours swapped in, except
-    its forward-mode ``check_grads``). Forward keeps three numbers per row (``max``, ``sum exp``, ``lse``); the backward
-    pass recomputes ``exp(z - max) / sum`` (normalised as optax, right at logits of 1e8 in
-    float32). A label outside ``[0, num_classes)`` gives a NaN loss and NaN gradient for its
-    row, never a silently clamped answer (a uint8 label against 300 classes never wraps).
-    A row of logits is exactly as finite as in :func:`cross_entropy_reference`: a row or
-    class of ``-inf`` logits gives what ``jax.nn.logsumexp`` gives, never
-    ``exp(-inf - -inf)``. ``jax.grad`` of ``jax.grad`` works; forward mode does not.
+    result (optax's own test class for its function passes with ours swapped in, except its
+    forward-mode ``check_grads``). Forward keeps three numbers per row (``max``, ``sum
+    exp``, ``lse``); the backward pass recomputes ``exp(z - max) / sum`` (normalised as
+    optax, right at logits of 1e8 in float32). A label outside ``[0, num_classes)`` gives a
+    NaN loss and NaN gradient for its row, never a silently clamped answer (a uint8 label
+    against 300 classes never wraps). A row of logits is exactly as finite as in
+    :func:`cross_entropy_reference`: a row or class of ``-inf`` logits gives what
+    ``jax.nn.logsumexp`` gives, never ``exp(-inf - -inf)``. ``jax.grad`` of ``jax.grad``
+    works; forward mode does not.
 
     Args:
       logits: ``(..., num_classes)`` floating scores (the class axis is ``axis``).
