@@ -7,7 +7,9 @@ An expected failure (bad arguments, data or checkpoint; a run directory in use) 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
 import math
 import os
 import sys
@@ -20,7 +22,7 @@ import jax
 from jaxninja import bench
 from jaxninja.errors import JaxninjaError
 from jaxninja.lecture import check, sample
-from jaxninja.training import job, parallel, rundir, sweep
+from jaxninja.training import fileio, job, parallel, rundir, sweep
 from jaxninja.training.train import BACKENDS, FLOAT32_TINY, INT32_MAX, ConfigError, TrainConfig
 
 USAGE_ERROR = 2
@@ -88,9 +90,7 @@ def _numbers(text: str, kind: type, flag: str) -> list[Any]:
 def _config(args: argparse.Namespace) -> TrainConfig:
     """The validated :class:`TrainConfig` of the options in ``args`` (defaults for the rest)."""
     names = [f.name for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)]
-    cfg = TrainConfig(**_pick(args, *names)).validate()
-    rundir.check_memory(cfg, 0)  # before any data is read: a lower bound
-    return cfg
+    return TrainConfig(**_pick(args, *names)).validate()
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -130,7 +130,9 @@ def _check(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     seeds, lrs = _numbers(args.seeds, int, "--seeds"), _numbers(args.lrs, float, "--lrs")
-    sweep.sweep_run(_config(args), seeds, lrs, args.data, out=args.out)
+    cfg = _config(args)
+    rundir.check_memory(cfg, 0)  # before any data is read: a lower bound (train: train_run's)
+    sweep.sweep_run(cfg, seeds, lrs, args.data, out=args.out)
     return 0
 
 
@@ -245,6 +247,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``jaxninja ARGV``; return the exit status. The output goes through
+    :class:`~jaxninja.training.fileio.SafeStream`: a reader that leaves (``| head``) ends the
+    output, not the work; another failure to write it (``> /dev/full``) is an error."""
+    fileio.keep_standard_fds()
+    out, err = fileio.SafeStream(sys.stdout, 1), fileio.SafeStream(sys.stderr, 2)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = _run(argv)
+        if rc == 0 and out.failed is not None and out.failed.errno != errno.EPIPE:
+            reason = out.failed.strerror or out.failed
+            print(f"error: cannot write to stdout ({reason}); the output is lost", file=err)
+            rc = USAGE_ERROR
+    return rc
+
+
+def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

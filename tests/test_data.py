@@ -11,6 +11,7 @@ import pickle
 import random
 import socket
 import threading
+import tracemalloc
 from importlib import resources
 from pathlib import Path
 
@@ -590,7 +591,6 @@ CONTROLS = [
     "\x7f",
     "\x85",
     "\u200b",
-    "\u200d",
     "\u202e",
     "\u2028",
     "\ufeff",
@@ -650,3 +650,55 @@ def test_no_control_character_reaches_the_vocabulary(tmp_path_factory, lines) ->
         return
     assert all(not is_control(c) for w in words for c in w)
     assert all(not is_control(c) for c in Vocab.from_words(words).itos)
+
+
+def test_zero_width_joiners_of_ordinary_names_are_kept(tmp_path: Path) -> None:
+    """U+200C (zero-width non-joiner) is part of ordinary Persian spelling (U+200D, the
+    joiner, of Indic scripts): a format character, but never refused."""
+    p = tmp_path / "fa.txt"
+    p.write_text("emma\nمی\u200cخواهم\nश्\u200dर\n")
+    words = load_words(p)
+    assert words[1] == "می\u200cخواهم" and "\u200d" in words[2]
+    assert "\u200c" in Vocab.from_words(words).itos
+
+
+# --------------------------------------------------------------------------- memory to build
+
+
+@pytest.mark.parametrize("block_size", [3, 16])
+def test_build_memory_estimate_bounds_the_measured_peak(block_size: int) -> None:
+    """data.BUILD_BYTES (the figure the size check uses) is at least build_dataset's
+    measured peak per example, and not a gross over-estimate."""
+    words = load_words()[:5000]
+    vocab = Vocab.from_words(words)
+    n = sum(len(w) + 1 for w in words)
+    tracemalloc.start()
+    try:
+        build_dataset(words, vocab, block_size)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    estimate = n * (data.BUILD_BYTES[0] + data.BUILD_BYTES[1] * block_size)
+    print(f"block_size {block_size}: peak {peak / n:.1f} B/example, estimate {estimate / n}")
+    assert peak <= estimate <= 1.1 * peak
+
+
+def test_examples_that_cannot_fit_are_refused_before_they_are_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p = tmp_path / "w.txt"
+    p.write_text("emma\nava\nolivia\nisabella\nsophia\n" * 4)  # 140 examples
+    n = 4 * (5 + 4 + 7 + 9 + 7)
+    monkeypatch.setattr(
+        data, "physical_memory", lambda: 10 * n * (data.BUILD_BYTES[0] + data.BUILD_BYTES[1] * 50)
+    )
+    assert load_splits(p, block_size=50).data["train"][0].shape[1] == 50  # 8% of it: fine
+
+    def never(*args, **kwargs):
+        raise AssertionError("built before the check")
+
+    monkeypatch.setattr(data, "build_dataset", never)
+    with pytest.raises(DataError) as exc:
+        load_splits(p, block_size=5000)
+    assert str(exc.value).startswith(f"{p}: building its {n} examples with --block-size 5000 ")
+    assert str(exc.value).endswith("use a smaller data file or --block-size")

@@ -20,17 +20,19 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 from helpers import FAULT, Proc, assert_same_run, one_error_line, progress, run_cli
 
-from jaxninja.training import checkpoint
+from jaxninja.training import checkpoint, rundir
 
 ROOT = os.geteuid() == 0
 # one chunk of many steps: seconds inside a single compiled call
@@ -199,3 +201,93 @@ def _simulated_full_disk(out: Path, words: Path, capsys, monkeypatch) -> tuple[i
         mp.setattr(os, "fsync", fsync)
         rc, _, err = run_cli(capsys, "train", "--data", words, "--out", out, *FAULT)
     return rc, err
+
+
+# ------------------------------------------------------------ closed and broken streams
+
+TINY = ["--steps", "2", "--chunk-steps", "1", "--n-hidden", "4", "--samples", "3"]
+# A stand-in for JAX's C++ logging, which writes to descriptor 2 whatever it is: a line
+# written there at every checkpoint.
+LOGS_TO_FD_2 = """
+import os, sys
+from jaxninja import cli
+from jaxninja.training import checkpoint, rundir
+save = checkpoint.save
+def logged_save(*args, **kwargs):
+    os.write(2, b"E0000 00:00:00 1 x.cc:1] a C++ log line\\n")
+    return save(*args, **kwargs)
+checkpoint.save = logged_save
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _popen(args, cache: Path, env=(), prefix=(sys.executable,), **how) -> subprocess.Popen:
+    """``PREFIX -m jaxninja ARGS`` (``PREFIX -c ...`` for a ``-c`` script; ``PREFIX``: this
+    Python) with the session's compilation cache; ``how`` as for ``Popen``."""
+    full_env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache), **dict(env)}
+    full_env |= {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    module = [] if args[0] == "-c" else ["-m", "jaxninja"]
+    cmd = [*prefix, *module, *map(str, args)]
+    return subprocess.Popen(cmd, env=full_env, text=True, **how)
+
+
+def test_a_reader_that_leaves_ends_the_output_not_the_run(words_file, tmp_path, compile_cache):
+    """``jaxninja train | head -1``: the run goes on to its end, silently, exit 0."""
+    out = tmp_path / "run"
+    p = _popen(["train", "--data", words_file, "--out", out, *TINY], compile_cache,
+               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert p.stdout is not None and p.stdout.readline().startswith("run directory:")
+    p.stdout.close()  # before the first progress line: every later write meets EPIPE
+    assert p.wait(120) == 0
+    assert p.stderr is not None and p.stderr.read() == ""
+    assert int(checkpoint.load(out).state.step) == 2
+    assert "train_loss" in json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full on this OS")
+def test_a_full_stdout_is_one_error_line(words_file, tmp_path, compile_cache):
+    """``jaxninja train > /dev/full``: the run is complete, and the lost output an error."""
+    out = tmp_path / "run"
+    with open("/dev/full", "w") as full:
+        p = _popen(["train", "--data", words_file, "--out", out, *TINY], compile_cache,
+                   stdout=full, stderr=subprocess.PIPE)  # fmt: skip
+        _, err = p.communicate(timeout=120)
+    assert p.returncode == 2
+    assert one_error_line(err) == (
+        "error: cannot write to stdout (No space left on device); the output is lost"
+    )
+    assert int(checkpoint.load(out).state.step) == 2 and (out / "metrics.json").exists()
+
+
+def test_an_ascii_stdout_and_non_ascii_names(tmp_path, compile_cache):
+    """``PYTHONIOENCODING=ascii`` with names, a run directory and an error holding
+    non-ASCII characters and ESC: escaped, never a traceback."""
+    words = tmp_path / "noms.txt"
+    words.write_text("".join(f"{w}\n" for w in ["josé", "zoë", "کی\u200cیا", "名前"] * 30))
+    out = tmp_path / "rün\x1b[31m"
+    p = _popen(["train", "--data", words, "--out", out, *TINY], compile_cache,
+               env={"PYTHONIOENCODING": "ascii"}, stdout=subprocess.PIPE,
+               stderr=subprocess.PIPE)  # fmt: skip
+    stdout, err = p.communicate(timeout=120)
+    assert (p.returncode, err) == (0, ""), err
+    assert stdout.startswith("run directory: " + ascii(str(out))[1:-1] + "\n"), stdout
+    assert stdout.isascii() and "\x1b" not in stdout and len(stdout.splitlines()) == 10
+    p = _popen(["eval", "--out", out], compile_cache, env={"PYTHONIOENCODING": "ascii"},
+               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    _, err = p.communicate(timeout=120)
+    line = one_error_line(err)  # the run's vocabulary is its own data file's
+    assert p.returncode == 2 and line.endswith(
+        "n\\x1b[31m holds a run trained on a different vocabulary"
+    )
+
+
+def test_closed_standard_descriptors_are_never_reused(words_file, tmp_path, compile_cache):
+    """Started with fds 0-2 closed: what is written to fd 2 (C++ logs) never reaches a
+    file of the run (the lock would be the first file opened)."""
+    out = tmp_path / "run"
+    argv = ["-c", LOGS_TO_FD_2, "train", "--data", words_file, "--out", out, *TINY]
+    closing = ["sh", "-c", 'exec "$@" 0<&- 1>&- 2>&-', "sh", sys.executable]  # exec: no fork
+    p = _popen(argv, compile_cache, prefix=closing)
+    assert p.wait(120) == 0
+    assert (out / rundir.LOCK).read_bytes() == b""
+    assert int(checkpoint.load(out).state.step) == 2

@@ -105,3 +105,52 @@ def test_write_atomic_other_errors_pass_through_and_clean_up(tmp_path: Path, exc
     with pytest.raises(type(exc)):
         fileio.write_atomic(tmp_path / "a.bin", write)
     assert _listing(tmp_path) == []
+
+
+# ------------------------------------------------------------------ results files, streams
+
+
+def test_a_results_file_created_during_the_work_is_kept(tmp_path: Path) -> None:
+    """``check_results_file`` at the start, the user's file appears, the write refuses."""
+    out = tmp_path / "results.json"
+    assert fileio.check_results_file(out, "jaxninja sweep") == {}
+    out.write_text("the user's\n")
+    with pytest.raises(fileio.WriteError, match="exists and is not a jaxninja sweep results"):
+        fileio.write_results_file(out, "jaxninja sweep", {"members": []})
+    assert out.read_text() == "the user's\n" and _listing(tmp_path) == ["results.json"]
+
+
+def test_a_file_appearing_at_the_last_instant_is_never_replaced(tmp_path: Path) -> None:
+    out = tmp_path / "new.json"
+
+    def race(f) -> None:  # the user's file appears after the check, before the link
+        f.write("{}")
+        out.write_text("the user's\n")
+
+    with pytest.raises(fileio.WriteError, match="a file appeared there meanwhile; kept"):
+        fileio.write_atomic(out, race, "w", replace=False)
+    assert out.read_text() == "the user's\n" and _listing(tmp_path) == ["new.json"]
+    fileio.write_results_file(tmp_path / "ok.json", "t", {"a": 1})  # new: linked
+    fileio.write_results_file(tmp_path / "ok.json", "t", {"a": 2})  # ours: replaced
+    assert '"a": 2' in (tmp_path / "ok.json").read_text()
+
+
+def test_safe_stream_escapes_controls_and_survives_a_failed_write(tmp_path: Path) -> None:
+    r, w = os.pipe()
+    try:
+        stream = fileio.SafeStream(open(w, "w", encoding="ascii", closefd=False), w)
+        stream.write("runs/\x1b[2J é \u200c\n")
+        stream.flush()
+        assert os.read(r, 100) == b"runs/\\x1b[2J \\xe9 \\u200c\n"
+        os.close(r)  # the reader leaves
+        r = -1
+        stream.write("more\n")
+        stream.flush()
+        assert stream.failed is not None and stream.failed.errno == errno.EPIPE
+        stream.write("and more\n")  # ignored
+        stream.flush()
+        assert os.readlink(f"/proc/self/fd/{w}") == os.devnull
+    finally:
+        os.close(w)
+        if r >= 0:
+            os.close(r)

@@ -24,20 +24,28 @@ command gains an option this table does not cover. The number of cases is printe
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
+import io
+import json
 import os
 import re
 import shutil
 import stat
 import subprocess
+import sys
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
-from helpers import run_cli
+from helpers import one_error_line, run_cli
 
-from jaxninja.training import rundir, sweep, train
+from jaxninja.errors import JaxninjaError
+from jaxninja.training import parallel, rundir, sweep, train
 
 ROOT = os.geteuid() == 0
 BIG, I64 = str(10**30), str(2**63)
@@ -178,7 +186,7 @@ def _mount(d: Path, options: str = "size=1m") -> bool:
 
 def make_user_files(user: Path, ro: Path) -> dict[str, str]:
     """Every path kind, made fresh for one case; returns ``kind -> path`` (as passed)."""
-    user.mkdir()
+    user.mkdir(exist_ok=True)  # a test may have put its own things there first
     (user / "notes.txt").write_text("the user's notes\n")  # one "word": no training split
     (user / "docs").mkdir()
     (user / "docs" / "a.txt").write_text("keep me\n")
@@ -248,9 +256,15 @@ def assert_nothing_of_the_users_changed(before, after, cmd, argv, rc) -> None:
         f"{p}: {before.get(p)} -> {after.get(p)}"
         for p in sorted(before.keys() | after.keys())
         if before.get(p) != after.get(p)
-        and not _allowed(p, before, after, cmd, target, "--overwrite" in argv, rc)
+        and not _allowed(p, before, after, cmd, target, _replaces(argv), rc)
     ]
     assert not changed, f"{cmd} {' '.join(argv)} (exit {rc}) changed " + "; ".join(changed)
+
+
+def _replaces(argv: list[str]) -> bool:
+    """Whether the run directory's own files may be rewritten: ``--overwrite``, or
+    ``--resume`` (a jaxninja run, which it continues and finishes again)."""
+    return "--overwrite" in argv or "--resume" in argv
 
 
 def _allowed(p, before, after, cmd, target, overwrite: bool, rc: int) -> bool:
@@ -335,3 +349,185 @@ def test_count(capsys):
     with capsys.disabled():
         print(f"\nfuzz: {len(CASES)} option cases + {len(COMBOS)} combinations = {n} CLI calls")
     assert n >= 300
+
+
+# ----------------------------------------------- round three: streams, run files, jobs, zips
+
+# The command's stdout as a closed or broken stream, or one that cannot encode its text.
+STREAMS = {
+    "broken-pipe": errno.EPIPE,  # | head -1: the output ends, the work goes on, exit 0
+    "full": errno.ENOSPC,  # > /dev/full: exit 2, one error line
+    "io-error": errno.EIO,  # a terminal gone: as full
+    "ascii": None,  # PYTHONIOENCODING=ascii: escaped
+    "closed": "closed",  # started with fd 1 closed: Python's sys.stdout is None
+}
+
+
+# Every command's output goes through the same cli.main stream; check and bench (seconds
+# of compiling each) add time, not cases.
+STREAM_COMMANDS = ["train", "sample", "eval", "sweep"]
+
+
+class _Failing(io.TextIOBase):
+    """A stdout whose writes fail with ``errno`` once ``after`` characters were taken."""
+
+    def __init__(self, code: int, after: int = 0) -> None:
+        self.code, self.left = code, after
+
+    def write(self, text: str) -> int:
+        self.left -= len(text)
+        if self.left < 0:
+            raise OSError(self.code, os.strerror(self.code))
+        return len(text)
+
+
+@pytest.mark.parametrize("stream", sorted(STREAMS))
+@pytest.mark.parametrize("cmd", STREAM_COMMANDS)
+def test_fuzz_stdout(cmd, stream, capsys, tmp_path, shared, monkeypatch):
+    fill = {"w": str(shared["w"]), "r": str(shared["r"]), "new": str(tmp_path / "new")}
+    argv = [cmd, *(a.format(**fill) for a in BASE[cmd])]
+    monkeypatch.chdir(tmp_path)
+    code = STREAMS[stream]
+    ascii_out = None
+    fake: object = None  # "closed"
+    if isinstance(code, int):
+        fake = _Failing(code)
+    elif code is None:
+        fake = ascii_out = io.TextIOWrapper(io.BytesIO(), "ascii")  # strict, like Python's
+    capsys.readouterr()
+    with monkeypatch.context() as mp:
+        mp.setattr(sys, "stdout", fake)
+        rc = run_main(*argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if code in (errno.ENOSPC, errno.EIO):
+        assert rc == 2 and err.startswith("error: cannot write to stdout ("), err
+        assert len(err.splitlines()) == 1
+    else:
+        assert (rc, err) == (0, ""), err
+    if ascii_out is not None:
+        ascii_out.flush()
+        assert ascii_out.buffer.getvalue().isascii()
+
+
+# Special files under the names a run directory holds (checkpoint.npz a FIFO, the lock a
+# symlink to a user's file, ...): refused with one line or used without touching them.
+RUN_FILE_KINDS = ["dir", "fifo", "symlink-to-user-file", "dangling-symlink"]
+RUN_FILE_CALLS = {
+    "train": ["--out={run}"],
+    "train-overwrite": ["--out={run}", "--overwrite"],
+    "train-resume": ["--out={run}", "--resume"],
+    "sample": ["--out={run}"],
+    "eval": ["--out={run}"],
+}
+
+
+@pytest.mark.parametrize("call", sorted(RUN_FILE_CALLS))
+@pytest.mark.parametrize("kind", RUN_FILE_KINDS)
+@pytest.mark.parametrize("name", sorted(RUN_FILES))
+def test_fuzz_run_file(name, kind, call, capsys, tmp_path, shared, read_only, monkeypatch):
+    run = tmp_path / "user" / "run"
+    run.parent.mkdir()
+    shutil.copytree(shared["r"], run)  # a finished run of the user's, one name replaced
+    (run / name).unlink(missing_ok=True)
+    mine = tmp_path / "user" / "mine.txt"
+    mine.write_text("the user's\n")
+    {"dir": lambda p: p.mkdir(), "fifo": os.mkfifo,
+     "symlink-to-user-file": lambda p: p.symlink_to(mine),
+     "dangling-symlink": lambda p: p.symlink_to("nowhere")}[kind](run / name)  # fmt: skip
+    cmd = call.split("-")[0]
+    extra = [a.replace("{run}", str(run)) for a in RUN_FILE_CALLS[call]]
+    # the base line's --out is a new directory: the last --out (this run) wins
+    rc, _, err = check_case(cmd, extra, capsys, tmp_path, shared, read_only, monkeypatch)
+    assert mine.read_text() == "the user's\n"
+    if kind in ("dir", "fifo") and cmd == "train":
+        assert rc == 2 and f"{run / name} is not a regular file" in err, err
+
+
+def _job_values(value: object) -> list[object]:
+    """Values a disagreeing process may hold for an option that has ``value``."""
+    return [None, True, 0, -1, 10**30, 1.5, "", "\x1b[2J", "ünï", [value], str(value)]
+
+
+JOB_OPTIONS = parallel.job_options(
+    train.TrainConfig(), resume=False, overwrite=False, other_data=False, devices=None
+)
+JOB_CASES = [(name, v) for name, value in JOB_OPTIONS.items() for v in _job_values(value)]
+
+
+@pytest.mark.parametrize("case", JOB_CASES, ids=[f"{n}={v!r}" for n, v in JOB_CASES])
+def test_fuzz_options_across_processes(case, monkeypatch):
+    """Process 1 of a (simulated) two-process job holds another value of one option:
+    every process stops with one short, printable line naming it; the same value passes."""
+    name, value = case
+    theirs = {**JOB_OPTIONS, name: value}
+
+    def gather(row):
+        other = json.dumps(theirs, sort_keys=True, default=str).encode()
+        return np.stack([row, np.frombuffer(other.ljust(len(row)), np.uint8)])
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(parallel, "_everyone", gather)
+    if json.loads(json.dumps(value)) == JOB_OPTIONS[name]:
+        parallel.check_same_options(JOB_OPTIONS)
+        return
+    with pytest.raises(JaxninjaError) as e:
+        parallel.check_same_options(JOB_OPTIONS)
+    msg = str(e.value)
+    assert msg.startswith(f"process 1 has {name} ") and msg.isprintable() and len(msg) < 300
+
+
+ZIP_METHODS = {
+    "deflate": zipfile.ZIP_DEFLATED,
+    "lzma": zipfile.ZIP_LZMA,
+    "bzip2": zipfile.ZIP_BZIP2,
+}
+
+
+def _zip_damage(member: int, how: str):
+    """Damage of checkpoint member ``member`` (its index in the archive): ``how``."""
+
+    def mutate(raw: bytes) -> bytes:
+        with zipfile.ZipFile(io.BytesIO(raw)) as z:
+            infos, blobs = z.infolist(), [z.read(i) for i in z.infolist()]
+        out = io.BytesIO()
+        method = ZIP_METHODS.get(how.split("-")[0], zipfile.ZIP_STORED)
+        with zipfile.ZipFile(out, "w", method) as z:
+            for i, (info, blob) in enumerate(zip(infos, blobs, strict=True)):
+                name = {"dotdot": "../" + info.filename, "duplicate": infos[0].filename}
+                z.writestr(name.get(how, info.filename) if i == member else info.filename, blob)
+        data = bytearray(out.getvalue())
+        with zipfile.ZipFile(io.BytesIO(bytes(data))) as z:
+            info = z.infolist()[member]
+        start = info.header_offset + 30 + len(info.filename.encode())
+        if how.endswith("-corrupt"):
+            for j in range(start + 2, min(start + 18, start + info.compress_size)):
+                data[j] ^= 0x5A
+        elif how == "method-99":
+            data[info.header_offset + 8 : info.header_offset + 10] = (99).to_bytes(2, "little")
+        elif how == "truncated":
+            del data[start + info.compress_size // 2 : start + info.compress_size]
+        return bytes(data)
+
+    return mutate
+
+
+ZIP_DAMAGE = ["deflate-corrupt", "lzma-corrupt", "bzip2-corrupt", "method-99", "truncated",
+              "dotdot", "duplicate"]  # fmt: skip
+
+
+@pytest.mark.parametrize("how", ZIP_DAMAGE)
+@pytest.mark.parametrize("member", range(12))
+def test_fuzz_checkpoint_zip_member(member, how, shared, tmp_path, capsys):
+    """Each member of a finished run's checkpoint damaged one way: ``sample`` refuses it
+    with one line (or, where nothing that matters changed, samples)."""
+    run = tmp_path / "run"
+    shutil.copytree(shared["r"], run)
+    path = run / "checkpoint.npz"
+    raw = path.read_bytes()
+    if member >= len(zipfile.ZipFile(io.BytesIO(raw)).infolist()):
+        pytest.fail(f"the checkpoint has fewer than {member + 1} members: shrink the range")
+    path.write_bytes(_zip_damage(member, how)(raw))
+    rc, out, err = run_cli(capsys, "sample", f"--out={run}", "--num=2")
+    assert "Traceback" not in out + err
+    assert rc in (0, 2) and (rc == 0 or one_error_line(err).startswith(f"error: {path}: "))

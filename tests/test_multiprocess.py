@@ -26,12 +26,16 @@ import numpy as np
 import pytest
 from helpers import one_error_line, run_cli
 
+from jaxninja.errors import JaxninjaError
 from jaxninja.training import checkpoint, parallel
+from jaxninja.training.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 240  # per phase; a hang fails the test instead of stalling CI
 STEPS, HALF, CHUNK = 200, 100, 50
 HEARTBEAT = 10
+# options that define a job, given to process 1 with another value than process 0's
+DIFFER = {"--seed": "7", "--steps": str(STEPS + CHUNK), "--n-hidden": "16", "--lr": "0.2"}
 CONFIG = ["--n-hidden", "32", "--batch-size", "32", "--chunk-steps", str(CHUNK)]
 CONFIG += ["--samples", "0", "--heartbeat-timeout", str(HEARTBEAT)]
 
@@ -47,9 +51,12 @@ def _free_port() -> int:
 
 
 class Job:
-    """``processes`` x ``devices`` ``jaxninja train`` processes writing run ``out``."""
+    """``processes`` x ``devices`` ``jaxninja train`` processes writing run ``out``; process
+    ``i`` also gets the options ``own[i]``."""
 
-    def __init__(self, tmp: Path, out: str, processes: int, devices: int, steps: int, *more):
+    def __init__(
+        self, tmp: Path, out: str, processes: int, devices: int, steps: int, *more, own=None
+    ):
         self.out, self.processes = tmp / out, processes
         self.never = [tmp / f"{out}-process{i}-never" for i in range(1, processes)]
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
@@ -67,6 +74,7 @@ class Job:
             if processes > 1:
                 argv += ["--coordinator", f"127.0.0.1:{port}"]
                 argv += ["--num-processes", str(processes), "--process-id", str(i)]
+            argv += (own or {}).get(i, [])  # this process's own options (the last one wins)
             self.procs.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "jaxninja", *argv],
@@ -91,6 +99,21 @@ class Job:
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate()
+
+
+def _first_to_end(job: Job) -> dict:
+    """The first process of ``job`` to end (within TIMEOUT): its index, exit status, output
+    and the seconds since the job began; the others (left waiting for a process that will
+    never join) are then killed."""
+    start = time.monotonic()
+    while not any(p.poll() is not None for p in job.procs):
+        assert time.monotonic() - start < TIMEOUT, "no process ended"
+        time.sleep(0.1)
+    seconds = time.monotonic() - start
+    i = next(i for i, p in enumerate(job.procs) if p.poll() is not None)
+    out, err = job.procs[i].communicate(timeout=TIMEOUT)
+    job.kill()
+    return {"process": i, "rc": job.procs[i].returncode, "out": out, "err": err, "seconds": seconds}
 
 
 def _wait_for_checkpoint(job: Job) -> None:
@@ -147,6 +170,12 @@ def jobs(tmp_path_factory, names_file):
             "1x2-half": start("1x2-then-2x1", 1, 2, HALF),
             "bad-devices": start("bad-devices", 2, 2, STEPS, "--devices", "2"),
         }
+        disagree = {  # one process given another option: every process stops at once
+            f"differ{flag}": start(f"differ{flag}", 2, 1, STEPS, own={1: [flag, value]})
+            for flag, value in DIFFER.items()
+        }
+        duplicate_0 = start("duplicate-0", 2, 1, STEPS, own={1: ["--process-id", "0"]})
+        duplicate_1 = start("duplicate-1", 3, 1, STEPS, own={2: ["--process-id", "1"]})
         killed = start("killed", 2, 1, 100 * STEPS)
         hung = start("hung", 2, 1, 100 * STEPS)
         stopped = start("sigterm", 2, 1, 100 * STEPS)
@@ -158,6 +187,11 @@ def jobs(tmp_path_factory, names_file):
             }
         )
         res["sigterm-step"] = int(checkpoint.load(stopped.out).state.step)
+        res |= {name: job.wait() for name, job in disagree.items()}
+        res |= {
+            "duplicate-0": _first_to_end(duplicate_0),
+            "duplicate-1": _first_to_end(duplicate_1),
+        }
         res |= {name: job.wait() for name, job in phase1.items()}
         saved = int(checkpoint.load(killed.out).state.step)
         phase2 = {
@@ -251,7 +285,7 @@ def test_killed_process_stops_the_job_with_one_error_line(jobs):
     # the survivor learns it from a failed collective (gloo: connection reset; exit 2) or
     # from the heartbeats (JAX aborts it; the stderr filter leaves one line)
     assert "--resume" in line, line
-    assert "process 1 stopped sending heartbeats" in line or "collective with another" in line
+    assert "JAX's distributed runtime ended this process" in line or "collective with" in line
     assert killed["seconds"] < HEARTBEAT + 20
     assert "Traceback" not in killed["out"]
     # the last checkpoint is valid and --resume continues it, here as one process
@@ -262,13 +296,16 @@ def test_killed_process_stops_the_job_with_one_error_line(jobs):
 
 def test_hung_process_stops_the_job_after_the_heartbeat_timeout(jobs):
     """A stopped (SIGSTOP) process keeps its connections: no collective fails, JAX's
-    heartbeat check ends the survivor (a fatal C++ log the stderr filter makes one line)."""
+    heartbeat check ends the survivor (a fatal C++ log the stderr guard makes one line)."""
     res, _ = jobs
     hung = res["hung"]
     line = one_error_line(hung["err"])
     print(f"hung: survivor stopped {hung['seconds']:.1f} s after SIGSTOP; exit {hung['rc']}")
     assert hung["rc"] == -signal.SIGABRT
-    assert line.startswith("error: process 1 stopped sending heartbeats; the job stops")
+    assert line == (
+        f"error: JAX's distributed runtime ended this process: another process of the job "
+        f"died, hung (no heartbeat for {HEARTBEAT} s) or became unreachable; {parallel.RESTART}"
+    )
     assert hung["seconds"] < HEARTBEAT + 20
 
 
@@ -321,6 +358,78 @@ def test_launched_job_detection():
     assert parallel.initialize(environ={}) == 1  # nothing to join: one process
 
 
+def test_processes_that_disagree_on_an_option_all_stop_at_once(jobs):
+    """Each process of a job given one option with another value: every process ends
+    with exit 2 and the one line naming the option and both values, before any step."""
+    res, by_dir = jobs
+    for flag, value in DIFFER.items():
+        ours = {"--seed": 42, "--steps": STEPS, "--n-hidden": 32, "--lr": 0.1}[flag]
+        theirs = type(ours)(value)
+        expected = (
+            f"error: process 1 has {flag} {theirs!r} but process 0 has {ours!r}; every "
+            f"process of a job needs the same options"
+        )
+        for i, (rc, _, err) in enumerate(res[f"differ{flag}"]):
+            assert rc == 2 and one_error_line(err) == expected, (flag, i, err)
+        assert not (by_dir[f"differ{flag}"].out / checkpoint.FILENAME).exists()
+
+
+def test_two_processes_with_id_0_the_second_is_refused_at_once(jobs):
+    end = jobs[0]["duplicate-0"]
+    print(f"duplicate --process-id 0: refused after {end['seconds']:.1f} s")
+    assert end["rc"] == 2 and end["seconds"] < 30
+    line = one_error_line(end["err"])
+    assert line.startswith("error: --coordinator 127.0.0.1:") and "cannot listen on port" in line
+    assert "--process-id 0" in line
+
+
+def test_two_processes_with_id_1_the_superseded_one_says_why(jobs):
+    """JAX's coordinator takes the later registration of an id and ends the earlier
+    process from C++ (abort): its guard says why in one line, within seconds."""
+    end = jobs[0]["duplicate-1"]
+    print(f"duplicate --process-id 1: the superseded process ended after {end['seconds']:.1f} s")
+    assert end["process"] in (1, 2) and end["rc"] == -signal.SIGABRT, end
+    line = one_error_line(end["err"])
+    assert line.startswith("error: cannot join the job at 127.0.0.1:") and "--process-id?" in line
+    assert end["seconds"] < 30
+
+
+def test_a_port_in_use_is_one_line_before_jax_logs(tmp_path):
+    """Process 0 on a port another program listens on: one ``error:`` line, no C++ log."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        argv = ["train", "--steps", "1", "--out", tmp_path / "run"]
+        argv += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "0"]
+        env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+        p = subprocess.run([sys.executable, "-m", "jaxninja", *map(str, argv)], env=env,
+                           capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)  # fmt: skip
+    assert p.returncode == 2 and p.stdout == ""
+    assert f"process 0 cannot listen on port {port} (Address already in use" in one_error_line(
+        p.stderr
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_check_same_options_names_the_option_and_both_values(monkeypatch):
+    """Every option of ``job_options`` is compared (a fake gather of two processes)."""
+    ours = parallel.job_options(TrainConfig(), resume=False, overwrite=False, other_data=False,
+                                devices=None)  # fmt: skip
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    for name, value in ours.items():
+        theirs = {**ours, name: "other" if value is None else not value if value is False else 7}
+        rows = [json.dumps(o, sort_keys=True).encode().ljust(parallel.MAX_OPTIONS_BYTES)
+                for o in (ours, theirs)]  # fmt: skip
+        gathered = np.stack([np.frombuffer(r, np.uint8) for r in rows])
+        monkeypatch.setattr(parallel, "_everyone", lambda x, g=gathered: g)
+        with pytest.raises(JaxninjaError) as e:
+            parallel.check_same_options(ours)
+        assert str(e.value).startswith(f"process 1 has {name} {theirs[name]!r} but process 0 ")
+    monkeypatch.setattr(parallel, "_everyone", lambda x: np.stack([x, x]))
+    parallel.check_same_options(ours)  # the same: nothing to say
+
+
 JAX_FATAL_LOG = """\
 E1127 00:12:16.741077   15282 coordination_service.cc:1549] [1293] Use error polling to \
 propagate the following error to all tasks: UNAVAILABLE: The following tasks are unhealthy \
@@ -333,26 +442,35 @@ service detected fatal errors. This most likely indicates that another task died
 *** Check failure stack trace: ***
     @     0x7f7edea40634  absl::log_internal::LogMessage::SendToLog()
 """
+# The same events in a log format JAX might adopt one day: the guard reads no words.
+OTHER_FORMAT = """\
+{"level": "error", "msg": "task 1 unhealthy"}
+{"level": "fatal", "msg": "shutting down"}
+"""
+ENDED = parallel.Ended("node7:8476", HEARTBEAT, started=100.0)
 
 
-def test_filter_turns_jax_fatal_log_into_one_line():
-    out: list[str] = []
-    lines = ["progress\n", "W1127 00:12:10.1 7 x.cc:1] a warning\n", "more\n", None]
-    lines += JAX_FATAL_LOG.splitlines(keepends=True)
-    assert parallel.filter_stderr(lines, out.append)
-    assert out[:4] == lines[:3] + [out[3]]  # a warning passes once the stream pauses
-    assert len(out) == 4 and out[3].startswith("error: process 1 stopped sending heartbeats")
-    assert parallel.filter_stderr(["just text\n"], out.append) is False
-
-
-def test_filter_names_an_unreachable_coordinator():
-    log = [
-        "F1127 00:33:52.053937   29179 client.h:80] Terminating process because the JAX "
-        "distributed service detected fatal errors. absl::Status: DEADLINE_EXCEEDED\n",
-        "\n",
-        "RPC: /xla.coordination.CoordinationService/RegisterTask\n",
-    ]
-    out: list[str] = []
-    assert parallel.filter_stderr(log, out.append, "node7:8476")
-    assert len(out) == 1 and out[0].startswith("error: cannot join the job: the coordinator")
-    assert "node7:8476" in out[0]
+@pytest.mark.parametrize("log", [JAX_FATAL_LOG, OTHER_FORMAT, "x\n"], ids=["jax", "other", "x"])
+def test_the_stderr_guard_decides_by_what_the_process_told_never_by_the_words(log):
+    lines = ["W1127 00:12:10.1 7 x.cc:1] a warning\n", None, *log.splitlines(keepends=True)]
+    outcomes = {}
+    for told, now in [
+        (b"j", 105.0),  # joined, then aborted: the job ended it
+        (b"", 105.0),  # never joined, ended early: its registration was refused
+        (b"", 100.0 + parallel.CONNECT_TIMEOUT),  # never joined: the coordinator never answered
+        (b"jq", 105.0),  # an error: line said why: C++'s echo dropped
+        (b"je", 105.0),  # a clean end: everything shown
+    ]:
+        out: list[str] = []
+        message = parallel.filter_stderr(
+            lines, out.append, lambda t=told: t, ENDED, lambda n=now: n
+        )
+        assert out[0] == lines[0]  # shown once a pause followed it
+        outcomes[told, now] = (message, out[1:])
+    joined, refused, timeout, quiet, clean = outcomes.values()
+    assert joined[0] == ENDED.message(True, 0) and joined[1] == [f"error: {joined[0]}\n"]
+    assert joined[0].startswith("JAX's distributed runtime ended this process: another process")
+    assert refused[0].startswith("cannot join the job at node7:8476: its coordinator ended this")
+    assert timeout[0].startswith("cannot join the job: the coordinator at node7:8476 did not")
+    assert quiet == (None, [])
+    assert clean == (None, log.splitlines(keepends=True))

@@ -41,7 +41,7 @@ from helpers import (
 
 from jaxninja import ops
 from jaxninja.lecture.data import Vocab
-from jaxninja.training import checkpoint
+from jaxninja.training import checkpoint, rundir
 from jaxninja.training.checkpoint import CheckpointError
 from jaxninja.training.job import RunError, train_run
 from jaxninja.training.train import ConfigError, TrainConfig
@@ -517,8 +517,55 @@ def _huge_header(path: Path) -> None:
                     np.lib.format.write_array(f, v)
 
 
+def _rezip(method: int, damage=None):
+    """The same arrays zipped with ``method``; ``damage(bytes) -> bytes`` then applies to the
+    whole archive (its members' offsets are found by name)."""
+
+    def mutate(path: Path) -> None:
+        arrays = npz_arrays(path)
+        with zipfile.ZipFile(path, "w", method) as z:
+            for k, v in arrays.items():
+                with z.open(k + ".npy", "w") as f:
+                    np.lib.format.write_array(f, v)
+        if damage is not None:
+            path.write_bytes(damage(path.read_bytes()))
+
+    return mutate
+
+
+def _corrupt_member(b: bytes) -> bytes:
+    """Flip 16 bytes inside the compressed data of the first member (meta or an array)."""
+    start = b.index(b".npy") + 4 + 8
+    return b[:start] + bytes(x ^ 0x55 for x in b[start : start + 16]) + b[start + 16 :]
+
+
+def _method_99(b: bytes) -> bytes:
+    """Every member's compression method (local and central headers) set to 99."""
+    b = bytearray(b)
+    for signature, offset in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):
+        at = b.find(signature)
+        while at >= 0:
+            b[at + offset : at + offset + 2] = (99).to_bytes(2, "little")
+            at = b.find(signature, at + 4)
+    return bytes(b)
+
+
 C = "state.params['C']"
 HOSTILE = {
+    "config-lr-400-digits": (_config(lr=10**400), "bad metadata (int too large to convert"),
+    "config-n-hidden-400-digits": (
+        _config(n_hidden=10**400),
+        "bad metadata (n_hidden must be at most 2147483647, got 1000000000",
+    ),
+    "deflate-corrupt": (
+        _rezip(zipfile.ZIP_DEFLATED, _corrupt_member),
+        "unreadable checkpoint (Error -3 while decompressing data",
+    ),
+    "lzma-corrupt": (_rezip(zipfile.ZIP_LZMA, _corrupt_member), "unreadable checkpoint ("),
+    "unknown-compression-method": (
+        _rezip(zipfile.ZIP_STORED, _method_99),
+        "unreadable checkpoint (",
+    ),
     "missing-array": (_drop("state.params['W2']"), "missing array \"state.params['W2']\""),
     "missing-meta": (_drop("meta"), "bad metadata ('meta')"),
     "wrong-shape": (
@@ -712,3 +759,79 @@ def test_loading_never_unpickles(where, run_copy, tmp_path, capsys):
         assert rc == 2
         one_error_line(err)
     assert not marker.exists()
+
+
+# ------------------------------------------------------ round three: runs, run files, ends
+
+
+def test_a_diverging_run_saves_nothing_non_finite(words_file, tmp_path, capsys):
+    """lr=1e16 keeps every parameter finite (so no chunk stops it) while its calibrated
+    statistics overflow: the run stops before its statistics or metrics are written."""
+    out = tmp_path / "r"
+    argv = ["train", "--data", words_file, "--out", out, "--lr", "1e16", "--steps", "20"]
+    argv += ["--chunk-steps", "10", "--n-hidden", "8", "--samples", "0"]
+    rc, stdout, err = run_cli(capsys, *argv)
+    assert rc == 2 and "train " not in stdout
+    line = one_error_line(err)
+    assert line.startswith("error: the run diverged (non-finite after training: batch-norm")
+    assert f"the checkpoint of step 20 (without statistics) is kept in {out}" in line
+    assert not (out / "metrics.json").exists()
+    ckpt = checkpoint.load(out)  # every array in it finite (load checks)
+    assert int(ckpt.state.step) == 20 and ckpt.bn_stats is None
+    rc, _, err = run_cli(capsys, *argv, "--resume")  # resuming ends the same way
+    assert rc == 2 and one_error_line(err) == line
+
+
+def test_metrics_are_never_written_with_nan(tmp_path):
+    """The last guard: even a NaN that slipped past the checks is not JSON."""
+    with pytest.raises(RunError, match=r"non-finite after training: val_loss\)"):
+        rundir.check_finite_end(tmp_path, 1, {"var": np.ones(2)}, {"val_loss": float("nan")})
+    with pytest.raises(RunError, match=r"batch-norm var \(not > 0\)"):
+        rundir.check_finite_end(tmp_path, 1, {"var": np.zeros(2)}, {"val_loss": 1.0})
+
+
+@pytest.mark.parametrize("name", [*rundir.FILES, rundir.LOCK])
+@pytest.mark.parametrize("flag", ["--overwrite", "--resume", None])
+def test_a_run_file_that_is_a_directory_is_never_touched(name, flag, run_copy, words_file, capsys):
+    (run_copy / name).unlink(missing_ok=True)
+    (run_copy / name).mkdir()
+    (run_copy / name / "mine.txt").write_text("the user's\n")
+    argv = ["train", "--data", words_file, "--out", run_copy, *WORKING, *([flag] if flag else [])]
+    rc, _, err = run_cli(capsys, *argv)
+    assert rc == 2
+    assert one_error_line(err) == (
+        f"error: {run_copy / name} is not a regular file (jaxninja never removes it); move "
+        f"it away or choose another --out"
+    )
+    assert (run_copy / name / "mine.txt").read_text() == "the user's\n"
+
+
+def test_the_lock_is_never_opened_through_a_symlink(words_file, tmp_path, capsys):
+    out, mine = tmp_path / "run", tmp_path / "mine.txt"
+    out.mkdir()
+    mine.write_text("the user's\n")
+    (out / rundir.LOCK).symlink_to(mine)
+    rc, _, err = run_cli(capsys, "train", "--data", words_file, "--out", out, *WORKING)
+    assert rc == 2
+    assert one_error_line(err) == (
+        f"error: {out / rundir.LOCK} is a symbolic link; remove it or choose another --out"
+    )
+    assert mine.read_text() == "the user's\n" and sorted(os.listdir(out)) == [rundir.LOCK]
+
+
+def test_sigterm_in_the_final_phase_says_the_run_finishes(words_file, tmp_path, capsys):
+    """A SIGTERM after the last chunk (here: while the split losses are printed) says
+    what happens: the run finishes its files and exits 0."""
+
+    def log(line: str) -> None:
+        if line.startswith("train "):
+            os.kill(os.getpid(), signal.SIGTERM)  # a real signal, handled by the run
+
+    out = tmp_path / "r"
+    cfg = TrainConfig(n_hidden=16, steps=2, chunk_steps=1)
+    capsys.readouterr()
+    metrics = train_run(cfg, out, words_file, log=log, num_samples=0)
+    err = capsys.readouterr().err
+    assert err == f"SIGTERM: {rundir.FINISHING} (send it again to stop now)\n"
+    assert metrics["steps"] == 2 and (out / "metrics.json").exists()
+    assert checkpoint.load(out).bn_stats is not None

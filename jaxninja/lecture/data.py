@@ -27,6 +27,10 @@ NAMES_SHA256 = "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d
 MAX_BYTES = 1 << 30
 PathArg = str | os.PathLike[str]
 Examples = tuple[np.ndarray, np.ndarray]  # X (N, block_size) and Y (N,), int32
+# Peak memory of build_dataset per example (Python lists, then the int32 arrays), measured
+# with tracemalloc: 104 + 12 * block_size bytes on names.txt (block sizes 1, 3, 8, 32), up
+# to 2% more on a slice of it; tests/test_data.py checks the bound.
+BUILD_BYTES = (108, 12)  # bytes per example: 108 + 12 * block_size
 _KINDS = {"d": "a directory", "p": "a FIFO", "c": "a character device", "s": "a socket"}
 _DOT = "'.', which is reserved as the start/end token"
 
@@ -41,9 +45,17 @@ class UnknownCharError(KeyError, ValueError):
     __str__ = ValueError.__str__  # KeyError's would repr() the message
 
 
+JOINERS = frozenset("\u200c\u200d")  # zero-width (non-)joiner: spelling in Persian, Indic
+
+
 def is_control(ch: str) -> bool:
-    """Whether ``ch`` is a control, format or line-separator character (never in a name)."""
-    return unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp")
+    """Whether ``ch`` is a control, format or line-separator character (never in a name),
+    but for the zero-width joiners of :data:`JOINERS`, which ordinary names contain.
+
+    >>> is_control("\x1b"), is_control("\u202e"), is_control("\u200c")
+    (True, True, False)
+    """
+    return unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") and ch not in JOINERS
 
 
 def resolve_data_path(path: PathArg | None = None) -> Path:
@@ -247,11 +259,37 @@ class Splits(NamedTuple):
     sha256: str
 
 
+def physical_memory() -> int | None:
+    """This machine's memory in bytes (``None`` where the OS does not say).
+
+    >>> (physical_memory() or 1) > 0
+    True
+    """
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_build_memory(p: PathArg, n_examples: int, block_size: int) -> None:
+    """Raise :class:`DataError` when building ``n_examples`` examples of ``block_size``
+    (:data:`BUILD_BYTES` each) would take over 80% of this machine's memory."""
+    need = n_examples * (BUILD_BYTES[0] + BUILD_BYTES[1] * block_size)
+    have = physical_memory()
+    if have is not None and need > 0.8 * have:
+        raise DataError(
+            f"{p}: building its {n_examples:,} examples with --block-size {block_size} needs "
+            f"about {need / (1 << 30):,.1f} GiB of memory and the machine has "
+            f"{have / (1 << 30):.1f} GiB; use a smaller data file or --block-size"
+        )
+
+
 def load_splits(path: PathArg | None = None, block_size: int = 3, seed: int = 42) -> Splits:
     """Words -> vocabulary (from *all* words) -> lecture split -> examples for each split.
 
     A file whose training split would be empty raises :class:`DataError` (val and test
-    may be). On the packaged names.txt:
+    may be), as does one whose examples would not fit in memory (checked before they are
+    built: :func:`check_build_memory`). On the packaged names.txt:
 
     >>> s = load_splits(resources.files("jaxninja") / "names.txt")
     >>> s.vocab.size, {k: x.shape for k, (x, y) in s.data.items()}, s.sha256 == NAMES_SHA256
@@ -263,5 +301,6 @@ def load_splits(path: PathArg | None = None, block_size: int = 3, seed: int = 42
     parts = dict(zip(("train", "val", "test"), split_words(words, seed=seed), strict=True))
     if not parts["train"]:
         raise DataError(f"{p}: the training split is empty (the file needs more words)")
+    check_build_memory(p, sum(len(w) + 1 for w in words), operator.index(block_size))
     data = {k: build_dataset(ws, vocab, block_size) for k, ws in parts.items()}
     return Splits(vocab, data, hashlib.sha256(raw).hexdigest())

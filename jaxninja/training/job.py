@@ -48,11 +48,13 @@ def train_run(
     """
     t_start = time.perf_counter()
     cfg.validate()
+    flags = dict(resume=resume, overwrite=overwrite, other_data=other_data, devices=devices)
+    parallel.check_same_options(parallel.job_options(cfg, **flags))
     mesh = parallel.data_mesh(cfg, devices)
     main = parallel.is_main()
     log = log if main else (lambda line: None)
     splits = data.load_splits(data_path, block_size=cfg.block_size)
-    parallel.check_same(splits.sha256, "data file (sha256)")
+    parallel.check_same_options({"data file (sha256)": splits.sha256})
     rundir.check_memory(cfg, len(splits.data["train"][1]), splits.vocab.size)
     out = Path(out)
     claim = rundir.claim(out, resume=resume, overwrite=overwrite) if main else nullcontext()
@@ -65,12 +67,13 @@ def train_run(
         state, timing = _train_loop(cfg, out, splits, state, losses, mesh, stop, log, t_start)
         if not main:
             return {}
+        stop["then"] = rundir.FINISHING
         return _finish(cfg, out, splits, parallel.local(state), losses, timing, log, num_samples)
 
 
 def _train_loop(cfg, out, splits, state, losses, mesh, stop, log, t_start: float):
     """Chunks until ``cfg.steps``: finiteness check, progress lines, checkpoint; the timings."""
-    Xtr, Ytr = parallel.replicate(splits.data["train"], mesh)  # check_same: same everywhere
+    Xtr, Ytr = parallel.replicate(splits.data["train"], mesh)  # the same everywhere: checked
     start = int(state.step)
     saved = start or None  # step of the newest checkpoint of this run
     compile_s = run_s = 0.0
@@ -124,7 +127,6 @@ def _finish(cfg, out, splits, state, losses, timing, log, num_samples: int) -> d
     """Calibrate, checkpoint, evaluate, write metrics, plot, sample: the end of a run."""
     params = state.params
     bn_stats = train.calibrate_bn(params, jnp.asarray(splits.data["train"][0]))
-    checkpoint.save(out, cfg, splits.vocab, state, bn_stats, data_sha256=splits.sha256)
     split_losses = split_losses_of(params, bn_stats, splits.data)
     metrics: dict[str, Any] = {f"{k}_loss": v for k, v in split_losses.items()}
     metrics.update(steps=cfg.steps, backend=cfg.backend, device=jax.devices()[0].device_kind)
@@ -132,7 +134,10 @@ def _finish(cfg, out, splits, state, losses, timing, log, num_samples: int) -> d
     if cfg.running_stats:
         running = split_losses_of(params, state.bn_running, splits.data)
         metrics.update({f"{k}_loss_running_stats": v for k, v in running.items()})
-    fileio.write_atomic(out / "metrics.json", lambda f: json.dump(metrics, f, indent=2), "w")
+    rundir.check_finite_end(out, cfg.steps, bn_stats, metrics)  # before anything is written
+    checkpoint.save(out, cfg, splits.vocab, state, bn_stats, data_sha256=splits.sha256)
+    dump = partial(json.dump, metrics, indent=2, allow_nan=False)  # NaN is not JSON
+    fileio.write_atomic(out / "metrics.json", dump, "w")
     for split, value in split_losses.items():
         log(f"{split:5s} {value:.4f}")
     if plot_losses(losses, out / "loss.png"):

@@ -3,14 +3,18 @@
 
 from __future__ import annotations
 
-import itertools
+import atexit
+import contextlib
+import json
 import os
-import re
 import select
 import signal
+import socket
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from functools import partial
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -21,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxninja.errors import JaxninjaError
 from jaxninja.lecture import model
-from jaxninja.training import train
+from jaxninja.training import fileio, train
 from jaxninja.training.train import AXIS, ConfigError, TrainConfig
 
 HEARTBEAT_TIMEOUT = 30  # seconds without a heartbeat: a process counts as dead (JAX: 100)
@@ -30,9 +34,11 @@ LAUNCHERS = {  # a launcher's process count -> another variable JAX's detection 
     "SLURM_STEP_NUM_TASKS": "SLURM_STEP_NODELIST",  # srun: a job step's task count
     "OMPI_COMM_WORLD_SIZE": "OMPI_MCA_orte_hnp_uri",  # Open MPI's mpirun
 }
+MAX_OPTIONS_BYTES = 4096  # a job's options as JSON (about 400 bytes)
 RESTART = "the job stops; the run's last checkpoint is intact: restart every process with --resume"
-_LOG_LINE = re.compile(r"[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ")  # a C++ log line
-_FATAL = "Terminating process because the JAX distributed service detected fatal errors"
+PAUSE = 2.0  # seconds of quiet after which C++ output held by the stderr guard is shown
+JOINED, CLEAN_END, QUIET_END = b"j", b"e", b"q"  # what a process tells its stderr guard
+_notices: list[int] = []  # the write end of the pipe to this process's stderr guard
 
 
 def data_mesh(cfg: TrainConfig, devices: int | None = None) -> Mesh | None:
@@ -107,7 +113,7 @@ def initialize(
 
     All three of ``coordinator`` (process 0's ``HOST:PORT``), ``num_processes`` and
     ``process_id``, or none: then join a launcher's job (:func:`launched_job`) or run alone.
-    CPU collectives use gloo; stderr goes through :func:`filter_stderr`.
+    CPU collectives use gloo; C++'s stderr goes through :func:`filter_stderr`.
 
     >>> initialize(environ={})  # no flags, no launcher: one process
     1
@@ -128,8 +134,11 @@ def initialize(
         )
     if num_processes is not None and not 0 <= process_id < num_processes:  # type: ignore[operator]
         raise JaxninjaError(f"--process-id must be in 0..{num_processes - 1}, got {process_id}")
+    if coordinator is not None and process_id == 0:
+        _check_port_free(coordinator, int(port))
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    _guard_stderr(coordinator or environ.get("JAX_COORDINATOR_ADDRESS") or "process 0")
+    where = coordinator or environ.get("JAX_COORDINATOR_ADDRESS") or "process 0"
+    _guard_stderr(where, heartbeat_timeout)
     try:
         jax.distributed.initialize(
             coordinator,
@@ -139,8 +148,8 @@ def initialize(
             heartbeat_timeout_seconds=heartbeat_timeout,  # shutdown: JAX's 300 s
         )
     except Exception as e:  # JAX raises several types; the message is what matters
-        where = coordinator or "the launcher's coordinator"
         raise JaxninjaError(f"cannot join the job at {where}: {_first_line(e)}") from None
+    tell_guard(JOINED)
     return jax.process_count()
 
 
@@ -154,6 +163,7 @@ def leave_job(exit_code: int) -> int:
     if jax.distributed.is_initialized() and jax.process_count() > 1:
         sys.stdout.flush()
         sys.stderr.flush()
+        tell_guard(QUIET_END)  # this process said why it ends: C++'s echo of it is noise
         os._exit(exit_code)
     return exit_code
 
@@ -198,16 +208,38 @@ def largest(value: int) -> int:
     return int(_everyone(np.array(value, np.int32)).max())
 
 
-def check_same(text: str, what: str) -> None:
-    """Raise :class:`JaxninjaError` on every process unless all hold the same
-    ``text`` (at most 64 ASCII characters, e.g. the data file's sha256)."""
-    everyone = _everyone(np.frombuffer(text.encode("ascii").ljust(64)[:64], np.uint8))
-    differ = [i for i, row in enumerate(everyone) if not np.array_equal(row, everyone[0])]
-    if differ:
-        raise JaxninjaError(
-            f"process(es) {', '.join(map(str, differ))} have a different {what} than "
-            f"process 0; every process needs the same one"
-        )
+def job_options(cfg: TrainConfig, **flags: Any) -> dict[str, Any]:
+    """``cfg``'s fields and ``flags`` by their command-line names: the options that define
+    a job, which :func:`check_same_options` compares.
+
+    >>> job_options(TrainConfig(), resume=False)["--n-hidden"]
+    200
+    """
+    return {f"--{k.replace('_', '-')}": v for k, v in {**cfg.to_dict(), **flags}.items()}
+
+
+def check_same_options(options: Mapping[str, Any]) -> None:
+    """Raise :class:`JaxninjaError` on every process unless all of them were given the same
+    ``options`` (every option that defines the job: config, data file hash, resume...), in
+    one line naming the first option that differs and both values. A collective: call it
+    before the first step, on every process. Alone, nothing to compare:
+
+    >>> check_same_options({"--seed": 1})
+    """
+    if jax.process_count() == 1:
+        return
+    text = json.dumps(dict(options), sort_keys=True, default=str).encode()
+    if len(text) > MAX_OPTIONS_BYTES:
+        raise ValueError(f"options take {len(text)} bytes, over {MAX_OPTIONS_BYTES}")
+    mine = np.frombuffer(text.ljust(MAX_OPTIONS_BYTES), np.uint8)
+    everyone = [json.loads(bytes(row).rstrip()) for row in _everyone(mine)]
+    for i, theirs in enumerate(everyone[1:], start=1):
+        for name, value in everyone[0].items():
+            if theirs.get(name) != value:
+                raise JaxninjaError(
+                    f"process {i} has {name} {theirs.get(name)!r:.80} but process 0 has "
+                    f"{value!r:.80}; every process of a job needs the same options"
+                )
 
 
 def _first_line(error: BaseException) -> str:
@@ -225,32 +257,63 @@ def lost_process(error: BaseException) -> str | None:
     return f"a collective with another process failed ({_first_line(error)}); {RESTART}"
 
 
-def _guard_stderr(coordinator: str) -> None:
-    """Route fd 2 through :func:`filter_stderr` in a forked child, which outlives ``abort()``."""
+def tell_guard(notice: bytes) -> None:
+    """Tell this process's stderr guard (if any) ``notice``: :data:`JOINED`, or how the
+    process ends: :data:`CLEAN_END` (show what C++ wrote) or :data:`QUIET_END` (an
+    ``error:`` line said why: drop it)."""
+    for fd in _notices:
+        with contextlib.suppress(OSError):
+            os.write(fd, notice)
+
+
+def _guard_stderr(coordinator: str, heartbeat_timeout: int) -> None:
+    """Route fd 2, where JAX's C++ runtime logs (and then ``abort()``s a process of a
+    failed job, uncatchably), through :func:`filter_stderr` in a forked child that
+    outlives the process; Python's own lines go to a copy of the real stderr."""
     sys.stderr.flush()
     read, write = os.pipe()
+    notices_read, notices_write = os.pipe()
+    started = time.monotonic()
     if os.fork() == 0:  # before JAX's runtime starts; the child only runs the standard library
         try:
             os.close(write)
+            os.close(notices_write)
             os.setsid()  # the job's signals are for the parent
             for signum in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signum, signal.SIG_IGN)
-            lines = _pipe_lines(read)
-            if filter_stderr(lines, sys.stderr.write, coordinator):
-                for _ in lines:  # the stack trace: drained, not shown
-                    pass
+            ended = Ended(coordinator, heartbeat_timeout, started)
+            filter_stderr(_pipe_lines(read), _stderr_write, partial(_read_all, notices_read), ended)
         finally:
-            sys.stderr.flush()
             os._exit(0)
     os.close(read)
+    os.close(notices_read)
+    python_stderr = os.dup(2)
     os.dup2(write, 2)
     os.close(write)
+    _notices.append(notices_write)
+    atexit.register(tell_guard, CLEAN_END)  # an exit JAX's abort() skips
+    if isinstance(sys.stderr, fileio.SafeStream):  # the CLI's
+        sys.stderr.retarget(python_stderr)
+    else:
+        sys.stderr = fileio.SafeStream(None, python_stderr)
+
+
+def _stderr_write(text: str) -> None:
+    os.write(2, text.encode(errors="backslashreplace"))
+
+
+def _read_all(fd: int) -> bytes:
+    """What is left in pipe ``fd``, once its writer has ended."""
+    chunks = []
+    while chunk := os.read(fd, 4096):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _pipe_lines(fd: int) -> Iterator[str | None]:
-    """The lines read from pipe ``fd``, with ``None`` after each half second of quiet."""
-    while True:  # a chunk is whole lines: every writer writes line by line
-        if not select.select([fd], [], [], 0.5)[0]:
+    """The lines read from pipe ``fd``, with ``None`` after each :data:`PAUSE` of quiet."""
+    while True:
+        if not select.select([fd], [], [], PAUSE)[0]:
             yield None
         elif chunk := os.read(fd, 65536):
             yield from chunk.decode(errors="replace").splitlines(keepends=True)
@@ -258,44 +321,93 @@ def _pipe_lines(fd: int) -> Iterator[str | None]:
             return  # EOF: the process whose stderr this is has ended
 
 
+class Ended(NamedTuple):
+    """What a stderr guard knows of its process's job, for :meth:`message`."""
+
+    coordinator: str
+    heartbeat_timeout: int
+    started: float  # time.monotonic() when the process began to join
+
+    def message(self, joined: bool, now: float) -> str:
+        """The one line for a process that JAX's runtime ended (``abort()``): from what
+        the process told (``joined``) and when, never from the words JAX logged."""
+        if joined:
+            return (
+                f"JAX's distributed runtime ended this process: another process of the job "
+                f"died, hung (no heartbeat for {self.heartbeat_timeout} s) or became "
+                f"unreachable; {RESTART}"
+            )
+        waited = now - self.started
+        if waited >= CONNECT_TIMEOUT - 1:
+            return (
+                f"cannot join the job: the coordinator at {self.coordinator} did not answer "
+                f"within {CONNECT_TIMEOUT} s (process 0 must be running and reachable there)"
+            )
+        return (
+            f"cannot join the job at {self.coordinator}: its coordinator ended this "
+            f"process's registration after {waited:.0f} s (does another process have the "
+            f"same --process-id? Each needs its own, 0..N-1) or the job had ended"
+        )
+
+
 def filter_stderr(
-    lines: Iterable[str | None], write: Callable[[str], Any], coordinator: str = "process 0"
-) -> bool:
-    """Copy ``lines`` to ``write``, but the fatal log with which JAX ends a job's process from
-    C++ (then ``abort()``, uncatchable) becomes one ``error:`` line; return whether it came.
-    A C++ log line (``E1127 00:06:08.5 109 a.cc:12] ...``) and what follows are held until a
-    ``None`` (a pause) or the end.
+    lines: Iterable[str | None],
+    write: Callable[[str], Any],
+    notices: Callable[[], bytes],
+    ended: Ended,
+    clock: Callable[[], float] = time.monotonic,
+) -> str | None:
+    r"""Copy C++ ``lines`` to ``write`` once a pause (``None``) follows them; at their end,
+    what is still held depends on the process's ``notices``, never on its words (JAX's log
+    format may change): a clean end shows it, an ``error:`` line's end drops it, and an
+    end without notice (``abort()``) turns it into one ``error:`` line (returned).
 
     >>> out = []
-    >>> filter_stderr(["W1127 00:00:00.1 7 a.cc:1] hi", None, "ok"], out.append), out
-    (False, ['W1127 00:00:00.1 7 a.cc:1] hi', 'ok'])
+    >>> ended = Ended("h:1", 30, started=0.0)
+    >>> filter_stderr(["W a warning\n", None, "F fatal\n", "stack\n"], out.append,
+    ...               lambda: JOINED, ended, clock=lambda: 5.0)[:48]
+    "JAX's distributed runtime ended this process: an"
+    >>> out[0], out[1][:22]
+    ('W a warning\n', "error: JAX's distribut")
     """
     held: list[str] = []
-    for line in itertools.chain(lines, [None]):
-        if line is None:  # a pause: the block is complete
-            if any(_FATAL in h for h in held):
-                write(f"error: {_fatal_message(''.join(held), coordinator)}\n")
-                return True
-            for h in held:
-                write(h)
-            held = []
-        elif held or _LOG_LINE.match(line):
+    for line in lines:
+        if line is not None:
             held.append(line)
-        else:
-            write(line)
-    return False
+            continue
+        for h in held:  # a pause: the process goes on, so what it wrote is not its end
+            write(h)
+        held = []
+    told = notices()
+    if CLEAN_END in told:
+        for h in held:
+            write(h)
+    if CLEAN_END in told or QUIET_END in told or not held:
+        return None
+    message = ended.message(JOINED in told, clock())
+    write(f"error: {message}\n")
+    return message
 
 
-def _fatal_message(block: str, coordinator: str) -> str:
-    """The one line for JAX's fatal log ``block``: what happened, in a few words."""
-    if "RegisterTask" in block:  # never joined: nothing was trained, nothing to resume
-        return (
-            f"cannot join the job: the coordinator at {coordinator} did not answer within "
-            f"{CONNECT_TIMEOUT} s (process 0 must be running and reachable at that address)"
-        )
-    dead = re.search(r"stopped sending heartbeats\):\s*\n([\d, ]+)", block)
-    if dead:
-        return f"process {dead.group(1).strip()} stopped sending heartbeats; {RESTART}"
-    if "Socket closed" in block or "failed to connect" in block.lower():
-        return f"the connection to process 0 (the coordinator) was lost; {RESTART}"
-    return f"another process of the job died or became unreachable; {RESTART}"
+def _check_port_free(coordinator: str, port: int) -> None:
+    """Raise :class:`JaxninjaError` when process 0 cannot serve the job on ``port`` (JAX's
+    coordinator listens on every address), before JAX tries and logs from C++: in use by
+    another program, by another job, or by this one's other ``--process-id 0``."""
+    for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "")):
+        try:
+            probe = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:  # no IPv6 here
+            continue
+        with probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a server does
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # both families
+            try:
+                probe.bind((host, port))
+            except OSError as e:
+                raise JaxninjaError(
+                    f"--coordinator {coordinator}: process 0 cannot listen on port {port} "
+                    f"({e.strerror or e}: another program, or another process started with "
+                    f"--process-id 0, holds it); choose another port"
+                ) from None
+        return

@@ -6,14 +6,18 @@ else's. An ``flock`` on :data:`LOCK` keeps a second process out (however the fir
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import math
 import os
 import signal
+import stat
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,6 +43,12 @@ class Interrupted(RunError):
 
 
 def _check_owned(out: Path, resume: bool, overwrite: bool) -> None:
+    for name in (*FILES, LOCK):  # the tool writes files: anything else is the user's
+        if not _file_or_link(out / name):
+            raise RunError(
+                f"{out / name} is not a regular file (jaxninja never removes it); move it "
+                f"away or choose another --out"
+            )
     has_checkpoint = (out / FILES[0]).exists()
     if resume and not has_checkpoint:
         raise RunError(f"{out}: nothing to resume (no {FILES[0]})")
@@ -56,6 +66,16 @@ def _check_owned(out: Path, resume: bool, overwrite: bool) -> None:
     )
 
 
+def _file_or_link(path: Path) -> bool:
+    """Whether ``path`` is missing, a regular file or a symbolic link (which a write
+    replaces and an unlink removes, its target untouched), not a directory, FIFO, ..."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return True
+    return stat.S_ISREG(mode) or stat.S_ISLNK(mode)
+
+
 @contextmanager
 def claim(out: Path, *, resume: bool, overwrite: bool) -> Iterator[None]:
     """Create (if needed), check and lock run directory ``out`` for this process."""
@@ -63,7 +83,7 @@ def claim(out: Path, *, resume: bool, overwrite: bool) -> Iterator[None]:
         if resume or out.exists() or out.is_symlink():
             _check_owned(out, resume, overwrite)  # before creating anything in it
         out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        fd = _open_lock(out / LOCK)
     except OSError as e:
         raise RunError(f"cannot use {out} as a run directory: {e.strerror or e}") from None
     try:
@@ -83,19 +103,43 @@ def claim(out: Path, *, resume: bool, overwrite: bool) -> Iterator[None]:
         os.close(fd)  # drops the lock
 
 
+def _open_lock(path: Path) -> int:
+    """The lock file's descriptor, never through a symbolic link (what the process writes
+    to a stray descriptor must never reach a file of the user's) nor on a FIFO or device."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise RunError(
+                f"{path} is a symbolic link; remove it or choose another --out"
+            ) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RunError(f"{path} is not a regular file; move it away or choose another --out")
+    return fd
+
+
+SAVING = "saving after the current chunk"
+FINISHING = "training is done; finishing the run first (statistics, metrics, samples)"
+
+
 @contextmanager
-def deferred_stop() -> Iterator[dict[str, int]]:
+def deferred_stop() -> Iterator[dict[str, Any]]:
     """Turn the first SIGINT/SIGTERM into ``stop["signum"]``, checked between chunks (a chunk
-    is never cut in half); a second one ends the process at once with ``128 + signum`` (files
-    being written are removed first; the last checkpoint stays)."""
-    stop = {"signum": 0}
+    is never cut in half) and announced with ``stop["then"]`` (:data:`SAVING`; the end of a
+    run sets :data:`FINISHING`); a second one ends the process at once with ``128 + signum``
+    (files being written are removed first; the last checkpoint stays)."""
+    stop: dict[str, Any] = {"signum": 0, "then": SAVING}
 
     def handler(signum, frame):
         first, stop["signum"] = not stop["signum"], signum
         if not first:
             raise KeyboardInterrupt  # unwinds: a file being written is cleaned up
-        msg = "saving after the current chunk (send it again to stop now)"
-        print(f"{signal.Signals(signum).name}: {msg}", file=sys.stderr, flush=True)
+        msg = f"{stop['then']} (send it again to stop now)"
+        with contextlib.suppress(OSError):  # a closed or full stderr: the stop still counts
+            print(f"{signal.Signals(signum).name}: {msg}", file=sys.stderr, flush=True)
 
     try:
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -107,13 +151,29 @@ def deferred_stop() -> Iterator[dict[str, int]]:
         # XLA may still run the chunk in its threads and a normal exit under it can crash
         # (SIGSEGV, measured): leave at once; the kernel releases the lock.
         signum = stop["signum"] or signal.SIGINT
-        sys.stdout.flush()
         msg = "again: stopped now; the last checkpoint is kept"
-        print(f"{signal.Signals(signum).name} {msg}", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):
+            sys.stdout.flush()
+            print(f"{signal.Signals(signum).name} {msg}", file=sys.stderr, flush=True)
         os._exit(128 + signum)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def check_finite_end(out: Path, step: int, bn_stats: dict, metrics: dict[str, Any]) -> None:
+    """Raise :class:`RunError` when a finished run's calibrated statistics or any of its
+    metrics (split losses) are non-finite, which a checkpoint or ``metrics.json`` must never
+    hold: the parameters stayed finite but diverged (a learning rate too large)."""
+    bad = [f"batch-norm {k}" for k, v in bn_stats.items() if not np.isfinite(v).all()]
+    if not bad and not (np.asarray(bn_stats["var"]) > 0).all():
+        bad.append("batch-norm var (not > 0)")
+    bad += [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise RunError(
+            f"the run diverged (non-finite after training: {', '.join(bad)}); stopped, the "
+            f"checkpoint of step {step} (without statistics) is kept in {out}; try a lower --lr"
+        )
 
 
 def check_memory(cfg: TrainConfig, n_examples: int, vocab_size: int = 27) -> None:
@@ -126,11 +186,8 @@ def check_memory(cfg: TrainConfig, n_examples: int, vocab_size: int = 27) -> Non
     step = cfg.batch_size * (fan_in + 8 * cfg.n_hidden + 4 * vocab_size)
     evaluation = n_examples * (cfg.block_size + fan_in + 3 * cfg.n_hidden + 3 * vocab_size)
     gib = 4 * (4 * params + batches + step + evaluation + cfg.steps) / (1 << 30)
-    try:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
-    except (ValueError, OSError, AttributeError):
-        return  # unknown: do not refuse
-    if gib > 0.8 * have:
+    have = (data.physical_memory() or 0) / (1 << 30)  # unknown (0): do not refuse
+    if have and gib > 0.8 * have:
         raise RunError(
             f"this config needs about {math.ceil(gib):,} GiB of memory and the machine has "
             f"{have:.0f} GiB; lower --n-hidden, --block-size, --n-embd, --batch-size, "
