@@ -18,8 +18,16 @@ jaxninja`` runs) with a tiny, valid base command line plus ONE fuzzed ``--option
 Values that pass validation run for real, so they must neither hang nor allocate huge
 memory (a run is 2 steps of a 4-unit model: compiling is most of its time, and every
 compiled chunk is reused across cases). ``test_every_option_is_fuzzed`` fails when a
-command gains an option this table does not cover. The number of cases is printed by
-``python -m pytest tests/test_fuzz.py -q -s -k count`` (README, "Reliability").
+command gains an option this table does not cover.
+
+Further families keep the same promise: each command's stdout broken (EPIPE), full
+(ENOSPC, EIO), ASCII-only or closed; special files (directory, FIFO, symlinks) under each
+name of a run directory, for train (plain, ``--overwrite``, ``--resume``), sample and
+eval; every option that defines a multi-process job holding another value on process 1
+(a simulated gather); each member of a checkpoint damaged (corrupted deflate, LZMA and
+bzip2 streams, an unknown compression method, truncated, a ``../`` or duplicate name).
+The numbers of cases are printed by ``python -m pytest tests/test_fuzz.py -q -s -k
+count`` (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -344,10 +352,18 @@ def test_every_option_is_fuzzed(capsys):
 
 
 def test_count(capsys):
-    """The figure the README quotes: cases tried (``-s`` shows it)."""
-    n = len(CASES) + len(COMBOS)
+    """The figures the docs quote: cases tried, by family (``-s`` shows them)."""
+    families = {
+        "option cases": len(CASES),
+        "combinations": len(COMBOS),
+        "stdout streams": len(STREAMS) * len(STREAM_COMMANDS),
+        "run-file kinds": len(RUN_FILES) * len(RUN_FILE_KINDS) * len(RUN_FILE_CALLS),
+        "options across processes": len(JOB_CASES),
+        "damaged zip members": len(ZIP_DAMAGE) * ZIP_MEMBERS,
+    }
+    n = sum(families.values())
     with capsys.disabled():
-        print(f"\nfuzz: {len(CASES)} option cases + {len(COMBOS)} combinations = {n} CLI calls")
+        print("\nfuzz: " + " + ".join(f"{v} {k}" for k, v in families.items()) + f" = {n} cases")
     assert n >= 300
 
 
@@ -512,12 +528,13 @@ def _zip_damage(member: int, how: str):
     return mutate
 
 
+ZIP_MEMBERS = 12  # a finished run's checkpoint: meta, 9 state arrays, 2 statistics
 ZIP_DAMAGE = ["deflate-corrupt", "lzma-corrupt", "bzip2-corrupt", "method-99", "truncated",
               "dotdot", "duplicate"]  # fmt: skip
 
 
 @pytest.mark.parametrize("how", ZIP_DAMAGE)
-@pytest.mark.parametrize("member", range(12))
+@pytest.mark.parametrize("member", range(ZIP_MEMBERS))
 def test_fuzz_checkpoint_zip_member(member, how, shared, tmp_path, capsys):
     """Each member of a finished run's checkpoint damaged one way: ``sample`` refuses it
     with one line (or, where nothing that matters changed, samples)."""
