@@ -120,16 +120,23 @@ def test_a_results_file_created_during_the_work_is_kept(tmp_path: Path) -> None:
     assert out.read_text() == "the user's\n" and _listing(tmp_path) == ["results.json"]
 
 
-def test_a_file_appearing_at_the_last_instant_is_never_replaced(tmp_path: Path) -> None:
+def test_a_file_appearing_at_the_last_instant_is_never_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The user's file appears after the write-time check, before the results land."""
     out = tmp_path / "new.json"
+    check = fileio.check_results_file
 
-    def race(f) -> None:  # the user's file appears after the check, before the link
-        f.write("{}")
+    def check_then_race(path, tool):
+        previous = check(path, tool)
         out.write_text("the user's\n")
+        return previous
 
+    monkeypatch.setattr(fileio, "check_results_file", check_then_race)
     with pytest.raises(fileio.WriteError, match="a file appeared there meanwhile; kept"):
-        fileio.write_atomic(out, race, "w", replace=False)
+        fileio.write_results_file(out, "t", {"a": 1})
     assert out.read_text() == "the user's\n" and _listing(tmp_path) == ["new.json"]
+    monkeypatch.undo()
     fileio.write_results_file(tmp_path / "ok.json", "t", {"a": 1})  # new: linked
     fileio.write_results_file(tmp_path / "ok.json", "t", {"a": 2})  # ours: replaced
     assert '"a": 2' in (tmp_path / "ok.json").read_text()

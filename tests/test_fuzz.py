@@ -79,7 +79,7 @@ OPTIONS: dict[str, dict[str, str]] = {
     "sample": {"--out": IN, "--num": NUM, "--seed": NUM, "--temperature": NUM,
                "--max-len": NUM},
     "eval": {"--out": IN, "--data": IN, "--other-data": FLAG[0]},
-    "check": {"--dtype": TEXT, "--n-hidden": NUM, "--seed": NUM, "--data": IN},
+    "check": {"--dtype": TEXT, "--n-hidden": NUM, "--seed": NUM, "--data": IN, "--solution": IN},
     "sweep": {**CONFIG, "--seeds": TEXT, "--lrs": TEXT, "--out": OUT},
     "bench": {"--quick": FLAG[0], "--out": OUT, "--repeats": NUM, "--settings": TEXT,
               "--steps": NUM, "--torch-steps": NUM, "--members": TEXT, "--no-torch": FLAG[0],

@@ -365,10 +365,10 @@ def filter_stderr(
     >>> out = []
     >>> ended = Ended("h:1", 30, started=0.0)
     >>> filter_stderr(["W a warning\n", None, "F fatal\n", "stack\n"], out.append,
-    ...               lambda: JOINED, ended, clock=lambda: 5.0)[:48]
-    "JAX's distributed runtime ended this process: an"
-    >>> out[0], out[1][:22]
-    ('W a warning\n', "error: JAX's distribut")
+    ...               lambda: JOINED, ended, clock=lambda: 5.0).endswith("--resume")
+    True
+    >>> out[0], out[1].startswith("error: JAX's distributed runtime ended this process")
+    ('W a warning\n', True)
     """
     held: list[str] = []
     for line in lines:
