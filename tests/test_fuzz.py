@@ -533,6 +533,7 @@ ZIP_DAMAGE = ["deflate-corrupt", "lzma-corrupt", "bzip2-corrupt", "method-99", "
               "dotdot", "duplicate"]  # fmt: skip
 
 
+@pytest.mark.filterwarnings("ignore:Duplicate name:UserWarning")  # the "duplicate" damage
 @pytest.mark.parametrize("how", ZIP_DAMAGE)
 @pytest.mark.parametrize("member", range(ZIP_MEMBERS))
 def test_fuzz_checkpoint_zip_member(member, how, shared, tmp_path, capsys):

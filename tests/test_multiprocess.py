@@ -36,7 +36,7 @@ STEPS, HALF, CHUNK = 200, 100, 50
 HEARTBEAT = 10
 # A process that cannot join ends this soon after its job started (JAX's import and start
 # included, on a loaded 2-core machine), not after the 300 s connection timeout.
-SOON = 120
+SOON = 200
 # options that define a job, given to process 1 with another value than process 0's
 # (each real job costs two JAX processes; test_check_same_options covers every option)
 DIFFER = {"--seed": "7", "--steps": str(STEPS + CHUNK)}  # a silent other model; a deadlock
