@@ -200,11 +200,36 @@ def cross_entropy_reference(
     reduction: str = "none",
     return_lse: bool = False,
 ) -> Any:
-    """Plain-``jnp`` :func:`cross_entropy` differentiated by autodiff: the tests' baseline.
+    r"""Plain-``jnp`` :func:`cross_entropy` differentiated by autodiff: the tests' baseline.
 
-    Same arguments, results and errors as :func:`cross_entropy`, written the obvious way:
-    ``log p = z - logsumexp(z)`` on the whole logits (capped first), then
-    ``-(1 - e) log p_y - e mean_j log p_j + k lse**2``.
+    Written the obvious way on the whole ``(..., num_classes)`` logits, capped first:
+
+    .. math::
+        \log p_j = z_j - \mathrm{lse}(z), \qquad
+        \ell = -(1 - e) \log p_y - e\, \overline{\log p} + k\, \mathrm{lse}(z)^2
+
+    (``jax.nn.logsumexp``; ``e = label_smoothing``, ``k = z_loss``), so that autodiff, not
+    a hand-written rule, gives its gradient. A bad label's row is NaN in value and gradient,
+    as in :func:`cross_entropy`.
+
+    Args:
+      logits: ``(..., num_classes)`` floating scores.
+      labels: integer class ids, the shape of ``logits`` without ``axis``.
+      axis: the class axis or a tuple of axes, as in :func:`cross_entropy`.
+      where: a row mask (``labels.shape``) or a per-logit mask (``logits.shape``).
+      ignore_index: rows with this label count as masked.
+      softcap: ``c > 0`` caps the logits to ``c * tanh(z / c)``.
+      label_smoothing: ``e`` in ``[0, 1)``.
+      z_loss: ``k >= 0``.
+      reduction: ``"none"``, ``"sum"`` or ``"mean"`` (over the rows that count).
+      return_lse: also return the per-row log-sum-exp.
+
+    Returns:
+      What :func:`cross_entropy` returns for the same arguments.
+
+    Raises:
+      TypeError: as :func:`cross_entropy` (dtypes, option types).
+      ValueError: as :func:`cross_entropy` (shapes, option ranges; each named).
 
     Example:
         >>> import jax.numpy as jnp, numpy as np
