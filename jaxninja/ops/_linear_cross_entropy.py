@@ -336,7 +336,10 @@ def _chunk_size(chunk_size: Any, n: int, v: int) -> int:
 
 def _blocks(v: int) -> int:
     """Blocks of the vocabulary to vmap over: the most devices that divide V (a w sharded
-    over the vocabulary on up to that many devices then stays where it lies); 1 device: 1."""
+    over the vocabulary on up to that many devices then stays where it lies); 1 device, or
+    inside shard_map (where w is already this device's): 1."""
+    if jax.sharding.get_abstract_mesh().manual_axes:
+        return 1
     devices = jax.device_count()
     return max(b for b in range(1, devices + 1) if devices % b == 0 and v % b == 0)
 

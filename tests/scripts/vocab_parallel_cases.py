@@ -5,9 +5,10 @@ when jax starts, so this script sets ``XLA_FLAGS`` before importing jax. Inside
 ``shard_map`` over a mesh axis ``"v"``, ``w`` and ``bias`` hold consecutive slices of the
 vocabulary; the values and gradients (x, w, bias) are compared with the single-device op
 on the whole arrays (float64), with ``check_vma`` on and off, both layouts, every option,
-and rows split over a second axis. Then under plain ``jit`` with ``w`` sharded over the
-vocabulary by ``NamedSharding``: the compiled gradient's all-gathers, ``dw``'s sharding
-and the differences from the unfused reference. It prints one JSON object on its last
+and rows split over a second axis; rows split with w replicated (no vocabulary axis).
+Then under plain ``jit`` with ``w`` sharded over the vocabulary by ``NamedSharding``: the
+compiled gradient's all-gathers, ``dw``'s sharding and the differences from the unfused
+reference. It prints one JSON object on its last
 line; the test decides what is close enough.
 """
 
@@ -130,6 +131,32 @@ def sharded_under_jit(layout: str) -> dict:
             "dw_spec": str(dw.sharding.spec)}  # fmt: skip
 
 
+def rows_only(check_vma: bool) -> dict:
+    """No vocabulary axis: rows split over all devices, w replicated (data parallelism)."""
+    x, w, b, y, where, ct, ct_lse = inputs()
+    mesh = Mesh(np.array(jax.devices()), ("d",))
+
+    def local(x, w, b, y, where):
+        kwargs = dict(bias=b, where=where, **OPTIONS)
+        return ops.linear_cross_entropy(x, w, y, return_lse=True, **kwargs)
+
+    rows = P("d")
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(rows, P(), P(), rows, rows),
+                            out_specs=ops.LossAndLse(rows, rows), check_vma=check_vma)  # fmt: skip
+
+    def reference(x, w, b, y, where):
+        kwargs = {k: v for k, v in OPTIONS.items() if k != "chunk_size"}
+        return ops.cross_entropy_reference(x @ w + b, y, where=where, return_lse=True, **kwargs)
+
+    got, want = (
+        jax.jit(jax.value_and_grad(loss_fn(op, y, where, ct, ct_lse), (0, 1, 2)))(x, w, b)
+        for op in (sharded, reference)
+    )
+    return {"values": maxdiff(got[0], want[0]), "grads": maxdiff(got[1], want[1]),
+            "grad_scale": maxdiff(want[1], jax.tree.map(jnp.zeros_like, want[1])),
+            "finite": bool(np.all(np.isfinite(np.asarray(got[1][0]))))}  # fmt: skip
+
+
 def main() -> None:
     vocab = Mesh(np.array(jax.devices()), ("v",))
     grid = Mesh(np.array(jax.devices()).reshape(2, N_DEV // 2), ("d", "v"))
@@ -139,6 +166,7 @@ def main() -> None:
         for vma in (True, False)
     }
     results["dv/rows over d"] = case("dv", True, grid, "d")
+    results.update({f"rows only/check_vma={vma}": rows_only(vma) for vma in (True, False)})
     results.update({f"jit/{layout}": sharded_under_jit(layout) for layout in ("dv", "vd")})
     print(json.dumps(results))
 
