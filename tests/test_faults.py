@@ -8,6 +8,8 @@
 * A second process on a run directory in use (even with ``--overwrite``): one-line
   error, exit 2, and the first run finishes exactly as if alone.
 * Two runs started at once without ``--out``: two different run directories.
+* Closed and broken streams: a reader that leaves (``| head -1``), ``> /dev/full``, an
+  ASCII-only stdout with non-ASCII names and ESC in ``--out``, fds 0-2 closed at start.
 * A full disk mid-run (a 1 MiB tmpfs where mounting is allowed, else an in-process
   ``ENOSPC`` from the file system calls): one-line error, exit 2, the previous
   checkpoint intact, and ``--resume`` (with space again) matches the uninterrupted run.
@@ -205,7 +207,8 @@ def _simulated_full_disk(out: Path, words: Path, capsys, monkeypatch) -> tuple[i
 
 # ------------------------------------------------------------ closed and broken streams
 
-TINY = ["--steps", "2", "--chunk-steps", "1", "--n-hidden", "4", "--samples", "3"]
+# the tiny run of test_two_default_runs...: its compiled chunks serve (the cache is shared)
+TINY = ["--steps", "2", "--chunk-steps", "1", "--n-hidden", "4", "--samples", "0"]
 # A stand-in for JAX's C++ logging, which writes to descriptor 2 whatever it is: a line
 # written there at every checkpoint.
 LOGS_TO_FD_2 = """
@@ -259,13 +262,13 @@ def test_a_full_stdout_is_one_error_line(words_file, tmp_path, compile_cache):
     assert int(checkpoint.load(out).state.step) == 2 and (out / "metrics.json").exists()
 
 
-def test_an_ascii_stdout_and_non_ascii_names(tmp_path, compile_cache):
+def test_an_ascii_stdout_and_non_ascii_names(words_file, tmp_path, compile_cache):
     """``PYTHONIOENCODING=ascii`` with names, a run directory and an error holding
     non-ASCII characters and ESC: escaped, never a traceback."""
-    words = tmp_path / "noms.txt"
-    words.write_text("".join(f"{w}\n" for w in ["josé", "zoë", "کی\u200cیا", "名前"] * 30))
+    words = tmp_path / "noms.txt"  # 27 symbols, as words_file: its compiled chunks serve
+    words.write_text(words_file.read_text().translate(str.maketrans("qxz", "é名ک")))
     out = tmp_path / "rün\x1b[31m"
-    p = _popen(["train", "--data", words, "--out", out, *TINY], compile_cache,
+    p = _popen(["train", "--data", words, "--out", out, *TINY, "--samples", "3"], compile_cache,
                env={"PYTHONIOENCODING": "ascii"}, stdout=subprocess.PIPE,
                stderr=subprocess.PIPE)  # fmt: skip
     stdout, err = p.communicate(timeout=120)
