@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import stat
 import tempfile
@@ -161,3 +162,16 @@ def test_safe_stream_escapes_controls_and_survives_a_failed_write(tmp_path: Path
         os.close(w)
         if r >= 0:
             os.close(r)
+
+
+def test_results_files_are_valid_json_whatever_the_numbers(tmp_path: Path) -> None:
+    """A diverged sweep member's NaN loss is ``null``, never ``NaN`` (not JSON)."""
+    out = tmp_path / "r.json"
+    results = {"members": [{"train_loss": float("nan"), "last": np.float32(np.inf)}, {"a": 1.5}]}
+    fileio.write_results_file(out, "t", results)
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} in a results file")
+
+    got = json.loads(out.read_text(), parse_constant=refuse)
+    assert got["members"] == [{"train_loss": None, "last": None}, {"a": 1.5}]

@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
+
+import numpy as np
 
 from jaxninja.errors import JaxninjaError
 from jaxninja.lecture.data import is_control
@@ -140,13 +143,32 @@ def check_results_file(out: str | os.PathLike[str], tool: str) -> dict[str, Any]
 
 
 def write_results_file(out: str | os.PathLike[str], tool: str, results: dict[str, Any]) -> None:
-    """Write ``{"tool": tool, **results}`` to ``out`` as JSON, atomically, after the work:
+    """Write ``{"tool": tool, **results}`` to ``out`` as JSON (:func:`json_safe`: valid
+    whatever the numbers), atomically, after the work:
     :func:`check_results_file` checked ``out`` before it and checks it again now (a file may
     have appeared meanwhile); a new file is linked into place, never replacing one that
     appears in the last instant."""
     previous = check_results_file(out, tool)
-    text = json.dumps({"tool": tool, **results}, indent=2, default=float)
+    text = json.dumps(json_safe({"tool": tool, **results}), indent=2, allow_nan=False)
     write_atomic(out, lambda f: f.write(text), "w", replace=bool(previous))
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with numpy scalars as Python numbers and non-finite floats (a diverged
+    member's loss) as ``None``: NaN and Infinity are not JSON.
+
+    >>> json_safe({"loss": float("nan"), "rows": [np.float32(1.5), np.int64(2)]})
+    {'loss': None, 'rows': [1.5, 2]}
+    """
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
 
 
 def current_umask() -> int:
