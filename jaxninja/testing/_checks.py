@@ -127,13 +127,11 @@ def _standard_normal(out: Any, seed: int) -> Any:
     return jax.tree.unflatten(treedef, cts)
 
 
-def _vjp_runner(f: Callable[..., Any], reference: Callable[..., Any], seed: int) -> Callable:
-    """``run(primals, ct) -> (out_f, out_r, vjp_f(ct), vjp_r(ct))``, jitted: one compilation
-    for both functions and both VJPs, reused for any primals of the same shapes and dtypes.
-    ``ct=None``: standard normal from ``seed``. The VJPs are ``None`` when the outputs' shapes
-    or dtypes differ (the caller reports it from the values)."""
+def _vjp_body(f: Callable[..., Any], reference: Callable[..., Any], seed: int) -> Callable:
+    """``run(primals, ct) -> (out_f, out_r, vjp_f(ct), vjp_r(ct))``, not jitted (callers
+    jit it alone or with others). ``ct=None``: standard normal from ``seed``. The VJPs are
+    ``None`` when the outputs' shapes or dtypes differ (the caller reports it)."""
 
-    @jax.jit
     def run(primals: list[Any], ct: Any) -> tuple[Any, Any, Any, Any]:
         (out_f, vjp_f), (out_r, vjp_r) = jax.vjp(f, *primals), jax.vjp(reference, *primals)
         if _avals(out_f) != _avals(out_r):
@@ -142,6 +140,12 @@ def _vjp_runner(f: Callable[..., Any], reference: Callable[..., Any], seed: int)
         return out_f, out_r, vjp_f(ct), vjp_r(ct)
 
     return run
+
+
+def _vjp_runner(f: Callable[..., Any], reference: Callable[..., Any], seed: int) -> Callable:
+    """:func:`_vjp_body` jitted: one compilation for both functions and both VJPs, reused
+    for any primals of the same shapes and dtypes."""
+    return jax.jit(_vjp_body(f, reference, seed))
 
 
 def assert_vjp_matches(

@@ -19,6 +19,7 @@ from jaxninja.testing._checks import (
     _avals,
     _label,
     _standard_normal,
+    _vjp_body,
     _vjp_runner,
     default_tolerances,
 )
@@ -75,6 +76,9 @@ class _Call:
     seed: int
     scale: float
     names: str  # "f=... vs reference=..."
+    # Collect mode (not None): comparisons are traced (errors surface in their setting),
+    # kept here, and compiled together afterwards: one compilation for most settings.
+    pending: list[_Point] | None = None
 
 
 class _Flat(NamedTuple):
@@ -169,13 +173,39 @@ def _report(
     return max(diffs)
 
 
+class _Point(NamedTuple):
+    """One comparison: ``f`` and ``ref`` of the same ``primals``, reported under ``head``."""
+
+    setting: str
+    head: str
+    f: Callable[..., Any]
+    ref: Callable[..., Any]
+    primals: list[Any]
+    labels: list[str]
+    scale_atol: bool = False
+
+
+def _check(call: _Call, point: _Point) -> float:
+    """Run ``point`` now (its max abs difference), or trace and keep it in collect mode."""
+    body = _vjp_body(point.f, point.ref, call.seed)
+    if call.pending is not None:
+        jax.eval_shape(body, point.primals, None)  # a trace error belongs to this setting
+        call.pending.append(point)
+        return 0.0
+    return _report_point(call, point, jax.jit(body)(point.primals, None))
+
+
+def _report_point(call: _Call, point: _Point, results: tuple) -> float:
+    return _report(call, point.head, results, point.labels, point.scale_atol)
+
+
 def _compare(
     call: _Call, setting: str, f: Callable, ref: Callable, flat: _Flat, note: str = ""
 ) -> float:
-    """One comparison under one outer ``jit`` (both functions and both VJPs)."""
-    run = _vjp_runner(f, ref, call.seed)
     labels = [flat.labels[k] for k in flat.diff]
-    return _report(call, _header(call, setting, note), run(_primals(flat), None), labels)
+    return _check(
+        call, _Point(setting, _header(call, setting, note), f, ref, _primals(flat), labels)
+    )
 
 
 def _natural(
@@ -195,19 +225,19 @@ def _all_args(call: _Call) -> float:
 
 
 def _primal(call: _Call) -> float:
-    out_f, out_r = call.f(*call.args), jax.jit(call.reference)(*call.args)
-    return _report(call, _header(call, "primal", ""), (out_f, out_r, (), ()), ())
+    flat = _flatten(call, call.args)._replace(diff=())  # nothing differentiated: the primal
+    f, ref = _leaf_fn(call.f, flat, {}), _leaf_fn(call.reference, flat, {})
+    return _compare(call, "primal", f, ref, flat)
 
 
 def _scaled(call: _Call) -> float:
     flat, f, ref = _natural(call)
-    run = _vjp_runner(f, ref, call.seed)  # one compilation for the three scales
     labels = [flat.labels[k] for k in flat.diff]
     diffs = []
     for s in (0.0, call.scale, -call.scale):
         primals = [(np.asarray(x) * s).astype(np.asarray(x).dtype) for x in _primals(flat)]
         head = _header(call, "scaled", f": inputs x {s:g}, atol relative to each leaf's max")
-        diffs.append(_report(call, head, run(primals, None), labels, scale_atol=True))
+        diffs.append(_check(call, _Point("scaled", head, f, ref, primals, labels, True)))
     return max(diffs)
 
 
@@ -220,11 +250,11 @@ def _two_calls(call: _Call) -> float:
     def both(g1: Callable, g2: Callable) -> Callable:
         return lambda *xs: (g1(*xs[:k]), g2(*xs[k:]))
 
-    run = _vjp_runner(both(f, f2), both(ref, ref2), call.seed)
     labels = [flat.labels[i] + " (first call)" for i in flat.diff]
     labels += [flat.labels[i] + " (second call)" for i in flat.diff]
-    results = run(_primals(flat) + _primals(other), None)
-    return _report(call, _header(call, "two_calls", ": outputs [0], [1]"), results, labels)
+    head = _header(call, "two_calls", ": outputs [0], [1]")
+    primals = _primals(flat) + _primals(other)
+    return _check(call, _Point("two_calls", head, both(f, f2), both(ref, ref2), primals, labels))
 
 
 def _each_output(call: _Call) -> float:
@@ -441,8 +471,16 @@ def _run_setting(call: _Call, setting: str) -> float:
         raise
     except Exception as e:  # noqa: BLE001 - whatever f raises, reported with the setting
         error = e
-    try:  # the same setting with the reference in f's place
-        _RUNNERS[setting](dataclasses.replace(call, f=call.reference))
+    if setting == "shard_map":  # the reference never runs with axis_name=: f's failure
+        raise AssertionError(
+            f"{_header(call, setting, '')}f raised {type(error).__name__}:\n  {error}"
+        ) from error
+    # The same setting with the reference in f's place (traced only, in collect mode).
+    as_reference = dataclasses.replace(
+        call, f=call.reference, pending=None if call.pending is None else []
+    )
+    try:
+        _RUNNERS[setting](as_reference)
     except Exception as e:  # noqa: BLE001
         raise _NotApplicable(f"the reference raises too: {type(e).__name__}: {e}") from e
     raise AssertionError(
@@ -554,8 +592,8 @@ def _validate(call: _Call) -> None:
                 )
     if not flat.diff:
         raise TypeError("check_vjp: no argument holds a floating array to differentiate")
-    out_f = jax.eval_shape(call.f, *call.args)
-    out_r = jax.eval_shape(call.reference, *call.args)
+    _, f, ref = _natural(call)  # integer arrays closed over, as in every setting
+    out_f, out_r = (jax.eval_shape(g, *_primals(flat)) for g in (f, ref))
     shapes_f, shapes_r = (jax.tree.map(lambda a: a.shape, o) for o in (out_f, out_r))
     if str(jax.tree.structure(out_f)) != str(jax.tree.structure(out_r)) or shapes_f != shapes_r:
         raise TypeError(
@@ -655,11 +693,63 @@ def check_vjp(
     )  # fmt: skip
     chosen = _check_settings(settings, skip)
     _validate(call)
-    checked, not_applicable, diffs = [], {}, {}
-    for setting in chosen:
+    return _run_matrix(call, chosen)
+
+
+# Settings whose comparisons are compiled together (the others need eager calls, float64
+# or two dtypes): one XLA compilation instead of one per comparison.
+_SHARED: tuple[str, ...] = ("all_args", "primal", "scaled", "two_calls", "each_output")
+_SHARED += ("one_row", "keywords", "vmap", "checkpoint", "scan", "shard_map")
+
+
+def _run_matrix(call: _Call, chosen: tuple[str, ...]) -> VJPReport:
+    not_applicable: dict[str, str] = {}
+    diffs: dict[str, float] = {}
+    pending: list[_Point] = []
+    collecting = dataclasses.replace(call, pending=pending)
+    for setting in (s for s in chosen if s in _SHARED):
+        done = len(pending)
         try:
-            diffs[setting] = _run_setting(call, setting)
-            checked.append(setting)
+            _run_setting(collecting, setting)
         except _NotApplicable as e:
             not_applicable[setting] = str(e)
-    return VJPReport(tuple(checked), not_applicable, diffs)
+            del pending[done:]  # a variant that did apply is not checked alone
+    diffs.update(_run_pending(call, pending))
+    for setting in (s for s in chosen if s not in _SHARED):
+        try:
+            diffs[setting] = _run_setting(call, setting)
+        except _NotApplicable as e:
+            not_applicable[setting] = str(e)
+    checked = tuple(s for s in chosen if s in diffs)
+    return VJPReport(checked, not_applicable, {s: diffs[s] for s in checked})
+
+
+def _run_pending(call: _Call, points: list[_Point]) -> dict[str, float]:
+    """The collected comparisons in one jit, reported in order (max abs diff per setting)."""
+
+    @jax.jit
+    def run_all(primals: list[list[Any]]) -> list[tuple]:
+        bodies = (_vjp_body(p.f, p.ref, call.seed) for p in points)
+        return [body(x, None) for body, x in zip(bodies, primals, strict=True)]
+
+    try:
+        results = run_all([p.primals for p in points])
+    except Exception:  # noqa: BLE001 - a runtime failure: run them one by one to name it
+        results = [None] * len(points)
+    diffs: dict[str, float] = {}
+    for point, result in zip(points, results, strict=True):
+        if result is None:
+            diff = _run_setting_point(call, point)
+        else:
+            diff = _report_point(call, point, result)
+        diffs[point.setting] = max(diffs.get(point.setting, 0.0), diff)
+    return diffs
+
+
+def _run_setting_point(call: _Call, point: _Point) -> float:
+    try:
+        return _check(call, point)
+    except AssertionError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise AssertionError(f"{point.head}f raised {type(e).__name__}:\n  {e}") from e
