@@ -8,10 +8,11 @@ from jaxninja.testing._checks import (
     check_finite_differences,
     default_tolerances,
 )
-from jaxninja.testing._matrix import SETTINGS, VJPReport, check_vjp
+from jaxninja.testing._matrix import SETTINGS, VJPMismatch, VJPReport, check_vjp
 
 __all__ = [
     "SETTINGS",
+    "VJPMismatch",
     "VJPReport",
     "assert_vjp_matches",
     "check_finite_differences",
