@@ -12,7 +12,8 @@ once at the zoo's natural point:
   ``custom_vjp`` refuses;
 - ``check_vjp(f, reference, *args, **options)``: its defaults.
 
-A cell is ``caught`` (AssertionError), ``error: <type>`` (another exception) or ``missed``.
+A cell is ``fails`` (an AssertionError), ``error: <type>`` (another exception) or
+``passes``: for a wrong rule the first two catch it, for a right rule they are false alarms.
 The shard_map rules need several devices: this script forces 4 CPU devices before importing
 jax. ``--per-setting`` also runs each setting of check_vjp alone on each wrong rule and
 prints which settings catch it. Prints markdown tables (docs/testing.md quotes them).
@@ -97,10 +98,10 @@ def outcome(tool: Callable[[vjp_zoo.Case], None], case: vjp_zoo.Case) -> str:
     try:
         tool(case)
     except AssertionError:
-        return "caught"
+        return "fails"
     except Exception as e:  # noqa: BLE001 - any other failure is reported by its type
         return f"error: {type(e).__name__}"
-    return "missed"
+    return "passes"
 
 
 def first_setting(case: vjp_zoo.Case) -> str:
@@ -133,7 +134,7 @@ def table(per_setting: bool) -> None:
         cells = [outcome(tool, make()) for tool in TOOLS.values()]
         counts[not wrong] += 1
         for tool, cell in zip(TOOLS, cells, strict=True):
-            caught[tool][not wrong] += cell != "missed"
+            caught[tool][not wrong] += cell != "passes"
         first = first_setting(make())
         kind = case.setting if wrong else "right rule"
         print(f"| {case.name} | {kind} | " + " | ".join(cells) + f" | {first} |")

@@ -49,9 +49,10 @@ def test_wrong_rule_is_caught_in_its_setting_and_missed_by_a_natural_call(make):
     assert message.startswith(f"check_vjp: f={case.f.__name__}")
 
 
-@pytest.mark.parametrize("case", vjp_zoo.controls()[:2], ids=lambda c: c.name)
-def test_right_rules_pass_every_default_setting(case):
-    """Our own ops, the other controls, run the whole matrix in tests/test_ops.py."""
+def test_right_layer_norm_passes_every_default_setting():
+    """The other controls: softplus setting by setting in test_check_vjp.py, our own ops
+    through the whole matrix in tests/test_ops.py."""
+    (case,) = (c for c in vjp_zoo.controls() if c.name == "layer_norm")
     report = check_vjp(case.f, case.reference, *case.args, **case.options)
     assert set(report.checked) | set(report.not_applicable) == set(SETTINGS)
     assert set(report.not_applicable) == {"each_output", "keywords", "shard_map"}

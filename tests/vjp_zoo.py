@@ -213,7 +213,7 @@ def wrong_shape_keyed_cache() -> Case:
     def bwd(res, g):
         logits, labels = res
         p = cache[logits.shape]
-        return (p - jax.nn.one_hot(labels, p.shape[1])) * g[:, None], None
+        return (p - jax.nn.one_hot(labels, p.shape[1], dtype=p.dtype)) * g[:, None], None
 
     ce.defvjp(fwd, bwd)
     return Case("cache_keyed_on_shape", ce, cross_entropy_ref, (LOGITS, LABELS), {}, "two_calls")
@@ -258,7 +258,7 @@ def wrong_squeezed_rows() -> Case:
     def bwd(res, g):
         logits, labels, lse = res
         p = jnp.exp(logits - lse[:, None])
-        return (p - jax.nn.one_hot(labels, p.shape[1])) * g[:, None], None
+        return (p - jax.nn.one_hot(labels, p.shape[1], dtype=p.dtype)) * g[:, None], None
 
     ce.defvjp(fwd, bwd)
     return Case("squeezed_row_statistics", ce, cross_entropy_ref, (LOGITS, LABELS), {}, "one_row")
@@ -275,7 +275,7 @@ def wrong_exp_overflow() -> Case:
         logits, labels = res
         e = jnp.exp(logits)
         p = e / e.sum(1, keepdims=True)
-        return (p - jax.nn.one_hot(labels, p.shape[1])) * g[:, None], None
+        return (p - jax.nn.one_hot(labels, p.shape[1], dtype=p.dtype)) * g[:, None], None
 
     ce.defvjp(lambda z, y: (ce(z, y), (z, y)), bwd)
     return Case("softmax_without_max", ce, cross_entropy_ref, (LOGITS, LABELS), {}, "scaled")
@@ -298,7 +298,7 @@ def wrong_mask_ignored() -> Case:
     def bwd(res, g):
         logits, labels = res
         p = jax.nn.softmax(logits)
-        return (p - jax.nn.one_hot(labels, p.shape[1])) * g[:, None], None, None
+        return (p - jax.nn.one_hot(labels, p.shape[1], dtype=p.dtype)) * g[:, None], None, None
 
     ce.defvjp(lambda z, y, w: (ce(z, y, w), (z, y)), bwd)
 
@@ -383,7 +383,7 @@ def wrong_nondiff_array() -> Case:
 
     def bwd(labels, logits, g):
         p = jax.nn.softmax(logits)
-        return ((p - jax.nn.one_hot(labels, p.shape[1])) * g[:, None],)
+        return ((p - jax.nn.one_hot(labels, p.shape[1], dtype=p.dtype)) * g[:, None],)
 
     ce.defvjp(lambda z, y: (ce(z, y), z), bwd)
     return Case("labels_in_nondiff_argnums", ce, cross_entropy_ref, (LOGITS, LABELS), {}, "vmap")

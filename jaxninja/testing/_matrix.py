@@ -415,7 +415,7 @@ def _jit(call: _Call) -> float:
 def _stacked(call: _Call, mapper: str) -> float:
     """f mapped (``vmap`` or ``scan``) over a new leading axis: the inputs and their other
     point stacked; integer arrays repeated."""
-    flat, other = _flatten(call, call.args), None
+    flat = _flatten(call, call.args)
     other = _other_point(flat)
     stacked = _with(flat, {k: jnp.stack([flat.leaves[k], other.leaves[k]]) for k in flat.arrays})
 
