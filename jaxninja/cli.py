@@ -21,13 +21,23 @@ import jax
 
 from jaxninja import bench
 from jaxninja.errors import JaxninjaError
-from jaxninja.lecture import check, sample
-from jaxninja.training import fileio, job, parallel, rundir, sweep
-from jaxninja.training.train import BACKENDS, FLOAT32_TINY, INT32_MAX, ConfigError, TrainConfig
+from jaxninja.lecture import check, model, sample
+from jaxninja.training import checkpoint, fileio, job, parallel, rundir, sweep, train
+from jaxninja.training.train import (
+    BACKENDS,
+    FLOAT32_TINY,
+    INT32_MAX,
+    OPTIMIZERS,
+    SCHEDULES,
+    ConfigError,
+    TrainConfig,
+)
 
 USAGE_ERROR = 2
 MAX_NAMES, MAX_LEN = 100_000, 1_000  # sample -n x --max-len: at most 1e8 ids; more is a typo
 REQUIRED = ...  # an option's default: none, it must be given
+OFF = object()  # an option's kind: ``--no-FIELD`` sets a default-on config field to False
+CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,6 +67,7 @@ _positive_int = _number(int, 1, what="a positive integer")
 _non_negative_int = _number(int, 0, what="an integer >= 0")
 _seed = _number(int, 0, INT32_MAX)
 _lr = _number(float, FLOAT32_TINY, what=f"a finite number >= {FLOAT32_TINY:.3g} (float32)")
+_scale = _number(float, 0.0, what="a finite number >= 0")
 _temperature = _number(float, math.ulp(0.0), what="a positive finite number")  # v > 0
 
 
@@ -64,12 +75,21 @@ def _add_options(p: Any, options: Sequence[tuple[str, Any, Any, str]]) -> None:
     """Add ``(flags, kind, default, help)`` options to parser or group ``p``: ``kind`` is a
     type, a tuple of choices, or ``bool`` for an on/off switch; help shows any default."""
     for flags, kind, default, text in options:
+        if kind is OFF:  # a config field that is on by default: --no-FIELD, None if not given
+            dest = flags.removeprefix("--no-").replace("-", "_")
+            p.add_argument(flags, dest=dest, action="store_const", const=False, help=text)
+            continue
         if kind is bool:
-            p.add_argument(*flags.split(), action="store_true", help=text)
+            dest = flags.split()[-1].removeprefix("--").replace("-", "_")
+            field = dest in CONFIG_FIELDS  # None if not given, so that --resume keeps its own
+            switch: dict[str, Any] = {"action": "store_const", "const": True}
+            p.add_argument(
+                *flags.split(), help=text, **(switch if field else {"action": "store_true"})
+            )
             continue
         if default not in (None, REQUIRED):
             text += " (default: %(default)s)"
-        how = {"choices": kind} if isinstance(kind, tuple) else {"type": kind}
+        how: dict[str, Any] = {"choices": kind} if isinstance(kind, tuple) else {"type": kind}
         p.add_argument(
             *flags.split(), default=default, required=default is REQUIRED, help=text, **how
         )
@@ -87,10 +107,28 @@ def _numbers(text: str, kind: type, flag: str) -> list[Any]:
         raise ConfigError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
 
 
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`TrainConfig` fields given on the command line (options default to None)."""
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+
+
 def _config(args: argparse.Namespace) -> TrainConfig:
-    """The validated :class:`TrainConfig` of the options in ``args`` (defaults for the rest)."""
-    names = [f.name for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)]
-    return TrainConfig(**_pick(args, *names)).validate()
+    """The validated :class:`TrainConfig` of ``args``: the defaults, overridden by the saved
+    config (``--resume``), by ``--config FILE``, then by the flags given. With ``--resume``
+    a given value that differs from the saved one is refused later, by the resume itself."""
+    fields: dict[str, Any] = {}
+    saved = None if args.out is None else os.path.join(args.out, checkpoint.FILENAME)
+    if getattr(args, "resume", False) and saved is not None and os.path.exists(saved):
+        fields.update(checkpoint.load(args.out).config.to_dict())  # (none: rundir says so)
+    if getattr(args, "config", None) is not None:
+        fields.update(train.read_config_file(args.config))
+    fields.update(_given(args))
+    try:
+        cfg = TrainConfig(**fields).validate()
+    except TypeError as e:  # a field of the wrong kind from a file: validate names it
+        raise ConfigError(str(e)) from None
+    return cfg
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -152,30 +190,47 @@ def _bench(args: argparse.Namespace) -> int:
 _D = TrainConfig()
 DATA = ("--data", str, None, "text file, one word per line (default: bundled names.txt)")
 # fmt: off
-CONFIG = [  # the TrainConfig options train and sweep share
+CONFIG = [  # the TrainConfig options train and sweep share; None: not given (see _config)
     DATA,
-    ("--steps", _positive_int, _D.steps, "training steps"),
-    ("--batch-size", _positive_int, _D.batch_size, "batch size"),
-    ("--n-embd", _positive_int, _D.n_embd, "embedding size"),
-    ("--n-hidden", _positive_int, _D.n_hidden, "hidden units"),
-    ("--block-size", _positive_int, _D.block_size, "context"),
-    ("--lr-decay-step", _non_negative_int, _D.lr_decay_step, "learning rate x0.1 from this step"),
-    ("--backend", tuple(BACKENDS), _D.backend,
-     "; ".join(f"{name}: {b.about}" for name, b in BACKENDS.items())),
-    ("--chunk-steps", _positive_int, _D.chunk_steps,
-     "steps per compiled chunk (progress line and checkpoint)"),
+    ("--config", str, None, "JSON or TOML file of config fields (flags override it)"),
+    ("--steps", _positive_int, None, f"training steps (default: {_D.steps})"),
+    ("--batch-size", _positive_int, None, f"batch size (default: {_D.batch_size})"),
+    ("--n-embd", _positive_int, None, f"embedding size (default: {_D.n_embd})"),
+    ("--n-hidden", _positive_int, None, f"hidden units (default: {_D.n_hidden})"),
+    ("--block-size", _positive_int, None, f"context (default: {_D.block_size})"),
+    ("--lr-decay-step", _non_negative_int, None,
+     f"step schedule: lr x lr_decay from this step (default: {_D.lr_decay_step})"),
+    ("--lr-decay", _lr, None,
+     f"step: the factor; cosine: the final lr over the first (default: {_D.lr_decay})"),
+    ("--schedule", tuple(SCHEDULES), None, f"learning-rate schedule (default: {_D.schedule})"),
+    ("--warmup", _non_negative_int, None, "linear learning-rate warmup over this many steps"),
+    ("--optimizer", tuple(OPTIMIZERS), None, f"optax optimizer (default: {_D.optimizer})"),
+    ("--no-batch-norm", OFF, None, "the network without batch norm (Part 3's, before it)"),
+    ("--init", tuple(model.INITS), None,
+     f"W1's scale: kaiming (5/3)/sqrt(fan_in) or randn 1 (default: {_D.init})"),
+    ("--w2-scale", _scale, None, f"W2 = randn x this (default: {_D.w2_scale}; Part 3: 0.01)"),
+    ("--b2-scale", _scale, None, f"b2 = randn x this (default: {_D.b2_scale}; Part 3: 0)"),
+    ("--backend", tuple(BACKENDS), None,
+     "; ".join(f"{name}: {b.about}" for name, b in BACKENDS.items())
+     + f" (default: {_D.backend})"),
+    ("--chunk-steps", _positive_int, None,
+     f"steps per compiled chunk: progress line and checkpoint (default: {_D.chunk_steps})"),
+    ("--eval-every", _non_negative_int, None,
+     "every N steps: validation loss, lr, gradient norm and update:data ratios into "
+     "DIR/metrics.jsonl (default: 0, none)"),
 ]
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, list]] = {
     # name: (handler, help, [(flags, kind, default, help), ...] as _add_options takes)
     "train": (_train, "train the Exercise-4 MLP on a word list", [
         *CONFIG,
         ("--out", str, None, "run directory (default: runs/<timestamp>-<pid>)"),
-        ("--lr", _lr, _D.lr, "learning rate"),
-        ("--seed", _seed, _D.seed, "init and batch-order seed"),
+        ("--lr", _lr, None, f"learning rate (default: {_D.lr})"),
+        ("--seed", _seed, None, f"init and batch-order seed (default: {_D.seed})"),
         ("--running-stats", bool, None,
          "also track batch-norm running averages and report their losses"),
         ("--devices", _positive_int, None, "split batches over this many devices (default: all)"),
-        ("--resume", bool, None, "continue the run in --out"),
+        ("--resume", bool, None,
+         "continue the run in --out with its saved config (flags given must agree)"),
         ("--overwrite", bool, None, "replace what is in --out"),
         ("--other-data", bool, None, "resume although --data is not the run's training file"),
         ("--samples", _number(int, 0, MAX_NAMES), 10, "names printed at end"),

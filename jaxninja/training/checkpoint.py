@@ -22,7 +22,7 @@ from jaxninja.errors import JaxninjaError, listing
 from jaxninja.lecture.data import Vocab
 from jaxninja.lecture.model import BNStats
 from jaxninja.training import fileio
-from jaxninja.training.train import TrainConfig, TrainState, init_state
+from jaxninja.training.train import TrainConfig, TrainState, check_keys, init_state
 
 FILENAME = "checkpoint.npz"
 FORMAT = "jaxninja-checkpoint-1"
@@ -40,7 +40,7 @@ class Checkpoint(NamedTuple):
     config: TrainConfig
     vocab: Vocab
     state: TrainState
-    bn_stats: BNStats | None  # calibrated statistics, once training has finished
+    bn_stats: BNStats | None  # calibrated statistics once training has finished ({}: no BN)
     data_sha256: str | None  # sha256 of the data file trained on (None: not recorded)
 
 
@@ -106,7 +106,7 @@ def _parse_meta(stored: dict[str, np.ndarray]) -> tuple[TrainConfig, Vocab, str 
         raise ValueError(f"meta must be a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise ValueError(f"unknown format {meta.get('format')!r:.80}")
-    _same_keys("", meta, {"format", "config", "vocab", "data_sha256"})
+    check_keys("", meta, {"format", "config", "vocab", "data_sha256"})
     sha = meta["data_sha256"]
     if sha is not None and not (isinstance(sha, str) and re.fullmatch("[0-9a-f]{64}", sha)):
         raise ValueError(f"data_sha256 must be null or 64 hex digits, got {sha!r:.80}")
@@ -114,12 +114,6 @@ def _parse_meta(stored: dict[str, np.ndarray]) -> tuple[TrainConfig, Vocab, str 
     if not isinstance(vocab, list):
         raise ValueError(f"vocab must be a list, got {type(vocab).__name__}")
     return TrainConfig.from_dict(meta["config"]), Vocab(tuple(vocab)), sha
-
-
-def _same_keys(what: str, d: dict, fields: set[str]) -> None:
-    for problem, names in (("missing", fields - set(d)), ("unknown", set(d) - fields)):
-        if names:
-            raise ValueError(f"{problem} {what}field(s): {listing(names)}")
 
 
 def load(run_dir: str | os.PathLike[str], dtype: Any = jnp.float32) -> Checkpoint:
@@ -139,7 +133,9 @@ def load(run_dir: str | os.PathLike[str], dtype: Any = jnp.float32) -> Checkpoin
     values = [_take(path, stored, "state" + jax.tree_util.keystr(k), s) for k, s in leaves]
     state = jax.tree_util.tree_unflatten(treedef, values)
     bn_stats = None
-    if "bn_stats/mean" in stored or "bn_stats/var" in stored:
+    if not config.batch_norm and int(state.step) == config.steps:
+        bn_stats = {}  # finished: a network without batch norm has nothing to calibrate
+    elif "bn_stats/mean" in stored or "bn_stats/var" in stored:
         stat = template.bn_running["mean"]
         bn_stats = {k: _take(path, stored, f"bn_stats/{k}", stat) for k in ("mean", "var")}
     if stored:

@@ -26,7 +26,7 @@ from jaxninja.lecture import data
 from jaxninja.training import checkpoint
 from jaxninja.training.train import TrainConfig, TrainState
 
-FILES = (checkpoint.FILENAME, "losses.npy", "metrics.json", "loss.png")
+FILES = (checkpoint.FILENAME, "losses.npy", "metrics.json", "loss.png", "metrics.jsonl")
 LOCK = ".jaxninja.lock"
 
 
@@ -166,7 +166,7 @@ def check_finite_end(out: Path, step: int, bn_stats: dict, metrics: dict[str, An
     metrics (split losses) are non-finite, which a checkpoint or ``metrics.json`` must never
     hold: the parameters stayed finite but diverged (a learning rate too large)."""
     bad = [f"batch-norm {k}" for k, v in bn_stats.items() if not np.isfinite(v).all()]
-    if not bad and not (np.asarray(bn_stats["var"]) > 0).all():
+    if not bad and bn_stats and not (np.asarray(bn_stats["var"]) > 0).all():  # {}: no BN
         bad.append("batch-norm var (not > 0)")
     bad += [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:

@@ -1,6 +1,7 @@
 """Training, batch-norm calibration and evaluation: Exercise 4 as a fused, jitted loop.
 
-One step is ``grads = backend(params, Xb, Yb)`` and an ``optax.sgd`` update;
+One step is ``grads = backend(params, Xb, Yb)`` and an optax update (:data:`OPTIMIZERS`,
+:data:`SCHEDULES`);
 :func:`make_train_chunk` fuses ``n`` steps into one ``lax.scan``. Step ``s`` draws its batch
 from ``fold_in(key(seed), s)``: a run is a pure function of its config, however chunked
 (so ``--resume`` is exact).
@@ -9,11 +10,20 @@ from ``fold_in(key(seed), s)``: a run is a pure function of its config, however 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Set
 from functools import partial
+from pathlib import Path
 from typing import Any, NamedTuple
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
 
 import jax
 import jax.numpy as jnp
@@ -45,35 +55,108 @@ def _manual(params: model.Params, X: Array, Y: Array, axis_name: Any = None):
 class Backend(NamedTuple):
     grad: Callable[..., Any]  # (params, X, Y, axis_name=None) -> ((loss, batch_stats), grads)
     data_parallel: bool  # has a cross-device (``axis_name``) rule
+    batch_norm_optional: bool  # trains a network without batch norm too
     about: str
 
 
 _autodiff = jax.value_and_grad(model.loss_with_stats, has_aux=True)
 BACKENDS: dict[str, Backend] = {  # the one table of training backends
-    "custom_vjp": Backend(_autodiff, True, "jax.grad through the hand-written VJPs"),
-    "manual": Backend(_manual, False, "ninja.manual_grads: no autodiff at all (Exercise 4)"),
+    "custom_vjp": Backend(_autodiff, True, True, "jax.grad through the hand-written VJPs"),
+    "manual": Backend(_manual, False, False, "ninja.manual_grads: no autodiff at all (Exercise 4)"),
     "autodiff": Backend(
-        partial(_autodiff, reference=True), True, "jax.grad of the plain-jnp references"
+        partial(_autodiff, reference=True), True, True, "jax.grad of the plain-jnp references"
     ),
 }
 
 
-def _check_int(name: str, value: Any, low: int, kind: str = "a positive integer") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:  # True is an int
+def check_int(name: str, value: Any, low: int, kind: str = "a positive integer") -> None:
+    """Raise :class:`ConfigError` unless ``value`` is an int in ``low..INT32_MAX``.
+
+    The one integer check of the tool: :meth:`TrainConfig.validate` and the CLI's argparse
+    types both call it (steps, schedule boundaries and seeds travel as int32).
+
+    Args:
+        name: the field or flag, for the message.
+        value: the value to check (``True`` is refused although it is an int).
+        low: the smallest allowed value.
+        kind: what it must be, for the message.
+
+    Raises:
+        ConfigError: naming ``name`` and the value.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(f"{name} must be {kind}, got {value!r}")
-    if value > INT32_MAX:  # steps, schedule boundaries and seeds travel as int32
+    if value > INT32_MAX:
         raise ConfigError(f"{name} must be at most {INT32_MAX}, got {value!r}")
 
 
-def _check_positive_float(name: str, value: Any) -> None:
+def check_float(name: str, value: Any, zero: bool = False) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is a finite number that float32 keeps
+    (neither 0 nor inf): positive, or also exactly 0 with ``zero``.
+
+    Raises:
+        ConfigError: naming ``name`` and the value.
+    """
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if zero and number and value == 0:
+        return
+    kind = "a non-negative" if zero else "a positive"
     if not number or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+        raise ConfigError(f"{name} must be {kind} finite number, got {value!r}")
     if not FLOAT32_TINY <= value <= FLOAT32_MAX:  # float32 would make it 0 or inf
         raise ConfigError(
             f"{name} must be between {FLOAT32_TINY:.3g} and {FLOAT32_MAX:.3g} (float32), "
             f"got {value!r}"
         )
+
+
+def check_choice(name: str, value: Any, choices: Any) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is one of ``choices`` (a registry)."""
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+
+
+def check_keys(what: str, d: dict, fields: Set[str], optional: Set[str] = frozenset()) -> None:
+    """Raise :class:`ConfigError` naming the ``missing`` (not in ``optional``) or ``unknown``
+    keys of ``d``: the one field check of configs and checkpoint metadata."""
+    for problem, names in (("missing", fields - optional - set(d)), ("unknown", set(d) - fields)):
+        if names:
+            raise ConfigError(f"{problem} {what}field(s): {listing(names)}")
+
+
+def _schedule_step(cfg: TrainConfig, lr: Any) -> optax.Schedule:
+    return optax.piecewise_constant_schedule(lr, {cfg.lr_decay_step: cfg.lr_decay})
+
+
+def _schedule_cosine(cfg: TrainConfig, lr: Any) -> optax.Schedule:
+    return optax.cosine_decay_schedule(lr, cfg.steps, alpha=cfg.lr_decay)
+
+
+def _schedule_constant(cfg: TrainConfig, lr: Any) -> optax.Schedule:
+    return optax.constant_schedule(lr)
+
+
+SCHEDULES: dict[str, Callable[[TrainConfig, Any], optax.Schedule]] = {
+    "step": _schedule_step,  # lr, then lr * lr_decay from lr_decay_step on (the lecture's)
+    "cosine": _schedule_cosine,  # lr down to lr * lr_decay at the last step
+    "constant": _schedule_constant,  # lr throughout
+}
+OPTIMIZERS: dict[str, Callable[[optax.Schedule], optax.GradientTransformation]] = {
+    "sgd": optax.sgd,  # the lecture's
+    "adam": optax.adam,
+    "adamw": optax.adamw,  # weight decay 1e-4 (optax's default)
+}
+# Fields added after checkpoints of jaxninja-checkpoint-1 were written: a config without them
+# was trained with their defaults (which reproduce the earlier code bit for bit), so it loads.
+ADDED_FIELDS = frozenset(
+    {"batch_norm", "init", "w2_scale", "b2_scale", "optimizer", "schedule", "warmup", "eval_every"}
+)
+CHOICES: dict[str, Any] = {  # the config fields that name a registry entry
+    "backend": BACKENDS,
+    "init": model.INITS,
+    "optimizer": OPTIMIZERS,
+    "schedule": SCHEDULES,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,37 +175,66 @@ class TrainConfig:
     backend: str = "custom_vjp"
     running_stats: bool = False  # track batch-norm running averages (momentum 0.999)
     chunk_steps: int = 10_000  # steps per compiled chunk: progress lines, checkpoints
+    batch_norm: bool = True  # False: hpreact = hprebn (no bngain/bnbias, nothing to calibrate)
+    init: str = "kaiming"  # W1's scale: a key of model.INITS
+    w2_scale: float = 0.1  # W2 = randn * w2_scale (Part 3's fix: 0.01)
+    b2_scale: float = 0.1  # b2 = randn * b2_scale (Part 3's fix: 0)
+    optimizer: str = "sgd"  # a key of OPTIMIZERS
+    schedule: str = "step"  # a key of SCHEDULES
+    warmup: int = 0  # the lr rises linearly over the first ``warmup`` steps
+    eval_every: int = 0  # validation loss and diagnostics every N steps (0: at the end only)
 
     def validate(self) -> TrainConfig:
-        """Return self, or raise :class:`ConfigError` naming the bad field."""
+        """Return self, or raise :class:`ConfigError` naming the bad field.
+
+        Raises:
+            ConfigError: a field of the wrong type, out of range, or an unknown choice; a
+                combination no backend can train (``running_stats`` or backend ``manual``
+                without batch norm).
+        """
         for name in ("n_embd", "n_hidden", "block_size", "steps", "chunk_steps"):
-            _check_int(name, getattr(self, name), 1)
-        _check_int("batch_size", self.batch_size, 2, "at least 2 (batch norm divides by n-1)")
-        _check_int("lr_decay_step", self.lr_decay_step, 0, "a non-negative integer")
-        _check_int("seed", self.seed, 0, "a non-negative integer")
-        _check_positive_float("lr", self.lr)
-        _check_positive_float("lr_decay", self.lr_decay)
-        _check_positive_float("lr * lr_decay", self.lr * self.lr_decay)
-        if not isinstance(self.running_stats, bool):
-            raise ConfigError(f"running_stats must be true or false, got {self.running_stats!r}")
-        if self.backend not in BACKENDS:
+            check_int(name, getattr(self, name), 1)
+        check_int("batch_size", self.batch_size, 2, "at least 2 (batch norm divides by n-1)")
+        for name in ("lr_decay_step", "seed", "warmup", "eval_every"):
+            check_int(name, getattr(self, name), 0, "a non-negative integer")
+        for name in ("lr", "lr_decay"):
+            check_float(name, getattr(self, name))
+        check_float("lr * lr_decay", self.lr * self.lr_decay)
+        for name in ("w2_scale", "b2_scale"):
+            check_float(name, getattr(self, name), zero=True)
+        for name in ("running_stats", "batch_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name, registry in CHOICES.items():
+            check_choice(name, getattr(self, name), registry)
+        if not self.batch_norm and self.running_stats:
+            raise ConfigError("running_stats needs batch norm; drop one of the two")
+        if not self.batch_norm and not BACKENDS[self.backend].batch_norm_optional:
             raise ConfigError(
-                f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}"
+                f"backend {self.backend!r} is the lecture's network with batch norm; without "
+                f"batch norm use backend custom_vjp or autodiff"
             )
         return self
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict (``from_dict`` reads it back)."""
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Build and validate a config from (untrusted) JSON data: every field required."""
+    def from_dict(cls, d: Any, what: str = "config ") -> TrainConfig:
+        """Build and validate a config from (untrusted) JSON data.
+
+        Args:
+            d: every field of the config, but those of :data:`ADDED_FIELDS` may be missing
+                (they take their defaults: a checkpoint written before they existed).
+            what: the kind of data, for the messages (e.g. ``"config file x.toml: "``).
+
+        Raises:
+            ConfigError: not an object, a missing or unknown field, or a bad value.
+        """
         if not isinstance(d, dict):
-            raise ConfigError(f"config must be a JSON object, got {type(d).__name__}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        for problem, names in (("missing", fields - set(d)), ("unknown", set(d) - fields)):
-            if names:
-                raise ConfigError(f"{problem} config field(s): {listing(names)}")
+            raise ConfigError(f"{what}must be a JSON object, got {type(d).__name__}")
+        check_keys(what, d, {f.name for f in dataclasses.fields(cls)}, ADDED_FIELDS)
         return cls(**d).validate()
 
 
@@ -133,21 +245,60 @@ class TrainState(NamedTuple):
     bn_running: model.BNStats  # running mean/var (unused unless running_stats)
 
 
+def make_schedule(cfg: TrainConfig, lr: float | Array | None = None) -> optax.Schedule:
+    """The learning rate of each step: :data:`SCHEDULES` ``[cfg.schedule]`` of ``lr``
+    (default ``cfg.lr``; a traced value in sweeps), times ``min(1, (step + 1) / warmup)``
+    with a warmup.
+
+    Example:
+        >>> f = make_schedule(TrainConfig(lr_decay_step=3))
+        >>> [round(float(f(s)), 4) for s in (0, 2, 3)]
+        [0.1, 0.1, 0.01]
+    """
+    base = SCHEDULES[cfg.schedule](cfg, cfg.lr if lr is None else lr)
+    if not cfg.warmup:
+        return base  # exactly the schedule: the lecture's numbers, bit for bit
+    warmup = cfg.warmup
+
+    def schedule(step: Any) -> Any:
+        return base(step) * jnp.minimum(1.0, (step + 1) / warmup)
+
+    return schedule
+
+
 def make_optimizer(
     cfg: TrainConfig, lr: float | Array | None = None
 ) -> optax.GradientTransformation:
-    """Plain SGD, ``lr`` (default ``cfg.lr``; a traced value in sweeps) for steps
-    ``< lr_decay_step`` and ``lr * lr_decay`` after."""
-    lr = cfg.lr if lr is None else lr
-    return optax.sgd(optax.piecewise_constant_schedule(lr, {cfg.lr_decay_step: cfg.lr_decay}))
+    """:data:`OPTIMIZERS` ``[cfg.optimizer]`` on :func:`make_schedule` ``(cfg, lr)``; the
+    default config is the lecture's: SGD, ``lr`` for steps ``< lr_decay_step`` and
+    ``lr * lr_decay`` after."""
+    return OPTIMIZERS[cfg.optimizer](make_schedule(cfg, lr))
+
+
+def init_params(cfg: TrainConfig, vocab_size: int, dtype: Any = jnp.float32) -> model.Params:
+    """The initial parameters of ``cfg`` (seed, shapes, batch norm, init and scales)."""
+    return model.init_params(
+        jax.random.key(cfg.seed),
+        vocab_size,
+        cfg.n_embd,
+        cfg.n_hidden,
+        cfg.block_size,
+        dtype,
+        batch_norm=cfg.batch_norm,
+        init=cfg.init,
+        w2_scale=cfg.w2_scale,
+        b2_scale=cfg.b2_scale,
+    )
 
 
 def init_state(cfg: TrainConfig, vocab_size: int, dtype: Any = jnp.float32) -> TrainState:
-    params = model.init_params(
-        jax.random.key(cfg.seed), vocab_size, cfg.n_embd, cfg.n_hidden, cfg.block_size, dtype
-    )
-    shape, stats_dtype = (1, cfg.n_hidden), jnp.promote_types(dtype, jnp.float32)
+    """Step 0 of ``cfg``: its parameters, optimizer state and running statistics (``{}``
+    without batch norm: none)."""
+    params = init_params(cfg, vocab_size, dtype)
+    shape = (1, cfg.n_hidden)
+    stats_dtype = jnp.promote_types(dtype, jnp.float32)
     running = {"mean": jnp.zeros(shape, stats_dtype), "var": jnp.ones(shape, stats_dtype)}
+    running = running if cfg.batch_norm else {}
     return TrainState(params, make_optimizer(cfg).init(params), jnp.zeros((), jnp.int32), running)
 
 
@@ -227,13 +378,26 @@ def run_chunks(
     start: int,
     steps: int,
     chunk_steps: int,
+    eval_every: int = 0,
 ) -> Iterator[Chunk]:
-    """The one training loop: steps ``start..steps`` in chunks of ``chunk_steps``; the jitted
-    ``make_chunk(n)``, ``(state, *args) -> (state, losses)``, is compiled ahead of time once
-    per length (compile time measured apart)."""
+    """The one training loop: steps ``start..steps`` in chunks that end at every multiple of
+    ``chunk_steps`` and of ``eval_every`` (if not 0), and at ``steps``.
+
+    Args:
+        make_chunk: ``n -> jitted (state, *args) -> (state, losses)``; compiled ahead of
+            time once per length (compile time measured apart).
+        state: the state at step ``start``.
+        *args: the other arguments of each chunk.
+        start, steps: the first step and the number of steps of the run.
+        chunk_steps, eval_every: where chunks end.
+
+    Yields:
+        A :class:`Chunk` after each chunk.
+    """
     compiled: dict[int, Any] = {}
+    every = [k for k in (chunk_steps, eval_every) if k]
     while start < steps:
-        n = min(chunk_steps, steps - start)
+        n = min([steps - start] + [k - start % k for k in every])
         t0 = time.perf_counter()
         if n not in compiled:
             compiled[n] = make_chunk(n).lower(state, *args).compile()
@@ -248,12 +412,78 @@ def run_chunks(
 @jax.jit
 def calibrate_bn(params: model.Params, X: Array) -> model.BNStats:
     """The lecture's post-training calibration: mean and unbiased variance of ``hprebn``
-    over all of ``X`` (the whole training set), ``{"mean": (1, H), "var": (1, H)}``."""
+    over all of ``X`` (the whole training set), ``{"mean": (1, H), "var": (1, H)}``; ``{}``
+    for a network without batch norm."""
+    if not model.has_batch_norm(params):
+        return {}
     mean, var = ops.batch_stats(model.hidden_preactivation(params, X))
     return {"mean": mean, "var": var}
 
 
 @jax.jit
 def evaluate(params: model.Params, bn_stats: model.BNStats, X: Array, Y: Array) -> Array:
-    """Mean cross-entropy of ``(X, Y)`` in eval mode (batch norm with ``bn_stats``)."""
+    """Mean cross-entropy of ``(X, Y)`` in eval mode (batch norm, if any, with ``bn_stats``)."""
     return ops.cross_entropy(model.forward(params, X, bn_stats), Y).mean()
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The fields of a config file: a JSON object (``.json``) or a TOML table (``.toml``)
+    whose keys are :class:`TrainConfig`'s field names (any subset: the rest come from
+    elsewhere, e.g. the defaults or the command line).
+
+    Args:
+        path: the file; its suffix picks the format (JSON unless ``.toml``).
+
+    Returns:
+        The fields, not yet validated as a whole (:meth:`TrainConfig.validate` does that).
+
+    Raises:
+        ConfigError: an unreadable file, a syntax error (with its line), not a table, an
+            unknown field.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     p = pathlib.Path(tmp, "c.toml")
+        ...     _ = p.write_text("n_hidden = 64\\noptimizer = 'adam'\\n")
+        ...     read_config_file(p)
+        {'n_hidden': 64, 'optimizer': 'adam'}
+    """
+    path = Path(path)
+    try:
+        text = _read_text(path)
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise ConfigError(f"config file {path}: cannot read ({reason})") from None
+    try:
+        if path.suffix.lower() == ".toml":
+            fields = tomllib.loads(text)
+        else:
+            fields = json.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path}: not valid TOML ({e})") from None
+    except ValueError as e:
+        raise ConfigError(f"config file {path}: not valid JSON ({e})") from None
+    if not isinstance(fields, dict):
+        raise ConfigError(f"config file {path}: must hold an object of config fields")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    check_keys(f"config file {path}: ", fields, names, names)
+    try:  # its values with the defaults for the rest: an error names the file
+        TrainConfig(**fields).validate()
+    except ConfigError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+    return fields
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes
+
+
+def _read_text(path: Path) -> str:
+    """The text of regular file ``path`` (a FIFO or device is refused before it can block)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(0, "not a regular file")
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+        raw = f.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise OSError(0, f"over {MAX_CONFIG_BYTES} bytes")
+    return raw.decode("utf-8")
