@@ -22,7 +22,7 @@ import jax
 from jaxninja import bench
 from jaxninja.errors import JaxninjaError
 from jaxninja.lecture import check, model, sample
-from jaxninja.training import checkpoint, fileio, job, parallel, rundir, sweep, train
+from jaxninja.training import checkpoint, compare, fileio, job, parallel, rundir, sweep, train
 from jaxninja.training.train import (
     BACKENDS,
     FLOAT32_TINY,
@@ -37,6 +37,8 @@ USAGE_ERROR = 2
 MAX_NAMES, MAX_LEN = 100_000, 1_000  # sample -n x --max-len: at most 1e8 ids; more is a typo
 REQUIRED = ...  # an option's default: none, it must be given
 OFF = object()  # an option's kind: ``--no-FIELD`` sets a default-on config field to False
+GRID = object()  # an option's kind: repeatable text (``--grid``)
+RUNS = object()  # an option's kind: one or more positional directories
 CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 
 
@@ -75,6 +77,12 @@ def _add_options(p: Any, options: Sequence[tuple[str, Any, Any, str]]) -> None:
     """Add ``(flags, kind, default, help)`` options to parser or group ``p``: ``kind`` is a
     type, a tuple of choices, or ``bool`` for an on/off switch; help shows any default."""
     for flags, kind, default, text in options:
+        if kind is RUNS:
+            p.add_argument(flags, nargs="+", help=text)
+            continue
+        if kind is GRID:
+            p.add_argument(flags, action="append", help=text)
+            continue
         if kind is OFF:  # a config field that is on by default: --no-FIELD, None if not given
             dest = flags.removeprefix("--no-").replace("-", "_")
             p.add_argument(flags, dest=dest, action="store_const", const=False, help=text)
@@ -167,10 +175,18 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    seeds, lrs = _numbers(args.seeds, int, "--seeds"), _numbers(args.lrs, float, "--lrs")
+    grid = sweep.parse_grid(args.grid or [])
     cfg = _config(args)
     rundir.check_memory(cfg, 0)  # before any data is read: a lower bound (train: train_run's)
-    sweep.sweep_run(cfg, seeds, lrs, args.data, out=args.out)
+    sweep.sweep_run(cfg, grid, args.out, args.data, strategy=args.strategy)
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    rows = compare.compare(args.runs, args.out)
+    print(compare.to_markdown(rows), end="")
+    if args.out:
+        print(f"written: {os.path.join(args.out, 'compare.{md,csv,png}')}")
     return 0
 
 
@@ -268,11 +284,21 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, list]] = {
         ("--no-torch", bool, None, "skip the PyTorch rows"),
         DATA,
     ]),
-    "sweep": (_sweep, "train many seeds/learning rates in one vmapped program", [
+    "sweep": (_sweep, "train a grid over any config fields; each member a run directory", [
         *CONFIG,
-        ("--seeds", str, str(_D.seed), "comma-separated seeds"),
-        ("--lrs", str, str(_D.lr), "comma-separated learning rates"),
-        ("--out", str, None, "write the results as JSON to this file"),
+        ("--lr", _lr, None, f"learning rate (default: {_D.lr})"),
+        ("--seed", _seed, None, f"init and batch-order seed (default: {_D.seed})"),
+        ("--grid", GRID, None, "KEY=V1,V2,...: a config field and its values (repeatable; "
+         "e.g. --grid n_hidden=64,128 --grid seed=1,2)"),
+        ("--strategy", sweep.STRATEGIES, "auto",
+         "vmap: one program trains a group's members at once; sequential: one after another, "
+         "one compiled chunk; auto: sequential on CPU, vmap elsewhere"),
+        ("--out", str, REQUIRED, "the sweep's directory (new): member runs, results.{csv,md}, "
+         "curves.png, sweep.json"),
+    ]),
+    "compare": (_compare, "runs side by side: differing config fields, losses, curves", [
+        ("runs", RUNS, None, "run directories (of train or of a sweep's members)"),
+        ("--out", str, None, "also write compare.md, compare.csv and compare.png here"),
     ]),
 }
 JOB = [  # train's multi-process job (README "Many machines"): all of the first three, or none

@@ -71,9 +71,18 @@ NUM, TEXT, IN, OUT = "number", "text", "input path", "output path"
 CONFIG = {"--data": IN, "--steps": NUM, "--batch-size": NUM, "--n-embd": NUM,
           "--n-hidden": NUM, "--block-size": NUM, "--lr-decay-step": NUM, "--backend": TEXT,
           "--chunk-steps": NUM}  # fmt: skip
-CONFIG |= {"--config": IN, "--lr-decay": NUM, "--schedule": TEXT, "--warmup": NUM,
-           "--optimizer": TEXT, "--no-batch-norm": FLAG[0], "--init": TEXT, "--w2-scale": NUM,
-           "--b2-scale": NUM, "--eval-every": NUM}  # fmt: skip  (issue 23's switches)
+CONFIG |= {
+    "--config": IN,
+    "--lr-decay": NUM,
+    "--schedule": TEXT,
+    "--warmup": NUM,
+    "--optimizer": TEXT,
+    "--no-batch-norm": FLAG[0],
+    "--init": TEXT,
+    "--w2-scale": NUM,
+    "--b2-scale": NUM,
+    "--eval-every": NUM,
+}  # fmt: skip  (issue 23's switches)
 OPTIONS: dict[str, dict[str, str]] = {
     "train": {**CONFIG, "--out": OUT, "--lr": NUM, "--seed": NUM, "--running-stats": FLAG[0],
               "--devices": NUM, "--coordinator": TEXT, "--num-processes": NUM,
@@ -83,7 +92,9 @@ OPTIONS: dict[str, dict[str, str]] = {
                "--max-len": NUM},
     "eval": {"--out": IN, "--data": IN, "--other-data": FLAG[0]},
     "check": {"--dtype": TEXT, "--n-hidden": NUM, "--seed": NUM, "--data": IN, "--solution": IN},
-    "sweep": {**CONFIG, "--seeds": TEXT, "--lrs": TEXT, "--out": OUT},
+    "sweep": {**CONFIG, "--lr": NUM, "--seed": NUM, "--grid": TEXT, "--strategy": TEXT,
+              "--out": OUT},
+    "compare": {"--out": OUT},
     "bench": {"--quick": FLAG[0], "--out": OUT, "--repeats": NUM, "--settings": TEXT,
               "--steps": NUM, "--torch-steps": NUM, "--members": TEXT, "--no-torch": FLAG[0],
               "--data": IN, "--ops": FLAG[0]},
@@ -94,7 +105,8 @@ BASE = {  # a valid, tiny command line for each command ({w}: words file, {r}: f
     "sample": ["--out={r}", "--num=2", "--max-len=4"],
     "eval": ["--out={r}", "--data={w}"],
     "check": ["--n-hidden=4", "--data={w}"],
-    "sweep": ["--data={w}", *TINY],
+    "sweep": ["--data={w}", "--out={new}", *TINY],
+    "compare": ["{r}"],
     "bench": [
         "--quick",
         "--no-torch",
@@ -106,7 +118,8 @@ BASE = {  # a valid, tiny command line for each command ({w}: words file, {r}: f
         "--data={w}",
     ],  # fmt: skip
 }
-WRITES = {"train", "sweep", "bench"}  # commands whose --out is written
+WRITES = {"train", "sweep", "bench", "compare"}  # commands whose --out is written
+NEW_DIR = {"sweep", "compare"}  # commands whose --out is a new directory of their own files
 RUN_FILES = {*rundir.FILES, rundir.LOCK}  # the only names the tool may add to a run dir
 
 
@@ -286,6 +299,8 @@ def _allowed(p, before, after, cmd, target, overwrite: bool, rc: int) -> bool:
     if target is None:
         return False
     parent, name = os.path.split(os.path.abspath(p))
+    if cmd in NEW_DIR and target not in before and os.path.abspath(p).startswith(target + os.sep):
+        return rc == 0  # inside the new directory a successful sweep or compare made
     if cmd == "train" and parent == target and name in RUN_FILES:
         return p not in before or overwrite or name == rundir.LOCK
     if os.path.abspath(p) == target:

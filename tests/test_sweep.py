@@ -1,8 +1,10 @@
-"""jaxninja.training.sweep: M models in one vmapped program equal M separate runs."""
+"""jaxninja.training.sweep: grids over config fields; members equal separate runs, vmapped or
+one after another, and are real run directories."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxninja import cli
-from jaxninja.training import sweep, train
+from jaxninja.training import compare, job, metrics, sweep, train
 from jaxninja.training.train import ConfigError, TrainConfig
 
 H, STEPS = 32, 300
@@ -66,51 +68,120 @@ def test_sweep_chunks_compose(train_xy):
         np.testing.assert_allclose(two.params[k], one.params[k], rtol=1e-6, atol=1e-6)
 
 
-def test_sweep_run_reports_every_member(names_file):
-    cfg = TrainConfig(n_hidden=16, steps=200, chunk_steps=100)
-    lines: list[str] = []
-    result = sweep.sweep_run(cfg, [1, 2], [0.1, 0.2], names_file, log=lines.append)
-    assert [(r["seed"], r["lr"]) for r in result["members"]] == [
-        (1, 0.1), (1, 0.2), (2, 0.1), (2, 0.2)
-    ]  # fmt: skip
-    for r in result["members"]:
-        assert 2.0 < r["train_loss"] < 3.3 and 2.0 < r["val_loss"] < 3.3, r
-    assert result["model_steps_per_second"] > 0
-    assert any(ln.startswith("| member |") for ln in lines)
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, names_file):
+    """The same 4-member grid (2 seeds x 2 lrs, H=16, 200 steps) swept both ways:
+    ``{strategy: (dir, result)}``."""
+    root = tmp_path_factory.mktemp("sweeps")
+    cfg = TrainConfig(n_hidden=16, steps=200, chunk_steps=100, eval_every=100)
+    grid = {"seed": [1, 2], "lr": [0.1, 0.05]}
+    out = {}
+    for how in ("vmap", "sequential"):
+        result = sweep.sweep_run(cfg, grid, root / how, names_file, strategy=how, log=_quiet)
+        out[how] = (root / how, result)
+    return out
+
+
+def _quiet(line: str) -> None:
+    pass
+
+
+def test_sweep_members_equal_separate_runs(swept, tmp_path, names_file):
+    """Every member of both strategies equals ``train`` of its config to 4 decimals, and
+    is a real run directory (eval recomputes its numbers)."""
+    alone = job.train_run(
+        TrainConfig(n_hidden=16, steps=200, chunk_steps=100, eval_every=100, seed=2, lr=0.05),
+        tmp_path / "alone", names_file, log=_quiet, num_samples=0,
+    )  # fmt: skip
+    for how, (root, result) in swept.items():
+        rows = result["members"]
+        assert [(r["seed"], r["lr"]) for r in rows] == [(1, 0.1), (1, 0.05), (2, 0.1), (2, 0.05)]
+        member = root / rows[3]["run"]
+        for k in ("train_loss", "val_loss", "test_loss"):
+            assert abs(rows[3][k] - alone[k]) <= 1e-4, (how, k)
+        assert job.eval_run(member, names_file) == {
+            s: rows[3][f"{s}_loss"] for s in ("train", "val", "test")
+        }
+        assert job.load_run(member).config.lr == 0.05  # its own config, not the base's
+        assert [r["step"] for r in metrics.read(member)] == [100, 200]
+        assert rows[0]["val_loss"] != rows[1]["val_loss"]  # members differ
+    a, b = (swept[h][1]["members"] for h in ("vmap", "sequential"))
+    for ra, rb in zip(a, b, strict=True):
+        assert abs(ra["val_loss"] - rb["val_loss"]) <= 1e-4
+
+
+def test_sweep_writes_its_table_and_plot(swept):
+    root, result = swept["sequential"]
+    csv = (root / "results.csv").read_text().splitlines()
+    assert csv[0] == "run,seed,lr,train_loss,val_loss,test_loss,steps_per_second"
+    assert len(csv) == 5
+    md = (root / "results.md").read_text().splitlines()
+    assert md[0].startswith("| run | seed | lr |") and len(md) == 6
+    assert (root / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((root / "sweep.json").read_text())["strategy"] == "sequential"
+    rows = compare.compare([root / r["run"] for r in result["members"][:2]])
+    assert [list(r)[:2] for r in rows] == [["run", "lr"]] * 2  # only lr differs
+
+
+def test_shape_changing_fields_form_groups():
+    cfg = TrainConfig(steps=10)
+    grid = sweep.members(cfg, {"n_hidden": [8, 16], "seed": [1, 2], "init": ["kaiming", "randn"]})
+    parts = sweep.groups(grid)
+    assert [len(g) for g in parts] == [4, 4]
+    assert {m.config.n_hidden for m in parts[0]} == {8}
 
 
 @pytest.mark.parametrize(
-    ("seeds", "lrs", "match"),
+    ("specs", "match"),
     [
-        ([], None, "at least one seed"),
-        (None, [], "at least one learning rate"),
-        ([-1], None, "non-negative"),
-        ([1.5], None, "non-negative integer"),
-        (None, [0.0], "positive finite"),
-        (None, [float("nan")], "positive finite"),
-        (None, [True], "positive finite"),
-        ([1, 1], [0.1], "repeats"),
+        (["n_hiden=8,16"], "unknown config field 'n_hiden'"),
+        (["n_hidden=8,x"], "n_hidden: 'x' is not an integer"),
+        (["lr=0.1,fast"], "lr: 'fast' is not a number"),
+        (["batch_norm=maybe"], "batch_norm: 'maybe' is not true or false"),
+        (["n_hidden="], "empty value list"),
+        (["n_hidden=8,,16"], "empty value list"),
+        (["n_hidden"], "KEY=V1,V2"),
+        (["seed=1", "seed=2"], "given twice"),
     ],
 )
-def test_bad_members_are_clear_errors(seeds, lrs, match):
+def test_bad_grids_are_clear_errors(specs, match):
     with pytest.raises(ConfigError, match=match):
-        sweep.members(seeds, lrs, TrainConfig())
+        sweep.parse_grid(specs)
 
 
-def test_members_grid_defaults_to_the_config():
-    assert sweep.members(None, None, TrainConfig(seed=7, lr=0.3)) == [(7, 0.3)]
-    assert sweep.members([1, 2], [0.1], TrainConfig()) == [(1, 0.1), (2, 0.1)]
+def test_bad_members_are_clear_errors():
+    with pytest.raises(ConfigError, match="member 1_lr=-0.1: lr must be"):
+        sweep.members(TrainConfig(), {"lr": [0.1, -0.1]})
+    with pytest.raises(ConfigError, match="repeats"):
+        sweep.members(TrainConfig(), {"seed": [3, 3]})
+    with pytest.raises(ConfigError, match="625 members, more than the 256"):
+        sweep.members(
+            TrainConfig(), {k: list(range(1, 6)) for k in ("seed", "n_hidden", "n_embd", "steps")}
+        )
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["sweep", "--seeds", "1,x"], "--seeds"),
-        (["sweep", "--lrs", "-0.1"], "positive finite"),
-        (["sweep", "--seeds", "3,3"], "repeats"),
+        (["--grid", "seed=1,x"], "--grid seed"),
+        (["--grid", "lr=-0.1"], "lr must be"),
+        (["--grid", "colour=red"], "unknown config field"),
+        (["--grid", "seed=3,3"], "repeats"),
     ],
 )
-def test_cli_bad_arguments(argv, message, capsys, names_file):
-    assert cli.main([*argv, "--steps", "10", "--data", str(names_file)]) == cli.USAGE_ERROR
+def test_cli_bad_arguments(argv, message, capsys, names_file, tmp_path):
+    argv = [
+        "sweep",
+        *argv,
+        "--steps",
+        "10",
+        "--data",
+        str(names_file),
+        "--out",
+        str(tmp_path / "s"),
+    ]
+    assert cli.main(argv) == cli.USAGE_ERROR
     err = capsys.readouterr().err
     assert err.startswith("error:") and message in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "s").exists()

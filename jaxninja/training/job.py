@@ -47,6 +47,7 @@ class Run:
     environment: dict[str, Any]  # metrics.environment(), taken at the start
     t_start: float  # time.perf_counter() at the start
     num_samples: int = 10
+    compiled: dict[int, Any] | None = None  # chunks shared with other runs (a sweep's members)
 
 
 class Timing(NamedTuple):
@@ -68,6 +69,7 @@ def train_run(
     log: Callable[[str], None] = print_flush,
     num_samples: int = 10,
     devices: int | None = None,
+    compiled: dict[int, Any] | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` on the lecture's split of ``data_path`` into run directory ``out``.
 
@@ -85,6 +87,9 @@ def train_run(
         num_samples: names logged at the end.
         devices: split each batch over this many devices (default: all; not part of
             ``cfg``, a resume may change it).
+        compiled: compiled chunks shared with runs of the same
+            :func:`~jaxninja.training.train.program_config` (seed and lr become arguments;
+            the numbers equal a run's own chunk up to float32 rounding).
 
     Returns:
         The metrics (also written to ``metrics.json``); ``{}`` on processes other than 0.
@@ -111,13 +116,15 @@ def train_run(
         if resume and main:
             state, losses = rundir.resume(cfg, out, splits, other_data, log)
             metrics_lib.write(out, metrics_lib.read(out, upto=int(state.step)))
-        run = Run(cfg, out, splits, mesh, stop, log, losses, environment, t_start, num_samples)
+        run = Run(
+            cfg, out, splits, mesh, stop, log, losses, environment, t_start, num_samples, compiled
+        )
         state = parallel.from_main(state, mesh)  # alone: as is
         state, timing = _train_loop(run, state)
         if not main:
             return {}
         stop["then"] = rundir.FINISHING
-        return _finish(run, parallel.local(state), timing)
+        return finish(run, parallel.local(state), timing)
 
 
 def _train_loop(run: Run, state: TrainState) -> tuple[TrainState, Timing]:
@@ -132,8 +139,15 @@ def _train_loop(run: Run, state: TrainState) -> tuple[TrainState, Timing]:
     compile_s = 0.0
     run_s = 0.0
     make = partial(train.make_train_chunk, cfg, mesh=run.mesh)
+    args: tuple[Any, ...] = (Xtr, Ytr)
+    if run.compiled is not None:  # one program for every seed and lr: they are arguments
+        make = partial(train.make_train_chunk, train.program_config(cfg), mesh=run.mesh)
+        args = (Xtr, Ytr, jnp.asarray(cfg.seed, jnp.int32), jnp.asarray(cfg.lr, jnp.float32))
     steps = dict(start=start, steps=cfg.steps, chunk_steps=cfg.chunk_steps)
-    for chunk in train.run_chunks(make, state, Xtr, Ytr, eval_every=cfg.eval_every, **steps):
+    loop = train.run_chunks(
+        make, state, *args, eval_every=cfg.eval_every, compiled=run.compiled, **steps
+    )
+    for chunk in loop:
         first = chunk.step - len(chunk.losses)
         state = chunk.state
         compile_s += chunk.compile_seconds
@@ -144,7 +158,7 @@ def _train_loop(run: Run, state: TrainState) -> tuple[TrainState, Timing]:
             if i % cfg.chunk_steps == 0:
                 run.log(f"{i:7d}/{cfg.steps:7d}: {run.losses[i]:.4f}")
         if cfg.eval_every and chunk.step % cfg.eval_every == 0 and parallel.is_main():
-            _evaluate_now(run, parallel.local(state))
+            evaluate_now(run, parallel.local(state))
         if chunk.step % cfg.chunk_steps and chunk.step < cfg.steps:
             continue  # an evaluation's chunk: checkpoints stay every chunk_steps
         if parallel.is_main():
@@ -157,7 +171,7 @@ def _train_loop(run: Run, state: TrainState) -> tuple[TrainState, Timing]:
     return state, Timing(compile_s, run_s, start)
 
 
-def _evaluate_now(run: Run, state: TrainState) -> None:
+def evaluate_now(run: Run, state: TrainState) -> None:
     """Append this step's evaluation to ``metrics.jsonl`` and log its validation loss."""
     step = int(state.step)
     Xtr, Ytr = (jnp.asarray(a) for a in run.splits.data["train"])
@@ -194,8 +208,17 @@ def _check_finite(chunk: train.Chunk, first: int, out: Path, saved: int | None) 
     raise RunError(f"{what}; stopped, {kept}")
 
 
-def _finish(run: Run, state: TrainState, timing: Timing) -> dict[str, Any]:
-    """Calibrate, checkpoint, evaluate, write metrics, plot, sample: the end of a run."""
+def finish(run: Run, state: TrainState, timing: Timing) -> dict[str, Any]:
+    """Calibrate, checkpoint, evaluate, write metrics, plot, sample: the end of a run.
+
+    Args:
+        run: the run (its ``losses`` complete).
+        state: the trained state (on this process's device).
+        timing: the training loop's timings.
+
+    Returns:
+        The metrics, also written to ``run.out/metrics.json``.
+    """
     cfg = run.cfg
     splits = run.splits
     params = state.params

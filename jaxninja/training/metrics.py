@@ -57,20 +57,23 @@ def _std_ratio(update: Array, param: Array) -> Array:
     return jnp.std(update) / jnp.maximum(jnp.std(param), jnp.finfo(param.dtype).tiny)
 
 
-def step_stats(cfg: TrainConfig, state: TrainState, Xb: Array, Yb: Array) -> dict[str, Any]:
+def step_stats(
+    cfg: TrainConfig, state: TrainState, Xb: Array, Yb: Array, lr: Any = None
+) -> dict[str, Any]:
     """The gradient norm and update:data ratios of ``state`` on the batch ``(Xb, Yb)``.
 
     Args:
         cfg: the run's config (backend, optimizer and schedule).
         state: the training state after ``state.step`` updates (not modified).
         Xb, Yb: a training batch, ``(batch_size, block_size)`` and ``(batch_size,)``.
+        lr: the learning rate (default ``cfg.lr``; traced: one compilation for many).
 
     Returns:
         ``{"grad_norm": float, "grad_ratio": {name: float}, "update_ratio": {name: float}}``:
         ``grad_ratio`` is ``std(grad) / std(param)`` per parameter.
     """
     (_, _), grads = train.BACKENDS[cfg.backend].grad(state.params, Xb, Yb)
-    updates, _ = train.make_optimizer(cfg).update(grads, state.opt_state, state.params)
+    updates, _ = train.make_optimizer(cfg, lr).update(grads, state.opt_state, state.params)
     return {
         "grad_norm": jnp.sqrt(
             sum(jnp.sum(g.astype(jnp.float32) ** 2) for g in jax.tree.leaves(grads))
@@ -98,7 +101,8 @@ def evaluation(
             record["val_loss_running_stats"] = round(float(running), 4)
     record["lr"] = float(train.make_schedule(cfg)(max(step - 1, 0)))
     idx = train.batch_indices(cfg, jnp.asarray([step]), Xtr.shape[0])[0]
-    stats = jax.device_get(_step_stats(cfg, state, Xtr[idx], Ytr[idx]))
+    lr = jnp.asarray(cfg.lr, jnp.float32)
+    stats = jax.device_get(_step_stats(train.program_config(cfg), state, Xtr[idx], Ytr[idx], lr))
     record["grad_norm"] = float(stats["grad_norm"])
     record["update_ratio"] = {k: float(v) for k, v in stats["update_ratio"].items()}
     return record

@@ -151,6 +151,15 @@ OPTIMIZERS: dict[str, Callable[[optax.Schedule], optax.GradientTransformation]] 
 ADDED_FIELDS = frozenset(
     {"batch_norm", "init", "w2_scale", "b2_scale", "optimizer", "schedule", "warmup", "eval_every"}
 )
+# Fields the compiled chunk takes as arguments or never sees (they only set the initial state):
+# configs that differ only in these share one compiled program (a sweep's members).
+PROGRAM_FREE: dict[str, Any] = {
+    "seed": 0,
+    "lr": 1.0,
+    "init": "kaiming",
+    "w2_scale": 0.0,
+    "b2_scale": 0.0,
+}
 CHOICES: dict[str, Any] = {  # the config fields that name a registry entry
     "backend": BACKENDS,
     "init": model.INITS,
@@ -302,6 +311,12 @@ def init_state(cfg: TrainConfig, vocab_size: int, dtype: Any = jnp.float32) -> T
     return TrainState(params, make_optimizer(cfg).init(params), jnp.zeros((), jnp.int32), running)
 
 
+def program_config(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the :data:`PROGRAM_FREE` fields set to fixed values: equal for configs
+    that can share one compiled chunk (seed and lr then passed as arguments)."""
+    return dataclasses.replace(cfg, **PROGRAM_FREE)
+
+
 def batch_indices(
     cfg: TrainConfig, steps: Array, n_examples: int, seed: int | Array | None = None
 ) -> Array:
@@ -379,6 +394,7 @@ def run_chunks(
     steps: int,
     chunk_steps: int,
     eval_every: int = 0,
+    compiled: dict[int, Any] | None = None,
 ) -> Iterator[Chunk]:
     """The one training loop: steps ``start..steps`` in chunks that end at every multiple of
     ``chunk_steps`` and of ``eval_every`` (if not 0), and at ``steps``.
@@ -390,11 +406,13 @@ def run_chunks(
         *args: the other arguments of each chunk.
         start, steps: the first step and the number of steps of the run.
         chunk_steps, eval_every: where chunks end.
+        compiled: the compiled chunks by length, shared by the calls that pass the same
+            dict (the members of a sweep run one after another); default: this call's own.
 
     Yields:
         A :class:`Chunk` after each chunk.
     """
-    compiled: dict[int, Any] = {}
+    compiled = {} if compiled is None else compiled
     every = [k for k in (chunk_steps, eval_every) if k]
     while start < steps:
         n = min([steps - start] + [k - start % k for k in every])
