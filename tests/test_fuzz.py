@@ -71,18 +71,10 @@ NUM, TEXT, IN, OUT = "number", "text", "input path", "output path"
 CONFIG = {"--data": IN, "--steps": NUM, "--batch-size": NUM, "--n-embd": NUM,
           "--n-hidden": NUM, "--block-size": NUM, "--lr-decay-step": NUM, "--backend": TEXT,
           "--chunk-steps": NUM}  # fmt: skip
-CONFIG |= {
-    "--config": IN,
-    "--lr-decay": NUM,
-    "--schedule": TEXT,
-    "--warmup": NUM,
-    "--optimizer": TEXT,
-    "--no-batch-norm": FLAG[0],
-    "--init": TEXT,
-    "--w2-scale": NUM,
-    "--b2-scale": NUM,
-    "--eval-every": NUM,
-}  # fmt: skip  (issue 23's switches)
+# issue 23's experiment switches
+CONFIG |= {"--config": IN, "--lr-decay": NUM, "--schedule": TEXT, "--warmup": NUM,
+           "--optimizer": TEXT, "--no-batch-norm": FLAG[0], "--init": TEXT, "--w2-scale": NUM,
+           "--b2-scale": NUM, "--eval-every": NUM}  # fmt: skip
 OPTIONS: dict[str, dict[str, str]] = {
     "train": {**CONFIG, "--out": OUT, "--lr": NUM, "--seed": NUM, "--running-stats": FLAG[0],
               "--devices": NUM, "--coordinator": TEXT, "--num-processes": NUM,
