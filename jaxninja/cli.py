@@ -22,7 +22,17 @@ import jax
 from jaxninja import bench
 from jaxninja.errors import JaxninjaError
 from jaxninja.lecture import check, model, sample
-from jaxninja.training import checkpoint, compare, fileio, job, parallel, rundir, sweep, train
+from jaxninja.training import (
+    checkpoint,
+    compare,
+    diagnose,
+    fileio,
+    job,
+    parallel,
+    rundir,
+    sweep,
+    train,
+)
 from jaxninja.training.train import (
     BACKENDS,
     FLOAT32_TINY,
@@ -182,6 +192,19 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _diagnose(args: argparse.Namespace) -> int:
+    to = args.to or os.path.join(args.out, diagnose.SUBDIR)
+    report = diagnose.diagnose(args.out, to, args.data, other_data=args.other_data)
+    hidden = report["hidden"]
+    print(f"tanh saturated (|h| > {diagnose.SATURATED}): {100 * hidden['saturated_fraction']:.1f}%")
+    print(f"dead units: {hidden['dead_units']}")
+    for name, ratio in report["grad_ratio"].items():
+        print(f"grad:data {name:6s} {ratio:.3g}")
+    for path in report["files"]:
+        print(f"written: {path}")
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     rows = compare.compare(args.runs, args.out)
     print(compare.to_markdown(rows), end="")
@@ -295,6 +318,12 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, list]] = {
          "one compiled chunk; auto: sequential on CPU, vmap elsewhere"),
         ("--out", str, REQUIRED, "the sweep's directory (new): member runs, results.{csv,md}, "
          "curves.png, sweep.json"),
+    ]),
+    "diagnose": (_diagnose, "the series' diagnostics of a trained run: saturation, ratios", [
+        ("--out", str, REQUIRED, "run directory"),
+        ("--to", str, None, "where the pictures go (default: RUN/diagnose)"),
+        ("--data", str, None, "the run's word list (default: bundled names.txt)"),
+        ("--other-data", bool, None, "use a data file the run was not trained on"),
     ]),
     "compare": (_compare, "runs side by side: differing config fields, losses, curves", [
         ("runs", RUNS, None, "run directories (of train or of a sweep's members)"),

@@ -159,23 +159,23 @@ def compare(
     runs = [load_run_summary(d) for d in run_dirs]
     rows = table(runs)
     if out is not None:
-        _check_own_dir(Path(out), "compare")
+        check_own_dir(Path(out), {f"compare.{ext}" for ext in ("md", "csv", "png")})
         write_tables(rows, Path(out), "compare")
         plot_curves(runs, Path(out) / "compare.png")
     return rows
 
 
-def _check_own_dir(out: Path, stem: str) -> None:
-    """Refuse an ``out`` that is not a directory of only ``STEM.{md,csv,png}`` (or new)."""
+def check_own_dir(out: Path, own: set[str]) -> None:
+    """Raise :class:`JaxninjaError` unless ``out`` is new or a directory holding only
+    files named in ``own`` (what the tool writes there: never touch a user's files)."""
     if not (out.exists() or out.is_symlink()):
         return
-    own = {f"{stem}.md", f"{stem}.csv", f"{stem}.png"}
     try:
         ours = not out.is_symlink() and out.is_dir() and set(os.listdir(out)) <= own
     except OSError:
         ours = False
     if not ours:
-        raise JaxninjaError(f"--out {out}: exists and is not a {stem} directory; choose a new one")
+        raise JaxninjaError(f"--out {out}: exists and holds other files; choose a new directory")
 
 
 def write_tables(rows: list[dict[str, Any]], out: Path, stem: str) -> None:
