@@ -87,6 +87,7 @@ OPTIONS: dict[str, dict[str, str]] = {
     "sweep": {**CONFIG, "--lr": NUM, "--seed": NUM, "--grid": TEXT, "--strategy": TEXT,
               "--out": OUT},
     "compare": {"--out": OUT},
+    "diagnose": {"--out": IN, "--to": OUT, "--data": IN, "--other-data": FLAG[0]},
     "bench": {"--quick": FLAG[0], "--out": OUT, "--repeats": NUM, "--settings": TEXT,
               "--steps": NUM, "--torch-steps": NUM, "--members": TEXT, "--no-torch": FLAG[0],
               "--data": IN, "--ops": FLAG[0]},
@@ -99,6 +100,7 @@ BASE = {  # a valid, tiny command line for each command ({w}: words file, {r}: f
     "check": ["--n-hidden=4", "--data={w}"],
     "sweep": ["--data={w}", "--out={new}", *TINY],
     "compare": ["{r}"],
+    "diagnose": ["--out={r}", "--data={w}", "--to={new}"],
     "bench": [
         "--quick",
         "--no-torch",
@@ -110,8 +112,9 @@ BASE = {  # a valid, tiny command line for each command ({w}: words file, {r}: f
         "--data={w}",
     ],  # fmt: skip
 }
-WRITES = {"train", "sweep", "bench", "compare"}  # commands whose --out is written
-NEW_DIR = {"sweep", "compare"}  # commands whose --out is a new directory of their own files
+WRITES = {"train", "sweep", "bench", "compare", "diagnose"}  # commands whose --out is written
+NEW_DIR = {"sweep", "compare", "diagnose"}  # their --out (diagnose: --to) is a new directory
+OUT_FLAG = {"diagnose": "--to="}  # where a command writes, if not --out
 RUN_FILES = {*rundir.FILES, rundir.LOCK}  # the only names the tool may add to a run dir
 
 
@@ -266,7 +269,8 @@ def snapshot(root: Path) -> dict[str, tuple]:
 
 def assert_nothing_of_the_users_changed(before, after, cmd, argv, rc) -> None:
     """Compare snapshots; only the tool's own writes to a written ``--out`` may differ."""
-    outs = [a.split("=", 1)[1] for a in argv if a.startswith("--out=")]
+    flag = OUT_FLAG.get(cmd, "--out=")
+    outs = [a.split("=", 1)[1] for a in argv if a.startswith(flag)]
     target = os.path.abspath(outs[-1]) if outs and cmd in WRITES and outs[-1] else None
     changed = [
         f"{p}: {before.get(p)} -> {after.get(p)}"
