@@ -165,7 +165,8 @@ def _train(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     ckpt = job.load_run(args.out)
     assert ckpt.bn_stats is not None  # load_run raises for a run without them
-    key, how = jax.random.key(args.seed), _pick(args, "max_len", "temperature")
+    key = jax.random.key(args.seed)
+    how = _pick(args, "max_len", "temperature")
     names = sample.sample_names(ckpt.state.params, ckpt.bn_stats, ckpt.vocab, key, args.num, **how)
     print("\n".join(names))
     return 0

@@ -35,12 +35,13 @@ def test_compare_table_and_plot(runs, capsys, tmp_path):
     assert rc == 0, err
     lines = out.splitlines()
     assert lines[0] == (
-        "| run | lr | batch_norm | train_loss | val_loss | test_loss | steps_per_second |"
+        "| run | lr | batch_norm | first_loss | train_loss | val_loss | test_loss "
+        "| steps_per_second |"
     )
     results = [json.loads((r / "metrics.json").read_text()) for r in runs]
     for line, m in zip(lines[2:4], results, strict=True):
         cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells[3:6] == [f"{m[k]:.4f}" for k in ("train_loss", "val_loss", "test_loss")]
+        assert cells[4:7] == [f"{m[k]:.4f}" for k in ("train_loss", "val_loss", "test_loss")]
     csv = (tmp_path / "c" / "compare.csv").read_text().splitlines()
     assert csv[0].startswith("run,lr,batch_norm,") and len(csv) == 3
     assert (tmp_path / "c" / "compare.png").read_bytes()[:4] == b"\x89PNG"

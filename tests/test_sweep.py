@@ -113,7 +113,7 @@ def test_sweep_members_equal_separate_runs(swept, tmp_path, names_file):
 def test_sweep_writes_its_table_and_plot(swept):
     root, result = swept["sequential"]
     csv = (root / "results.csv").read_text().splitlines()
-    assert csv[0] == "run,seed,lr,train_loss,val_loss,test_loss,steps_per_second"
+    assert csv[0] == "run,seed,lr,first_loss,train_loss,val_loss,test_loss,steps_per_second"
     assert len(csv) == 5
     md = (root / "results.md").read_text().splitlines()
     assert md[0].startswith("| run | seed | lr |") and len(md) == 6

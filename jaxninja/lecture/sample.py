@@ -75,7 +75,8 @@ def sample_names(
     t = temperature
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0):
         raise JaxninjaError(f"temperature must be a positive finite number, got {t!r}")
-    n, length = int(num_samples), int(max_len)
+    n = int(num_samples)
+    length = int(max_len)
     block_size = params["W1"].shape[0] // params["C"].shape[1]
     ids = sample_ids(
         params, bn_stats, key, num_samples=n, block_size=block_size, max_len=length, temperature=t

@@ -8,5 +8,8 @@
 - :mod:`~jaxninja.training.checkpoint`: a run's state saved and loaded (``.npz``, validated).
 - :mod:`~jaxninja.training.fileio`: ``write_atomic``, the one way a file is written.
 - :mod:`~jaxninja.training.parallel`: device meshes and multi-process jobs.
-- :mod:`~jaxninja.training.sweep`: many seeds and learning rates in one vmapped program.
+- :mod:`~jaxninja.training.metrics`: evaluation during training (``metrics.jsonl``).
+- :mod:`~jaxninja.training.sweep`: grids over config fields, each member a run directory.
+- :mod:`~jaxninja.training.compare`: runs side by side.
+- :mod:`~jaxninja.training.diagnose`: saturation, dead units, gradient and update ratios.
 """

@@ -70,12 +70,14 @@ def differing_fields(runs: list[RunSummary]) -> list[str]:
 
 def table(runs: list[RunSummary], names: list[str] | None = None) -> list[dict[str, Any]]:
     """One row per run: ``run`` (its directory's name), the differing fields (or
-    ``names``), the split losses and the training speed."""
+    ``names``), the loss of the first step (Part 3's check of the initialisation), the
+    split losses and the training speed."""
     fields = differing_fields(runs) if names is None else names
     rows = []
     for run in runs:
         row: dict[str, Any] = {"run": run.path.name}
         row.update({k: run.config.get(k) for k in fields})
+        row["first_loss"] = round(float(run.losses[0]), 4) if len(run.losses) else None
         row.update({k: run.results.get(k) for k in SPLITS})
         row["steps_per_second"] = run.results.get("steps_per_second")
         rows.append(row)

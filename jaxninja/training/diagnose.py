@@ -37,9 +37,9 @@ def hidden_activations(params: model.Params, bn_stats: model.BNStats, X: jax.Arr
     hprebn = model.hidden_preactivation(params, X)
     hpreact = hprebn
     if model.has_batch_norm(params):
-        gain, bias = params["bngain"], params["bnbias"]
-        mean, var = bn_stats["mean"], bn_stats["var"]
-        hpreact = gain * (hprebn - mean) / jnp.sqrt(var + model.BN_EPS) + bias
+        gain = params["bngain"]
+        normalized = (hprebn - bn_stats["mean"]) / jnp.sqrt(bn_stats["var"] + model.BN_EPS)
+        hpreact = gain * normalized + params["bnbias"]
     return {"hpreact": hpreact, "h": jnp.tanh(hpreact)}
 
 
