@@ -194,7 +194,9 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _diagnose(args: argparse.Namespace) -> int:
-    to = args.to or os.path.join(args.out, diagnose.SUBDIR)
+    if args.to == "":
+        raise JaxninjaError("--to: empty path; leave it out for RUN/diagnose")
+    to = os.path.join(args.out, diagnose.SUBDIR) if args.to is None else args.to
     report = diagnose.diagnose(args.out, to, args.data, other_data=args.other_data)
     hidden = report["hidden"]
     print(f"tanh saturated (|h| > {diagnose.SATURATED}): {100 * hidden['saturated_fraction']:.1f}%")

@@ -103,7 +103,7 @@ def members(cfg: TrainConfig, grid: dict[str, list[Any]]) -> list[Member]:
 
     Example:
         >>> [m.name for m in members(TrainConfig(), {"seed": [1, 2], "lr": [0.1]})]
-        ['00_seed=1_lr=0.1', '01_seed=2_lr=0.1']
+        ['0_seed=1_lr=0.1', '1_seed=2_lr=0.1']
     """
     count = int(np.prod([len(v) for v in grid.values()])) if grid else 1
     if count > MAX_MEMBERS:
