@@ -137,7 +137,7 @@ def _config(args: argparse.Namespace) -> TrainConfig:
     a given value that differs from the saved one is refused later, by the resume itself."""
     fields: dict[str, Any] = {}
     saved = None if args.out is None else os.path.join(args.out, checkpoint.FILENAME)
-    if getattr(args, "resume", False) and saved is not None and os.path.exists(saved):
+    if getattr(args, "resume", False) and saved is not None and os.path.isfile(saved):
         fields.update(checkpoint.load(args.out).config.to_dict())  # (none: rundir says so)
     if getattr(args, "config", None) is not None:
         fields.update(train.read_config_file(args.config))

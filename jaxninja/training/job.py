@@ -223,7 +223,6 @@ def finish(run: Run, state: TrainState, timing: Timing) -> dict[str, Any]:
     splits = run.splits
     params = state.params
     bn_stats = train.calibrate_bn(params, jnp.asarray(splits.data["train"][0]))
-    checkpoint.save(run.out, cfg, splits.vocab, state, bn_stats, data_sha256=splits.sha256)
     split_losses = split_losses_of(params, bn_stats, splits.data)
     metrics: dict[str, Any] = {f"{k}_loss": v for k, v in split_losses.items()}
     metrics.update(steps=cfg.steps, backend=cfg.backend, **run.environment)
