@@ -1,5 +1,5 @@
-"""``jaxninja bench``: the speed of the training step (:func:`run_bench`: backends, PyTorch
-baselines, sweeps) and of the ops' gradients (:func:`run_ops_bench`: time and compiled
+"""``jaxninja bench``: the speed of the training step (``run_bench``: backends, PyTorch
+baselines, sweeps) and of the ops' gradients (``run_ops_bench``: time and compiled
 temporary memory against optax/flax). A table's rows are timed in interleaved rounds of one
 process: compare rows of one run, never runs of different days. Both write ``bench.json``,
 checked before any work. Method and figures: the README's "Speed" section.
@@ -59,8 +59,9 @@ TORCH = {  # the PyTorch baselines -> their names in the summary
 def summary(values: Sequence[float]) -> dict[str, float]:
     """Median, min, max, spread ``(max - min) / median`` and count of ``values``.
 
-    >>> summary([1.0, 2.0, 4.0])
-    {'median': 2.0, 'min': 1.0, 'max': 4.0, 'spread': 1.5, 'n': 3}
+    Examples:
+      >>> summary([1.0, 2.0, 4.0])
+      {'median': 2.0, 'min': 1.0, 'max': 4.0, 'spread': 1.5, 'n': 3}
     """
     med = statistics.median(values)
     lo = min(values)
@@ -72,7 +73,7 @@ def summary(values: Sequence[float]) -> dict[str, float]:
 def rounds(
     timers: Sequence[Timer], repeats: int, budget_s: float = float("inf")
 ) -> list[tuple[dict[str, float], ...]]:
-    """Per timer ``(run, units)``: the :func:`summary` of the wall and of the CPU seconds per
+    """Per timer ``(run, units)``: the ``summary`` of the wall and of the CPU seconds per
     unit of one call of ``run`` over ``repeats`` rounds (round ``r`` starts at timer ``r``:
     no order favours one; after 3 rounds, stop past ``budget_s``)."""
     values: list[list[tuple[float, float]]] = [[] for _ in timers]
@@ -171,8 +172,9 @@ def md_table(head: Sequence[str], align: str, rows: list[list[str]]) -> list[str
 def parse_settings(text: str) -> list[tuple[int, int]]:
     """``"200x32,1024x256"`` -> ``[(200, 32), (1024, 256)]`` (hidden units x batch).
 
-    >>> parse_settings("200x32, 1024X256")
-    [(200, 32), (1024, 256)]
+    Examples:
+      >>> parse_settings("200x32, 1024X256")
+      [(200, 32), (1024, 256)]
     """
     out = []
     for part in text.split(","):
@@ -194,7 +196,7 @@ def _row(cfg: TrainConfig, w: Workload, kind: str, name: str, **extra: Any) -> d
 
 def chunk_entry(cfg: TrainConfig, w: Workload, steps: int, m: int = 0) -> Entry:
     """A compiled, warmed-up chunk of ``steps`` training steps (of ``m`` models in one
-    vmapped program of :mod:`jaxninja.training.sweep` if ``m``): its row, a timer in us per step."""
+    vmapped program of ``jaxninja.training.sweep`` if ``m``): its row, a timer in us per step."""
     rest: tuple[jax.Array, ...] = (w.X, w.Y)
     if m:
         seeds = list(range(cfg.seed, cfg.seed + m))
@@ -558,7 +560,7 @@ def measure_case(
     op: str, dtype: str, size: dict[str, int], repeats: int, budget_s: float = 20.0
 ) -> dict[str, Any]:
     """Time and compiled temporary memory of the jitted gradient of each implementation of
-    ``op`` (:data:`OPS`; flax's is left out with a note when flax is not installed), and the
+    ``op`` (``OPS``; flax's is left out with a note when flax is not installed), and the
     ratios: ours (the first) over the peer (the second) in time, and over the smallest of the
     others in temporary memory (``None``: ours needs some where that one needs none)."""
     argnums = OPS[op].argnums
@@ -629,7 +631,7 @@ def run_ops_bench(
     out: str | os.PathLike[str] | None = "bench.json",
     log: Log = print,
 ) -> dict[str, Any]:
-    """``jaxninja bench --ops``: measure :func:`ops_cases`, print the tables, write them
+    """``jaxninja bench --ops``: measure ``ops_cases``, print the tables, write them
     under ``"ops"`` in ``out`` (keeping the training rows). ``quick``: tiny, 2 rounds."""
     previous, machine = start_run(repeats, out, log)
     repeats = min(repeats, 2) if quick else repeats

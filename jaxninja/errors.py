@@ -14,8 +14,9 @@ class JaxninjaError(ValueError):
 def listing(names: Collection[str], as_list: bool = False) -> str:
     """At most five of ``names``, sorted and escaped, so that 200,000 junk keys give one line.
 
-    >>> listing([f"k{i}" for i in range(7)])
-    'k0, k1, k2, k3, k4 ... (7 in all)'
+    Examples:
+      >>> listing([f"k{i}" for i in range(7)])
+      'k0, k1, k2, k3, k4 ... (7 in all)'
     """
     first = sorted(names)[:5]
     shown = repr(first) if as_list else ", ".join(k if k.isprintable() else repr(k) for k in first)

@@ -1,10 +1,10 @@
 """``jaxninja check``: every hand-written gradient against ``jax.grad``, in one table: the
 lecture's ``cmp`` rows for Exercises 1-4, all ``jax.jit``-compiled (docs "The lecture", "Why
 not 26/26 bit-exact", says why not every float32 row is). ``--solution FILE`` grades the
-functions FILE defines instead of the package's (:func:`load_solution`).
+functions FILE defines instead of the package's (``load_solution``).
 
-Every row is graded by :func:`~jaxninja.lecture.ninja.grade`: right (bit-exact),
-approximately right (within :data:`~jaxninja.lecture.ninja.TOLERANCES`, the ``approximate``
+Every row is graded by ``jaxninja.lecture.ninja.grade``: right (bit-exact),
+approximately right (within ``jaxninja.lecture.ninja.TOLERANCES``, the ``approximate``
 column), wrong, or missing; the command exits 1 when a row is wrong, else 0.
 """
 
@@ -46,11 +46,11 @@ class CheckError(JaxninjaError):
 
 
 class Solution(NamedTuple):
-    """What :func:`run_check` grades.
+    """What ``run_check`` grades.
 
     Attributes:
-        functions: ``{name: function}`` for the :data:`FUNCTIONS` defined.
-        origin: :data:`BUILTIN`, or the file they come from.
+        functions: ``{name: function}`` for the ``FUNCTIONS`` defined.
+        origin: ``BUILTIN``, or the file they come from.
     """
 
     functions: Mapping[str, Callable[..., Any]]
@@ -115,20 +115,20 @@ def _check_signature(path: str, name: str, fn: Any) -> None:
 
 
 def load_solution(path: str | os.PathLike[str]) -> Solution:
-    """The :data:`FUNCTIONS` the Python file ``path`` defines, for :func:`run_check`.
+    """The ``FUNCTIONS`` the Python file ``path`` defines, for ``run_check``.
 
     Args:
-        path: a Python file (any suffix) defining some of :data:`FUNCTIONS`.
+        path: a Python file (any suffix) defining some of ``FUNCTIONS``.
 
     Returns:
-        A :class:`Solution` with the functions it defines (the others grade as missing).
+        A ``Solution`` with the functions it defines (the others grade as missing).
 
     Raises:
         CheckError: the file is missing, fails to import (the message is the error's first
             line and the file's line), defines none of the functions, or defines one that
             cannot be called with the package's arguments.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> with tempfile.TemporaryDirectory() as tmp:
         ...     path = pathlib.Path(tmp, "mine.py")
@@ -148,7 +148,7 @@ def load_solution(path: str | os.PathLike[str]) -> Solution:
 
 
 class CheckReport(NamedTuple):
-    """The result of :func:`run_check`.
+    """The result of ``run_check``.
 
     Attributes:
         dtype: ``"float32"`` or ``"float64"``.
@@ -158,7 +158,7 @@ class CheckReport(NamedTuple):
         tolerance: what counts as approximately right.
         rows: ``{section title: (Grade, ...)}`` in table order (26 Exercise-1 rows, 2
             fused, 7 ``manual_grads``).
-        origin: where the graded functions come from (:attr:`Solution.origin`).
+        origin: where the graded functions come from (``Solution.origin``).
         jitted: whether they ran ``jax.jit``-compiled.
     """
 
@@ -233,14 +233,14 @@ def training_batch(data: Any, seed: int, batch_size: int) -> tuple[int, np.ndarr
 
     Args:
         data: the word list (``None``: the default, see
-            :func:`~jaxninja.lecture.data.resolve_data_path`).
+            ``jaxninja.lecture.data.resolve_data_path``).
         seed: numpy's seed for the draw.
         batch_size: how many examples.
 
     Returns:
         ``(vocab_size, X, Y)``, ``X (batch_size, 3)`` and ``Y (batch_size,)`` int32.
 
-    Example:
+    Examples:
         >>> vocab_size, X, Y = training_batch(None, seed=0, batch_size=4)
         >>> vocab_size, X.shape, Y.shape, str(X.dtype)
         (27, (4, 3), (4,), 'int32')
@@ -254,7 +254,7 @@ def training_batch(data: Any, seed: int, batch_size: int) -> tuple[int, np.ndarr
 def _call(solution: Solution, name: str, *args: Any) -> Any:
     """``solution.functions[name](*args)``, jit-compiled where it can be (as the package's
     are, so that a copy of them gets the same table), else eagerly; a learner's exception
-    becomes a :class:`CheckError` naming their line."""
+    becomes a ``CheckError`` naming their line."""
     fn = solution.functions[name]
     if solution.origin == BUILTIN:
         return jax.jit(fn)(*args)
@@ -325,17 +325,17 @@ def run_check(
         n_hidden: hidden units.
         seed: seeds the parameters and the batch.
         batch_size: rows drawn with replacement, at least 2 (Bessel's correction).
-        data: the word list (default: see :func:`~jaxninja.lecture.data.resolve_data_path`).
+        data: the word list (default: see ``jaxninja.lecture.data.resolve_data_path``).
         solution: the functions to grade (default: the package's own, all four).
 
     Returns:
-        A :class:`CheckReport`; ``print(report.format())`` is ``jaxninja check``'s table.
+        A ``CheckReport``; ``print(report.format())`` is ``jaxninja check``'s table.
 
     Raises:
         ValueError: a bad ``dtype`` or ``batch_size``.
         CheckError: a solution's function raised, or returned another structure.
 
-    Example:
+    Examples:
         On a made-up word list:
 
         >>> import tempfile, pathlib

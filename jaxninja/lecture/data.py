@@ -50,20 +50,22 @@ JOINERS = frozenset("\u200c\u200d")  # zero-width (non-)joiner: spelling in Pers
 
 def is_control(ch: str) -> bool:
     """Whether ``ch`` is a control, format or line-separator character (never in a name),
-    but for the zero-width joiners of :data:`JOINERS`, which ordinary names contain.
+    but for the zero-width joiners of ``JOINERS``, which ordinary names contain.
 
-    >>> is_control("\x1b"), is_control("\u202e"), is_control("\u200c")
-    (True, True, False)
+    Examples:
+      >>> is_control("\x1b"), is_control("\u202e"), is_control("\u200c")
+      (True, True, False)
     """
     return unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") and ch not in JOINERS
 
 
 def resolve_data_path(path: PathArg | None = None) -> Path:
     """The data file: ``path`` if given, else ``$JAXNINJA_DATA`` if set and non-empty, else
-    the ``names.txt`` shipped inside the package (found with :mod:`importlib.resources`).
+    the ``names.txt`` shipped inside the package (found with ``importlib.resources``).
 
-    >>> print(resolve_data_path("my_names.txt"))
-    my_names.txt
+    Examples:
+      >>> print(resolve_data_path("my_names.txt"))
+      my_names.txt
     """
     if path is None:
         path = os.environ.get("JAXNINJA_DATA") or str(resources.files("jaxninja") / "names.txt")
@@ -90,7 +92,7 @@ def _read_bytes(p: Path) -> bytes:
 
 
 def _read_words(p: Path) -> tuple[list[str], bytes]:
-    """The words of the file ``p`` (see :func:`load_words`) and its bytes."""
+    """The words of the file ``p`` (see ``load_words``) and its bytes."""
     data = raw = _read_bytes(p)
     if not data:
         raise DataError(f"{p}: file is empty")
@@ -114,9 +116,9 @@ def _read_words(p: Path) -> tuple[list[str], bytes]:
 
 
 def load_words(path: PathArg | None = None) -> list[str]:
-    """The stripped, non-blank lines of the data file chosen by :func:`resolve_data_path`:
-    UTF-8 (LF, CRLF or CR; a BOM is ignored), at most :data:`MAX_BYTES`. '.', control
-    characters and any problem with the file raise :class:`DataError` (file and line).
+    """The stripped, non-blank lines of the data file chosen by ``resolve_data_path``:
+    UTF-8 (LF, CRLF or CR; a BOM is ignored), at most ``MAX_BYTES``. '.', control
+    characters and any problem with the file raise ``DataError`` (file and line).
 
     Examples:
       >>> load_words(resources.files("jaxninja") / "names.txt")[:3]
@@ -130,11 +132,12 @@ class Vocab:
     """Characters <-> integer ids (makemore's ``itos``/``stoi``); ``itos[0]`` is '.', and
     every entry is a distinct single non-control character (``ValueError`` otherwise).
 
-    >>> v = Vocab.from_words(["emma", "ava"])
-    >>> v.itos, v.size, v.stoi["m"]
-    (('.', 'a', 'e', 'm', 'v'), 5, 3)
-    >>> v.encode("ava"), v.decode([2, 3, 3, 1, 0])
-    ([1, 4, 1], 'emma.')
+    Examples:
+      >>> v = Vocab.from_words(["emma", "ava"])
+      >>> v.itos, v.size, v.stoi["m"]
+      (('.', 'a', 'e', 'm', 'v'), 5, 3)
+      >>> v.encode("ava"), v.decode([2, 3, 3, 1, 0])
+      ([1, 4, 1], 'emma.')
     """
 
     itos: tuple[str, ...]
@@ -173,7 +176,7 @@ class Vocab:
         return cls((".", *chars))
 
     def encode(self, s: str) -> list[int]:
-        """Ids of the characters of ``s``; an unknown one raises :class:`UnknownCharError`."""
+        """Ids of the characters of ``s``; an unknown one raises ``UnknownCharError``."""
         if ch := next((c for c in s if c not in self._stoi), ""):
             raise UnknownCharError(f"character {ch!r} (U+{ord(ch):04X}) is not in the vocabulary")
         return [self._stoi[c] for c in s]
@@ -191,7 +194,7 @@ class Vocab:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Vocab:
-        """Inverse of :meth:`to_json`; validates and raises ``ValueError`` on bad input."""
+        """Inverse of ``to_json``; validates and raises ``ValueError`` on bad input."""
         try:
             itos = json.loads(text)
         except json.JSONDecodeError as e:
@@ -207,10 +210,11 @@ def build_dataset(words: Sequence[str], vocab: Vocab, block_size: int = 3) -> Ex
     For each word the context starts as ``[0] * block_size``; for each character of
     ``word + '.'`` the pair (context, id) is emitted and the context slides left by one.
 
-    >>> v = Vocab.from_words(["emma"])
-    >>> X, Y = build_dataset(["emma"], v, block_size=2)
-    >>> X.tolist(), Y.tolist()
-    ([[0, 0], [0, 2], [2, 3], [3, 3], [3, 1]], [2, 3, 3, 1, 0])
+    Examples:
+      >>> v = Vocab.from_words(["emma"])
+      >>> X, Y = build_dataset(["emma"], v, block_size=2)
+      >>> X.tolist(), Y.tolist()
+      ([[0, 0], [0, 2], [2, 3], [3, 3], [3, 1]], [2, 3, 3, 1, 0])
     """
     if isinstance(words, str):
         raise TypeError("build_dataset expects a list of words, not a single string")
@@ -236,9 +240,10 @@ def split_words(
     Same permutation as ``random.seed(seed); random.shuffle(words)``; then
     ``n1 = int(f0 * n)`` and ``n2 = int((f0 + f1) * n)`` (0.8 / 0.9 by default).
 
-    >>> tr, va, te = split_words([f"w{i}" for i in range(10)])
-    >>> len(tr), len(va), len(te)
-    (8, 1, 1)
+    Examples:
+      >>> tr, va, te = split_words([f"w{i}" for i in range(10)])
+      >>> len(tr), len(va), len(te)
+      (8, 1, 1)
     """
     fr = tuple(fractions)
     numbers = all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in fr)
@@ -251,7 +256,7 @@ def split_words(
 
 
 class Splits(NamedTuple):
-    """:func:`load_splits`' result: ``vocab`` (of all words), ``data``
+    """``load_splits``' result: ``vocab`` (of all words), ``data``
     (``{"train" | "val" | "test": (X, Y)}``, int32) and ``sha256`` (of the file's bytes)."""
 
     vocab: Vocab
@@ -262,8 +267,9 @@ class Splits(NamedTuple):
 def physical_memory() -> int | None:
     """This machine's memory in bytes (``None`` where the OS does not say).
 
-    >>> (physical_memory() or 1) > 0
-    True
+    Examples:
+      >>> (physical_memory() or 1) > 0
+      True
     """
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -272,8 +278,8 @@ def physical_memory() -> int | None:
 
 
 def check_build_memory(p: PathArg, n_examples: int, block_size: int) -> None:
-    """Raise :class:`DataError` when building ``n_examples`` examples of ``block_size``
-    (:data:`BUILD_BYTES` each) would take over 80% of this machine's memory."""
+    """Raise ``DataError`` when building ``n_examples`` examples of ``block_size``
+    (``BUILD_BYTES`` each) would take over 80% of this machine's memory."""
     need = n_examples * (BUILD_BYTES[0] + BUILD_BYTES[1] * block_size)
     have = physical_memory()
     if have is not None and need > 0.8 * have:
@@ -287,13 +293,14 @@ def check_build_memory(p: PathArg, n_examples: int, block_size: int) -> None:
 def load_splits(path: PathArg | None = None, block_size: int = 3, seed: int = 42) -> Splits:
     """Words -> vocabulary (from *all* words) -> lecture split -> examples for each split.
 
-    A file whose training split would be empty raises :class:`DataError` (val and test
+    A file whose training split would be empty raises ``DataError`` (val and test
     may be), as does one whose examples would not fit in memory (checked before they are
-    built: :func:`check_build_memory`). On the packaged names.txt:
+    built: ``check_build_memory``). On the packaged names.txt:
 
-    >>> s = load_splits(resources.files("jaxninja") / "names.txt")
-    >>> s.vocab.size, {k: x.shape for k, (x, y) in s.data.items()}, s.sha256 == NAMES_SHA256
-    (27, {'train': (182625, 3), 'val': (22655, 3), 'test': (22866, 3)}, True)
+    Examples:
+      >>> s = load_splits(resources.files("jaxninja") / "names.txt")
+      >>> s.vocab.size, {k: x.shape for k, (x, y) in s.data.items()}, s.sha256 == NAMES_SHA256
+      (27, {'train': (182625, 3), 'val': (22655, 3), 'test': (22866, 3)}, True)
     """
     p = resolve_data_path(path)
     words, raw = _read_words(p)

@@ -2,7 +2,7 @@
 each, docs "The lecture"), and the lecture's ``cmp`` that grades them against ``jax.grad``.
 The names are the lecture's: ``d<name>`` is the gradient of the loss with respect to ``<name>``.
 
-The lecture's rules, which :data:`HINTS` spell out per gradient: the gradient has the shape
+The lecture's rules, which ``HINTS`` spell out per gradient: the gradient has the shape
 of its variable; a broadcast in the forward pass is a sum in the backward pass (and a sum a
 broadcast); a variable used twice gets the sum of both gradients; ``A @ B`` sends
 ``dC @ B.T`` to ``A`` and ``A.T @ dC`` to ``B``; indexing forward is a scatter-add backward.
@@ -39,17 +39,17 @@ def forward_atomized(
     """The forward pass in the lecture's small steps, each intermediate named.
 
     Args:
-        params: :func:`~jaxninja.lecture.model.init_params`' dict.
+        params: ``jaxninja.lecture.model.init_params``' dict.
         X: ``(n, block_size)`` int contexts.
         Y: ``(n,)`` int labels.
         taps: optional ``{name: array}`` added to the named intermediates, so that
             ``jax.grad`` with respect to a (zero) tap is the gradient with respect to that
-            intermediate (:func:`reference_grads`).
+            intermediate (``reference_grads``).
 
     Returns:
-        ``{name: value}`` for the 20 :data:`INTERMEDIATES`, ``loss`` a scalar.
+        ``{name: value}`` for the 20 ``INTERMEDIATES``, ``loss`` a scalar.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> from jaxninja.lecture.model import init_params
         >>> p = init_params(jax.random.key(0), n_hidden=64)
@@ -95,7 +95,7 @@ def reference_grads(params: Params, X: Array, Y: Array) -> dict[str, Array]:
     """The 26 gradients of Exercise 1 from ``jax.grad``: what the lecture's ``t.grad`` holds.
 
     Parameters are differentiated directly, every intermediate through a zero tap of
-    :func:`forward_atomized`.
+    ``forward_atomized``.
 
     Args:
         params: the parameters.
@@ -103,9 +103,9 @@ def reference_grads(params: Params, X: Array, Y: Array) -> dict[str, Array]:
         Y: ``(n,)`` int labels.
 
     Returns:
-        ``{name: gradient}`` for the 26 :data:`GRADIENTS`, each the shape of its variable.
+        ``{name: gradient}`` for the 26 ``GRADIENTS``, each the shape of its variable.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> from jaxninja.lecture.model import init_params
         >>> p = init_params(jax.random.key(0), n_hidden=8)
@@ -128,14 +128,14 @@ def backward_atomized(
 
     Args:
         params: the parameters.
-        acts: :func:`forward_atomized` ``(params, X, Y)``.
+        acts: ``forward_atomized`` ``(params, X, Y)``.
         X: ``(n, block_size)`` int contexts.
         Y: ``(n,)`` int labels.
 
     Returns:
-        ``{name: dname}`` for the 26 :data:`GRADIENTS`, each the shape of its variable.
+        ``{name: dname}`` for the 26 ``GRADIENTS``, each the shape of its variable.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> from jaxninja.lecture.model import init_params
         >>> p = init_params(jax.random.key(0), n_hidden=8)
@@ -221,7 +221,7 @@ def cross_entropy_backward(logits: Array, Y: Array) -> Array:
     Returns:
         ``dlogits``, ``(n, vocab_size)``; each row sums to zero.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> cross_entropy_backward(jnp.zeros((2, 2)), jnp.array([0, 1])).tolist()
         [[-0.25, 0.25], [0.25, -0.25]]
@@ -245,7 +245,7 @@ def batch_norm_backward(dhpreact: Array, bngain: Array, bnvar_inv: Array, bnraw:
     Returns:
         ``dhprebn``, ``(n, H)``; each column sums to zero.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> bnraw = jnp.array([[-1.0], [0.0], [1.0]])  # n = 3: mean 0, variance (n - 1) 1
         >>> dhpreact = jnp.array([[1.0], [1.0], [1.0]])  # a shift of hprebn changes nothing
@@ -273,7 +273,7 @@ def manual_grads(params: Params, X: Array, Y: Array) -> tuple[Array, Params]:
         ``(loss, grads)``: the mean cross-entropy and ``{name: gradient}`` for every
         parameter, each of its shape.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> from jaxninja.lecture.model import init_params, loss
         >>> p = init_params(jax.random.key(0))
@@ -349,9 +349,9 @@ of the gradient. The lecture's ``atol`` of 1e-8 would call a right float32 ``db1
 
 
 def tolerance_for(dtype: Any) -> Tolerance:
-    """The :data:`TOLERANCES` entry of ``dtype``: float64's for float64, else float32's.
+    """The ``TOLERANCES`` entry of ``dtype``: float64's for float64, else float32's.
 
-    Example:
+    Examples:
         >>> tolerance_for("float64").atol
         1e-12
     """
@@ -364,7 +364,7 @@ class Comparison(NamedTuple):
     Attributes:
         name: the variable whose gradient is compared.
         exact: bit-for-bit equal to the reference.
-        approximate: every entry within the :class:`Tolerance`.
+        approximate: every entry within the ``Tolerance``.
         maxdiff: the largest absolute difference (NaN if either side has a NaN there).
     """
 
@@ -390,15 +390,15 @@ def compare(
         name: the row's name.
         manual: the hand-written gradient.
         reference: ``jax.grad``'s, of the same shape.
-        tolerance: default :func:`tolerance_for` the reference's dtype.
+        tolerance: default ``tolerance_for`` the reference's dtype.
 
     Returns:
-        A :class:`Comparison`.
+        A ``Comparison``.
 
     Raises:
-        ValueError: the shapes differ (:func:`grade` reports that as a wrong answer).
+        ValueError: the shapes differ (``grade`` reports that as a wrong answer).
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> print(compare("dx", jnp.array([1.0, 2.0]), jnp.array([1.0, 2.0 + 1e-6])))
         dx              | exact: False | approximate: True  | maxdiff: 9.5367431640625e-07
@@ -465,15 +465,15 @@ HINTS: Mapping[str, str] = {
 
 
 class Grade(NamedTuple):
-    """An answer graded against ``jax.grad``: what :func:`cmp` and ``jaxninja check`` print.
+    """An answer graded against ``jax.grad``: what ``cmp`` and ``jaxninja check`` print.
 
     Attributes:
         name: the variable.
-        verdict: :data:`RIGHT`, :data:`APPROXIMATE`, :data:`WRONG` or :data:`MISSING`.
+        verdict: ``RIGHT``, ``APPROXIMATE``, ``WRONG`` or ``MISSING``.
         expected_shape: the reference's shape (the variable's).
         shape: the answer's shape, ``None`` when there is no answer.
-        comparison: the :class:`Comparison`, ``None`` unless the shapes agree.
-        hint: the lecture's rule for this gradient (:data:`HINTS`), or ``""``.
+        comparison: the ``Comparison``, ``None`` unless the shapes agree.
+        hint: the lecture's rule for this gradient (``HINTS``), or ``""``.
     """
 
     name: str
@@ -513,19 +513,19 @@ def grade(
     tolerance: Tolerance | None = None,
     hint: str | None = None,
 ) -> Grade:
-    """Grade one answer: no answer (``None`` or ``...``), another shape, or :func:`compare`.
+    """Grade one answer: no answer (``None`` or ``...``), another shape, or ``compare``.
 
     Args:
-        name: the variable, also the key of its hint in :data:`HINTS`.
+        name: the variable, also the key of its hint in ``HINTS``.
         answer: the learner's gradient, ``...`` or ``None`` when not done yet.
         reference: ``jax.grad``'s gradient.
-        tolerance: default :func:`tolerance_for` the reference's dtype.
+        tolerance: default ``tolerance_for`` the reference's dtype.
         hint: default ``HINTS.get(name, "")``.
 
     Returns:
-        A :class:`Grade`.
+        A ``Grade``.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> grade("b2", np.ones((4, 3)), np.ones(3)).verdict
         'wrong'
@@ -552,11 +552,11 @@ def cmp(s: str, dt: Any, t: Any) -> None:
     ``dt = ...`` (a blank) prints "not done yet".
 
     Args:
-        s: the variable's name (the key of its hint in :data:`HINTS`).
+        s: the variable's name (the key of its hint in ``HINTS``).
         dt: your gradient, or ``...``.
         t: the reference gradient.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> cmp("b2", np.zeros(3), np.zeros(3))
         b2              | exact: True  | approximate: True  | maxdiff: 0.0

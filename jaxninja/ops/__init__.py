@@ -1,11 +1,11 @@
 """Reusable ops with hand-written VJPs: the fused rules of Exercises 2 and 3.
 
-:func:`cross_entropy`, :func:`linear_cross_entropy`, :func:`batch_norm` and
-:func:`batch_norm_with_stats` are :func:`jax.custom_vjp` ops whose backward rules are
+``cross_entropy``, ``linear_cross_entropy``, ``batch_norm`` and
+``batch_norm_with_stats`` are ``jax.custom_vjp`` ops whose backward rules are
 differentiable ``jnp`` (``jax.jacrev(jax.grad(f))`` works; ``jax.jvp`` of the op itself
 raises ``TypeError``); the rest is plain ``jnp``, the ``*_reference`` functions being the
 autodiff baselines. 16-bit inputs are computed in float32 and come back in their dtype
-(:func:`linear_cross_entropy`'s losses: in float32).
+(``linear_cross_entropy``'s losses: in float32).
 """
 
 from jaxninja.ops._batch_norm import (

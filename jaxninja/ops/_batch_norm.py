@@ -221,7 +221,7 @@ def _bn_backward(
 
 
 def _batch_norm_op(name: str, with_stats: bool) -> Any:
-    """The custom-VJP op over :class:`_Inputs`: ``y``, or ``(y, mean, var)``."""
+    """The custom-VJP op over ``_Inputs``: ``y``, or ``(y, mean, var)``."""
 
     def fwd(
         x: Array, gain: Array, bias: Array, where: Array | None, config: _Config
@@ -312,7 +312,7 @@ def batch_norm(
         is out of range or repeats an axis; ``eps`` is negative or not finite;
         ``unbiased=True`` with fewer than 2 rows (without a mask).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> x = jnp.array([[1.0, 2.0], [3.0, 6.0], [5.0, 10.0]])
       >>> batch_norm(x, jnp.ones((1, 2)), jnp.zeros((1, 2)), eps=0.0).round(4).tolist()
@@ -365,7 +365,7 @@ def batch_norm_with_stats(
       TypeError: as ``batch_norm``.
       ValueError: as ``batch_norm``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> y, mean, var = batch_norm_with_stats(jnp.array([[0.0], [2.0]]), 1.0, 0.0)
       >>> y.shape, mean.tolist(), var.tolist()  # var = ((0-1)**2 + (2-1)**2) / (2-1)
@@ -407,7 +407,7 @@ def batch_stats(
       TypeError: as ``batch_norm``.
       ValueError: as ``batch_norm``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> mean, var = batch_stats(jnp.array([[1.0], [2.0], [3.0]]))
       >>> mean.tolist(), var.tolist()
@@ -451,7 +451,7 @@ def batch_norm_eval(
       ValueError: ``gain``, ``bias``, ``mean`` or ``var`` does not broadcast to ``x``;
         ``eps`` is negative or not finite.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> x = jnp.array([[1.0, 2.0], [3.0, 4.0]])
       >>> batch_norm_eval(x, 2.0, 1.0, jnp.array([[1.0, 2.0]]), 4.0, eps=0.0).tolist()
@@ -488,7 +488,7 @@ def _check_momentum(momentum: Any) -> Any:
 
 
 def _running_update(momentum: Any, path: Any, running: Any, batch: Any) -> Array:
-    """One leaf of :func:`running_average`: ``running``'s shape and dtype."""
+    """One leaf of ``running_average``: ``running``'s shape and dtype."""
     running = jnp.asarray(running)
     batch = jnp.asarray(batch)
     where = f"running{jax.tree_util.keystr(path)}"
@@ -541,7 +541,7 @@ def running_average(running: Any, batch: Any, momentum: float | Array = 0.99) ->
       ValueError: ``momentum`` is outside ``[0, 1]`` or NaN; a batch leaf's shape differs
         from its running leaf's in more than size-1 dims; the pytrees differ in structure.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> running_average({"mean": jnp.zeros(2)}, {"mean": jnp.ones(2)}, momentum=0.75)
       {'mean': Array([0.25, 0.25], dtype=float32)}
@@ -589,7 +589,7 @@ def batch_norm_reference(
       TypeError: as ``batch_norm``.
       ValueError: as ``batch_norm``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, numpy as np
       >>> x = jnp.array([[1.0], [3.0]])
       >>> y = batch_norm_reference(x, 1.0, 0.0, eps=0.0)

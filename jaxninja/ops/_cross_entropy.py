@@ -1,5 +1,5 @@
-"""Cross-entropy with a hand-written VJP (Exercise 2): :func:`cross_entropy` and its reference,
-and the per-row loss algebra that :func:`~jaxninja.ops.linear_cross_entropy` shares."""
+"""Cross-entropy with a hand-written VJP (Exercise 2): ``cross_entropy`` and its reference,
+and the per-row loss algebra that ``jaxninja.ops.linear_cross_entropy`` shares."""
 
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def _check_logits(logits: Array, labels: Array, axis: Any) -> tuple[tuple[int, .
 
 
 def _cross_entropy_rows(logits: Any, labels: Any, axis: Any, where: Any, ignore: Any) -> _Rows:
-    """Validate once at the edge and bring the inputs to the :class:`_Rows` layout."""
+    """Validate once at the edge and bring the inputs to the ``_Rows`` layout."""
     logits, labels = jnp.asarray(logits), jnp.asarray(labels)
     axes, batch = _check_logits(logits, labels, axis)
     rows = classes = None
@@ -200,22 +200,23 @@ def cross_entropy_reference(
     reduction: str = "none",
     return_lse: bool = False,
 ) -> Any:
-    r"""Plain-``jnp`` :func:`cross_entropy` differentiated by autodiff: the tests' baseline.
+    r"""Plain-``jnp`` ``cross_entropy`` differentiated by autodiff: the tests' baseline.
 
     Written the obvious way on the whole ``(..., num_classes)`` logits, capped first:
 
-    .. math::
-        \log p_j = z_j - \mathrm{lse}(z), \qquad
-        \ell = -(1 - e) \log p_y - e\, \overline{\log p} + k\, \mathrm{lse}(z)^2
+    $$
+    \log p_j = z_j - \mathrm{lse}(z), \qquad
+    \ell = -(1 - e) \log p_y - e\, \overline{\log p} + k\, \mathrm{lse}(z)^2
+    $$
 
     (``jax.nn.logsumexp``; ``e = label_smoothing``, ``k = z_loss``), so that autodiff, not
     a hand-written rule, gives its gradient. A bad label's row is NaN in value and gradient,
-    as in :func:`cross_entropy`.
+    as in ``cross_entropy``.
 
     Args:
       logits: ``(..., num_classes)`` floating scores.
       labels: integer class ids, the shape of ``logits`` without ``axis``.
-      axis: the class axis or a tuple of axes, as in :func:`cross_entropy`.
+      axis: the class axis or a tuple of axes, as in ``cross_entropy``.
       where: a row mask (``labels.shape``) or a per-logit mask (``logits.shape``).
       ignore_index: rows with this label count as masked.
       softcap: ``c > 0`` caps the logits to ``c * tanh(z / c)``.
@@ -225,13 +226,13 @@ def cross_entropy_reference(
       return_lse: also return the per-row log-sum-exp.
 
     Returns:
-      What :func:`cross_entropy` returns for the same arguments.
+      What ``cross_entropy`` returns for the same arguments.
 
     Raises:
-      TypeError: as :func:`cross_entropy` (dtypes, option types).
-      ValueError: as :func:`cross_entropy` (shapes, option ranges; each named).
+      TypeError: as ``cross_entropy`` (dtypes, option types).
+      ValueError: as ``cross_entropy`` (shapes, option ranges; each named).
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp, numpy as np
         >>> losses = cross_entropy_reference(jnp.zeros((2, 4)), jnp.array([0, 3]))
         >>> np.asarray(losses, np.float64).round(4).tolist()  # log(4) each
@@ -329,11 +330,12 @@ def cross_entropy(
     For a row of logits ``z`` (soft-capped to ``c tanh(z / c)`` first if ``softcap=c``) and
     its label ``y``:
 
-    .. math::
-        \ell = \mathrm{lse}(z) - (1 - e)\, z_y - e\, \overline{z} + k\, \mathrm{lse}(z)^2,
-        \qquad
-        \frac{\partial \ell}{\partial z_j} = (1 + 2k\,\mathrm{lse})\,\mathrm{softmax}(z)_j
-        - (1 - e)\,[j = y] - e / V
+    $$
+    \ell = \mathrm{lse}(z) - (1 - e)\, z_y - e\, \overline{z} + k\, \mathrm{lse}(z)^2,
+    \qquad
+    \frac{\partial \ell}{\partial z_j} = (1 + 2k\,\mathrm{lse})\,\mathrm{softmax}(z)_j
+    - (1 - e)\,[j = y] - e / V
+    $$
 
     with ``lse = log sum_j exp(z_j)``, ``e = label_smoothing`` (torch's and Liger's
     definition: ``(1 - e) CE(y) + e mean_j(-log p_j)``), ``k = z_loss`` (PaLM's z-loss) and
@@ -344,7 +346,7 @@ def cross_entropy(
     optax, right at logits of 1e8 in float32). A label outside ``[0, num_classes)`` gives a
     NaN loss and NaN gradient for its row, never a silently clamped answer (a uint8 label
     against 300 classes never wraps). A row of logits is exactly as finite as in
-    :func:`cross_entropy_reference`: a row or class of ``-inf`` logits gives what
+    ``cross_entropy_reference``: a row or class of ``-inf`` logits gives what
     ``jax.nn.logsumexp`` gives, never ``exp(-inf - -inf)``. ``jax.grad`` of ``jax.grad``
     works; forward mode does not.
 
@@ -371,14 +373,14 @@ def cross_entropy(
     Returns:
       The losses, ``labels.shape`` (a scalar for ``"sum"`` and ``"mean"``) in ``logits``'
       dtype (16-bit logits are computed in float32), or with ``return_lse`` a
-      :class:`LossAndLse` ``(loss, lse)``, ``lse`` of shape ``labels.shape``.
+      ``LossAndLse`` ``(loss, lse)``, ``lse`` of shape ``labels.shape``.
 
     Raises:
       TypeError: non-floating logits, non-integer labels, an option of the wrong type.
       ValueError: shapes that do not fit (both are named), an ``axis`` out of range, or
         an option out of its range (the option is named).
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, numpy as np
         >>> logits = jnp.array([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
         >>> labels = jnp.array([0, 2])

@@ -365,17 +365,18 @@ def linear_cross_entropy(
     logits: the last layer and loss of a language model, fused.
 
     With ``z = x W + b`` (soft-capped, ``c tanh(z / c)``, if ``softcap=c``) and the loss of
-    :func:`cross_entropy` per row,
+    ``cross_entropy`` per row,
 
-    .. math::
-        dz_{ij} = g_i\Big((1 + 2k\,\mathrm{lse}_i)\,\mathrm{softmax}(z_i)_j
-                  - (1 - e)[j = y_i] - e/V\Big),\qquad
-        dx = dz\,W^\top,\quad dW = x^\top dz,\quad db = \textstyle\sum_i dz_{i\cdot}
+    $$
+    dz_{ij} = g_i\Big((1 + 2k\,\mathrm{lse}_i)\,\mathrm{softmax}(z_i)_j
+    - (1 - e)[j = y_i] - e/V\Big),\qquad
+    dx = dz\,W^\top,\quad dW = x^\top dz,\quad db = \textstyle\sum_i dz_{i\cdot}
+    $$
 
     (Exercise 2, then Exercise 1's matmul rules). Both passes scan over chunks of classes
     (online log-sum-exp forward, logits recomputed backward): only ``(N, chunk)`` blocks
     are alive, and the cap, smoothing, z-loss and masks happen inside them. Values and
-    finiteness are those of :func:`cross_entropy_reference` on ``x @ w + bias`` (a chunk of
+    finiteness are those of ``cross_entropy_reference`` on ``x @ w + bias`` (a chunk of
     ``-inf`` logits included); ``jax.grad`` of ``jax.grad``, ``jit``, ``vmap`` and
     ``shard_map`` work; forward mode does not.
 
@@ -404,7 +405,7 @@ def linear_cross_entropy(
         multiple of 128 (16 MiB float32 blocks; all of V for small N).
 
     Returns:
-      The losses, ``labels.shape`` (a scalar if reduced), or :class:`LossAndLse`
+      The losses, ``labels.shape`` (a scalar if reduced), or ``LossAndLse``
       ``(loss, lse)`` with ``return_lse``. Inputs of different float dtypes promote as
       ``jnp`` does; 16-bit inputs are computed in float32 and the losses and lse come back
       in float32; each gradient comes back in its own input's dtype. A label outside
@@ -416,7 +417,7 @@ def linear_cross_entropy(
       ValueError: shapes that do not fit, ``V = 0``, an option out of its range,
         ``w_layout`` unknown, ``vocab_axis_name`` not a mapped axis (each names itself).
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> from jaxninja.ops import cross_entropy, linear_cross_entropy
         >>> x, w = jnp.ones((2, 3)), jnp.arange(12.0).reshape(3, 4) / 10

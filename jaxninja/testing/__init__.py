@@ -1,7 +1,7 @@
 """Checks for hand-written VJPs, yours and ours: against autodiff of a plain ``jnp`` reference
-at one point (:func:`assert_vjp_matches`) or in every setting where custom VJPs break
-(:func:`check_vjp`, :data:`SETTINGS`), or against central differences
-(:func:`check_finite_differences`)."""
+at one point (``assert_vjp_matches``) or in every setting where custom VJPs break
+(``check_vjp``, ``SETTINGS``), or against central differences
+(``check_finite_differences``)."""
 
 from jaxninja.testing._checks import (
     assert_vjp_matches,

@@ -1,5 +1,5 @@
 """Checks for hand-written VJPs, yours and ours: against autodiff of a plain ``jnp`` reference
-(:func:`assert_vjp_matches`) or central differences (:func:`check_finite_differences`)."""
+(``assert_vjp_matches``) or central differences (``check_finite_differences``)."""
 
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ _TOLERANCES = {  # (atol, rtol): a right rule passes comfortably, a wrong one fa
 def default_tolerances(dtype: Any) -> tuple[float, float]:
     """Default ``(atol, rtol)`` for a floating ``dtype`` (complex: its parts'; fp8: 0.1).
 
-    >>> default_tolerances(jnp.float64), default_tolerances(jnp.float32)
-    ((1e-12, 1e-10), (1e-05, 0.0001))
+    Examples:
+      >>> default_tolerances(jnp.float64), default_tolerances(jnp.float32)
+      ((1e-12, 1e-10), (1e-05, 0.0001))
     """
     if not jnp.issubdtype(dtype, jnp.inexact):
         raise TypeError(f"no default tolerance for non-floating dtype {np.dtype(dtype)}")
@@ -143,7 +144,7 @@ def _vjp_body(f: Callable[..., Any], reference: Callable[..., Any], seed: int) -
 
 
 def _vjp_runner(f: Callable[..., Any], reference: Callable[..., Any], seed: int) -> Callable:
-    """:func:`_vjp_body` jitted: one compilation for both functions and both VJPs, reused
+    """``_vjp_body`` jitted: one compilation for both functions and both VJPs, reused
     for any primals of the same shapes and dtypes."""
     return jax.jit(_vjp_body(f, reference, seed))
 
@@ -163,18 +164,19 @@ def assert_vjp_matches(
     The outputs, then :math:`v^\top \partial f/\partial x_i` for each ``i`` in ``argnums``
     (:math:`v`: ``cotangent``, else standard normal from ``seed``, as all ones can hide a
     wrong rule) must match leaf by leaf, ``|a - b| <= atol + rtol * |b|`` (numpy's
-    ``isclose``; :func:`default_tolerances` if ``None``). Returns the max abs difference:
+    ``isclose``; ``default_tolerances`` if ``None``). Returns the max abs difference:
 
-    >>> @jax.custom_vjp
-    ... def softplus(x):
-    ...     return jnp.logaddexp(x, 0.0)
-    >>> softplus.defvjp(lambda x: (softplus(x), x), lambda x, g: (2 * g * jax.nn.sigmoid(x),))
-    >>> assert_vjp_matches(softplus, lambda x: jnp.logaddexp(x, 0.0), jnp.linspace(-3.0, 3.0, 7))
-    Traceback (most recent call last):
-    AssertionError: VJP of f=softplus does not match autodiff of reference=<lambda>
-      for argument 0 'x' (shape (7,), float32): 7 of 7 elements differ beyond ...
-      max abs diff 0.6896; worst element at index (6,): f gives 1.379..., reference gives 0.689...
-      (cotangent: standard normal, seed=0)
+    Examples:
+      >>> @jax.custom_vjp
+      ... def softplus(x):
+      ...     return jnp.logaddexp(x, 0.0)
+      >>> softplus.defvjp(lambda x: (softplus(x), x), lambda x, g: (2 * g * jax.nn.sigmoid(x),))
+      >>> assert_vjp_matches(softplus, lambda x: jnp.logaddexp(x, 0.0), jnp.linspace(-3.0, 3.0, 7))
+      Traceback (most recent call last):
+      AssertionError: VJP of f=softplus does not match autodiff of reference=<lambda>
+        for argument 0 'x' (shape (7,), float32): 7 of 7 elements differ beyond ...
+        max abs diff 0.6896; worst element at index (6,): f gives 1.379..., reference gives 0.689...
+        (cotangent: standard normal, seed=0)
     """
     nums = _argnums(argnums, args, "assert_vjp_matches differentiates", f)
     f_part, ref_part = _partial(f, args, nums), _partial(reference, args, nums)
@@ -208,10 +210,11 @@ def check_finite_differences(
     f(x - \epsilon u)) / 2\epsilon\rangle \approx \langle \mathrm{vjp}_f(v), u\rangle` for
     random :math:`u, v` (``order=2``: the VJP's too). Use float64; ``argnums=None``: all.
 
-    >>> from jaxninja.ops import cross_entropy
-    >>> with jax.enable_x64(True):
-    ...     logits = jax.random.normal(jax.random.key(0), (8, 5), jnp.float64)
-    ...     check_finite_differences(cross_entropy, logits, jnp.arange(8) % 5, argnums=0, order=2)
+    Examples:
+      >>> from jaxninja.ops import cross_entropy
+      >>> with jax.enable_x64(True):
+      ...     logits = jax.random.normal(jax.random.key(0), (8, 5), jnp.float64)
+      ...     check_finite_differences(cross_entropy, logits, jnp.arange(8) % 5, argnums=0, order=2)
     """
     if not isinstance(order, int) or order < 1:
         raise ValueError(f"order must be a positive int (1 or 2), got {order!r}")

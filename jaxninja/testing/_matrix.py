@@ -1,4 +1,4 @@
-"""check_vjp: one VJP comparison (:func:`assert_vjp_matches`'s) run in every setting where a
+"""check_vjp: one VJP comparison (``assert_vjp_matches``'s) run in every setting where a
 hand-written VJP breaks; the settings are documented in docs/testing.md."""
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ _LOW_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 class VJPReport(NamedTuple):
-    """What :func:`check_vjp` checked: ``checked`` settings (in order), ``not_applicable``
+    """What ``check_vjp`` checked: ``checked`` settings (in order), ``not_applicable``
     (setting -> why it was not run) and ``max_abs_diff`` (setting -> the largest
     difference it saw, outputs and VJPs together)."""
 
@@ -69,7 +69,7 @@ class _NotApplicable(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class _Call:
-    """A validated :func:`check_vjp` call."""
+    """A validated ``check_vjp`` call."""
 
     f: Callable[..., Any]
     reference: Callable[..., Any]
@@ -650,9 +650,9 @@ def check_vjp(
     seed: int = 0,
     scale: float = 1e3,
 ) -> VJPReport:
-    r"""Check ``f``'s VJP against autodiff of ``reference`` in every setting of :data:`SETTINGS`.
+    r"""Check ``f``'s VJP against autodiff of ``reference`` in every setting of ``SETTINGS``.
 
-    Each setting runs :func:`assert_vjp_matches`'s comparison (outputs, then the VJP of a
+    Each setting runs ``assert_vjp_matches``'s comparison (outputs, then the VJP of a
     standard normal cotangent from ``seed``, leaf by leaf) on a transformed call; most wrong
     rules are right at one natural point and wrong in one setting only. The first failing
     setting raises; a setting that does not apply (no ``shard_specs``, one output, a
@@ -671,13 +671,13 @@ def check_vjp(
         devices; ``f`` is called with ``axis_name=`` (setting ``shard_map``) and compared
         with ``reference`` on the whole arrays.
       settings: the settings to run (``None``: all); ``skip``: settings not to run.
-      atol: absolute tolerance (``None``: :func:`default_tolerances` of each leaf's dtype).
+      atol: absolute tolerance (``None``: ``default_tolerances`` of each leaf's dtype).
       rtol: relative tolerance, likewise.
       seed: seed of the cotangents.
       scale: the large magnitude of setting ``scaled``.
 
     Returns:
-      A :class:`VJPReport`.
+      A ``VJPReport``.
 
     Raises:
       VJPMismatch: (an ``AssertionError``) a setting where ``f`` differs from
@@ -688,7 +688,7 @@ def check_vjp(
       ValueError: ``argnums`` out of range, an unknown setting, ``shard_specs`` that do not
         fit the mesh.
 
-    Example:
+    Examples:
       >>> def softplus_ref(x):
       ...     return jnp.logaddexp(x, 0.0)
       >>> @jax.custom_vjp

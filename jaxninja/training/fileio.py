@@ -26,7 +26,8 @@ def keep_standard_fds() -> None:
     """Open ``/dev/null`` on any of descriptors 0, 1, 2 that is closed, so that no file
     this process opens becomes its stdin, stdout or stderr (C++ code logs to fd 2).
 
-    >>> keep_standard_fds()  # all three open: nothing to do
+    Examples:
+      >>> keep_standard_fds()  # all three open: nothing to do
     """
     for fd in (0, 1, 2):
         try:
@@ -42,8 +43,9 @@ def terminal_safe(text: str) -> str:
     r"""``text`` with control characters but newline and tab escaped (``\x1b``), so that
     a path or word holding ESC & co. never drives the terminal.
 
-    >>> terminal_safe("runs/\x1b[2Jx\n")
-    'runs/\\x1b[2Jx\n'
+    Examples:
+      >>> terminal_safe("runs/\x1b[2Jx\n")
+      'runs/\\x1b[2Jx\n'
     """
     if text.isprintable():  # the common case, fast
         return text
@@ -60,7 +62,7 @@ def _fileno(stream: Any) -> int | None:
 
 class SafeStream(io.TextIOBase):
     r"""A standard stream for the command's own output: control characters escaped
-    (:func:`terminal_safe`), characters the encoding lacks written as ``\u....``, and
+    (``terminal_safe``), characters the encoding lacks written as ``\u....``, and
     a write that fails (a reader gone, a full disk) ends the output, never the command:
     ``failed`` keeps the error and its descriptor then points to ``/dev/null``. ``fd``:
     the descriptor to write to when ``stream`` is ``None`` (Python started with it closed)."""
@@ -116,9 +118,10 @@ def check_results_file(out: str | os.PathLike[str], tool: str) -> dict[str, Any]
     written: new, or a regular file holding ``{"tool": tool, ...}`` (never a link, FIFO,
     device, directory or file of the user's). Return what it holds (``{}``: nothing).
 
-    >>> with tempfile.TemporaryDirectory() as tmp:
-    ...     check_results_file(Path(tmp, "new.json"), "jaxninja sweep")
-    {}
+    Examples:
+      >>> with tempfile.TemporaryDirectory() as tmp:
+      ...     check_results_file(Path(tmp, "new.json"), "jaxninja sweep")
+      {}
     """
     path = Path(out)
     if not str(path).isprintable():  # the message must stay one line on the terminal
@@ -143,9 +146,9 @@ def check_results_file(out: str | os.PathLike[str], tool: str) -> dict[str, Any]
 
 
 def write_results_file(out: str | os.PathLike[str], tool: str, results: dict[str, Any]) -> None:
-    """Write ``{"tool": tool, **results}`` to ``out`` as JSON (:func:`json_safe`: valid
+    """Write ``{"tool": tool, **results}`` to ``out`` as JSON (``json_safe``: valid
     whatever the numbers), atomically, after the work:
-    :func:`check_results_file` checked ``out`` before it and checks it again now (a file may
+    ``check_results_file`` checked ``out`` before it and checks it again now (a file may
     have appeared meanwhile); a new file is linked into place, never replacing one that
     appears in the last instant."""
     previous = check_results_file(out, tool)
@@ -157,8 +160,9 @@ def json_safe(value: Any) -> Any:
     """``value`` with numpy scalars as Python numbers and non-finite floats (a diverged
     member's loss) as ``None``: NaN and Infinity are not JSON.
 
-    >>> json_safe({"loss": float("nan"), "rows": [np.float32(1.5), np.int64(2)]})
-    {'loss': None, 'rows': [1.5, 2]}
+    Examples:
+      >>> json_safe({"loss": float("nan"), "rows": [np.float32(1.5), np.int64(2)]})
+      {'loss': None, 'rows': [1.5, 2]}
     """
     if isinstance(value, dict):
         return {k: json_safe(v) for k, v in value.items()}
@@ -174,8 +178,9 @@ def json_safe(value: Any) -> Any:
 def current_umask() -> int:
     """The process's umask (``os.umask`` can only be read by setting it, so it is set back).
 
-    >>> 0 <= current_umask() <= 0o777
-    True
+    Examples:
+      >>> 0 <= current_umask() <= 0o777
+      True
     """
     mask = os.umask(0o022)
     os.umask(mask)
@@ -192,12 +197,13 @@ def write_atomic(
     """Write ``path`` so that it is always the old file or the whole new one: ``write(f)``
     into a temporary file beside it (removed on failure) with a plain ``open``'s permissions,
     fsync, rename (``replace=False``: a hard link, which fails if ``path`` exists). An
-    ``OSError`` becomes a :class:`WriteError` naming ``path``.
+    ``OSError`` becomes a ``WriteError`` naming ``path``.
 
-    >>> with tempfile.TemporaryDirectory() as tmp:
-    ...     write_atomic(Path(tmp, "a.txt"), lambda f: f.write("done"), "w")
-    ...     Path(tmp, "a.txt").read_text(), os.listdir(tmp)
-    ('done', ['a.txt'])
+    Examples:
+      >>> with tempfile.TemporaryDirectory() as tmp:
+      ...     write_atomic(Path(tmp, "a.txt"), lambda f: f.write("done"), "w")
+      ...     Path(tmp, "a.txt").read_text(), os.listdir(tmp)
+      ('done', ['a.txt'])
     """
     path = Path(path)
     tmp = None

@@ -44,7 +44,7 @@ _notices: list[int] = []  # the write end of the pipe to this process's stderr g
 def data_mesh(cfg: TrainConfig, devices: int | None = None) -> Mesh | None:
     """The 1-D mesh of ``devices`` devices for ``cfg`` (default: all; one for ``manual``, which
     has no cross-device rule; a job of several processes trains on all), ``None`` for one.
-    :class:`~jaxninja.training.train.ConfigError` for a count ``cfg`` cannot use."""
+    ``jaxninja.training.train.ConfigError`` for a count ``cfg`` cannot use."""
     available, processes = jax.device_count(), jax.process_count()
     data_parallel = train.BACKENDS[cfg.backend].data_parallel
     if processes > 1 and devices not in (None, available):
@@ -93,8 +93,9 @@ def launched_job(environ: Mapping[str, str] = os.environ) -> bool:
     """Whether a launcher (``srun``, ``mpirun``, ``JAX_COORDINATOR_ADDRESS``) started this
     process as one of several, a job JAX joins with no arguments.
 
-    >>> launched_job({"OMPI_COMM_WORLD_SIZE": "4", "OMPI_MCA_orte_hnp_uri": "x;tcp://h:1"})
-    True
+    Examples:
+      >>> launched_job({"OMPI_COMM_WORLD_SIZE": "4", "OMPI_MCA_orte_hnp_uri": "x;tcp://h:1"})
+      True
     """
     counts = [environ.get(count, "") for count, needs in LAUNCHERS.items() if environ.get(needs)]
     many = any(count.isdigit() and int(count) > 1 for count in counts)
@@ -112,11 +113,12 @@ def initialize(
     """Join a multi-process job before anything touches a device; return the process count.
 
     All three of ``coordinator`` (process 0's ``HOST:PORT``), ``num_processes`` and
-    ``process_id``, or none: then join a launcher's job (:func:`launched_job`) or run alone.
-    CPU collectives use gloo; C++'s stderr goes through :func:`filter_stderr`.
+    ``process_id``, or none: then join a launcher's job (``launched_job``) or run alone.
+    CPU collectives use gloo; C++'s stderr goes through ``filter_stderr``.
 
-    >>> initialize(environ={})  # no flags, no launcher: one process
-    1
+    Examples:
+      >>> initialize(environ={})  # no flags, no launcher: one process
+      1
     """
     given = {"--coordinator": coordinator, "--num-processes": num_processes}
     missing = [flag for flag, v in (given | {"--process-id": process_id}).items() if v is None]
@@ -157,8 +159,9 @@ def leave_job(exit_code: int) -> int:
     """End this process of a job now, skipping JAX's exit barrier (which would wait for
     processes that wait for this one); alone, return ``exit_code``.
 
-    >>> leave_job(2)  # one process: nothing to leave
-    2
+    Examples:
+      >>> leave_job(2)  # one process: nothing to leave
+      2
     """
     if jax.distributed.is_initialized() and jax.process_count() > 1:
         sys.stdout.flush()
@@ -174,7 +177,7 @@ def is_main() -> bool:
 
 
 def from_main(tree: Any, mesh: Mesh | None) -> Any:
-    """Process 0's pytree ``tree``, :func:`replicate`-d (a collective: every process calls it)."""
+    """Process 0's pytree ``tree``, ``replicate``-d (a collective: every process calls it)."""
     return replicate(multihost_utils.broadcast_one_to_all(tree), mesh)
 
 
@@ -202,29 +205,32 @@ def _everyone(x: np.ndarray) -> np.ndarray:
 def largest(value: int) -> int:
     """The largest ``value`` over all processes (a collective), e.g. a signal's number.
 
-    >>> largest(15)  # one process
-    15
+    Examples:
+      >>> largest(15)  # one process
+      15
     """
     return int(_everyone(np.array(value, np.int32)).max())
 
 
 def job_options(cfg: TrainConfig, **flags: Any) -> dict[str, Any]:
     """``cfg``'s fields and ``flags`` by their command-line names: the options that define
-    a job, which :func:`check_same_options` compares.
+    a job, which ``check_same_options`` compares.
 
-    >>> job_options(TrainConfig(), resume=False)["--n-hidden"]
-    200
+    Examples:
+      >>> job_options(TrainConfig(), resume=False)["--n-hidden"]
+      200
     """
     return {f"--{k.replace('_', '-')}": v for k, v in {**cfg.to_dict(), **flags}.items()}
 
 
 def check_same_options(options: Mapping[str, Any]) -> None:
-    """Raise :class:`JaxninjaError` on every process unless all of them were given the same
+    """Raise ``JaxninjaError`` on every process unless all of them were given the same
     ``options`` (every option that defines the job: config, data file hash, resume...), in
     one line naming the first option that differs and both values. A collective: call it
     before the first step, on every process. Alone, nothing to compare:
 
-    >>> check_same_options({"--seed": 1})
+    Examples:
+      >>> check_same_options({"--seed": 1})
     """
     if jax.process_count() == 1:
         return
@@ -249,8 +255,9 @@ def _first_line(error: BaseException) -> str:
 def lost_process(error: BaseException) -> str | None:
     """The one line for a JAX runtime error in a job (a collective lost its peer), or ``None``.
 
-    >>> lost_process(RuntimeError("x")) is None  # one process: not ours to explain
-    True
+    Examples:
+      >>> lost_process(RuntimeError("x")) is None  # one process: not ours to explain
+      True
     """
     if not isinstance(error, jax.errors.JaxRuntimeError) or not jax.distributed.is_initialized():
         return None
@@ -258,8 +265,8 @@ def lost_process(error: BaseException) -> str | None:
 
 
 def tell_guard(notice: bytes) -> None:
-    """Tell this process's stderr guard (if any) ``notice``: :data:`JOINED`, or how the
-    process ends: :data:`CLEAN_END` (show what C++ wrote) or :data:`QUIET_END` (an
+    """Tell this process's stderr guard (if any) ``notice``: ``JOINED``, or how the
+    process ends: ``CLEAN_END`` (show what C++ wrote) or ``QUIET_END`` (an
     ``error:`` line said why: drop it)."""
     for fd in _notices:
         with contextlib.suppress(OSError):
@@ -268,7 +275,7 @@ def tell_guard(notice: bytes) -> None:
 
 def _guard_stderr(coordinator: str, heartbeat_timeout: int) -> None:
     """Route fd 2, where JAX's C++ runtime logs (and then ``abort()``s a process of a
-    failed job, uncatchably), through :func:`filter_stderr` in a forked child that
+    failed job, uncatchably), through ``filter_stderr`` in a forked child that
     outlives the process; Python's own lines go to a copy of the real stderr."""
     sys.stderr.flush()
     read, write = os.pipe()
@@ -311,7 +318,7 @@ def _read_all(fd: int) -> bytes:
 
 
 def _pipe_lines(fd: int) -> Iterator[str | None]:
-    """The lines read from pipe ``fd``, with ``None`` after each :data:`PAUSE` of quiet."""
+    """The lines read from pipe ``fd``, with ``None`` after each ``PAUSE`` of quiet."""
     while True:
         if not select.select([fd], [], [], PAUSE)[0]:
             yield None
@@ -322,7 +329,7 @@ def _pipe_lines(fd: int) -> Iterator[str | None]:
 
 
 class Ended(NamedTuple):
-    """What a stderr guard knows of its process's job, for :meth:`message`."""
+    """What a stderr guard knows of its process's job, for ``message``."""
 
     coordinator: str
     heartbeat_timeout: int
@@ -362,13 +369,14 @@ def filter_stderr(
     format may change): a clean end shows it, an ``error:`` line's end drops it, and an
     end without notice (``abort()``) turns it into one ``error:`` line (returned).
 
-    >>> out = []
-    >>> ended = Ended("h:1", 30, started=0.0)
-    >>> filter_stderr(["W a warning\n", None, "F fatal\n", "stack\n"], out.append,
-    ...               lambda: JOINED, ended, clock=lambda: 5.0).endswith("--resume")
-    True
-    >>> out[0], out[1].startswith("error: JAX's distributed runtime ended this process")
-    ('W a warning\n', True)
+    Examples:
+      >>> out = []
+      >>> ended = Ended("h:1", 30, started=0.0)
+      >>> filter_stderr(["W a warning\n", None, "F fatal\n", "stack\n"], out.append,
+      ...               lambda: JOINED, ended, clock=lambda: 5.0).endswith("--resume")
+      True
+      >>> out[0], out[1].startswith("error: JAX's distributed runtime ended this process")
+      ('W a warning\n', True)
     """
     held: list[str] = []
     for line in lines:
@@ -390,7 +398,7 @@ def filter_stderr(
 
 
 def _check_port_free(coordinator: str, port: int) -> None:
-    """Raise :class:`JaxninjaError` when process 0 cannot serve the job on ``port`` (JAX's
+    """Raise ``JaxninjaError`` when process 0 cannot serve the job on ``port`` (JAX's
     coordinator listens on every address), before JAX tries and logs from C++: in use by
     another program, by another job, or by this one's other ``--process-id 0``."""
     for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "")):
