@@ -138,7 +138,7 @@ def _config(args: argparse.Namespace) -> TrainConfig:
     fields: dict[str, Any] = {}
     saved = None if args.out is None else os.path.join(args.out, checkpoint.FILENAME)
     if getattr(args, "resume", False) and saved is not None and os.path.isfile(saved):
-        fields.update(checkpoint.load(args.out).config.to_dict())  # (none: rundir says so)
+        fields.update(checkpoint.load_config(args.out).to_dict())  # JAX untouched: a job
     if getattr(args, "config", None) is not None:
         fields.update(train.read_config_file(args.config))
     fields.update(_given(args))

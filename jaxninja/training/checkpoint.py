@@ -116,16 +116,30 @@ def _parse_meta(stored: dict[str, np.ndarray]) -> tuple[TrainConfig, Vocab, str 
     return TrainConfig.from_dict(meta["config"]), Vocab(tuple(vocab)), sha
 
 
-def load(run_dir: str | os.PathLike[str], dtype: Any = jnp.float32) -> Checkpoint:
-    """Read and validate ``run_dir/checkpoint.npz``; raise :class:`CheckpointError`."""
-    path = Path(run_dir) / FILENAME
+def load_config(run_dir: str | os.PathLike[str]) -> TrainConfig:
+    """The validated config of ``run_dir/checkpoint.npz``, read without touching JAX (so a
+    job's process may call it before it joins the job); raise :class:`CheckpointError`."""
+    return _load_meta(Path(run_dir))[1][0]
+
+
+def _load_meta(
+    run_dir: Path,
+) -> tuple[dict[str, np.ndarray], tuple[TrainConfig, Vocab, str | None]]:
+    """The archive's arrays (``meta`` removed) and its parsed metadata."""
+    path = run_dir / FILENAME
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint (is {run_dir} a training run?)")
     stored = _read_arrays(path)
     try:
-        config, vocab, data_sha256 = _parse_meta(stored)
+        return stored, _parse_meta(stored)
     except Exception as e:  # untrusted JSON: wrong types, huge numbers, deep nesting...
         raise CheckpointError(f"{path}: bad metadata ({_reason(e)})") from None
+
+
+def load(run_dir: str | os.PathLike[str], dtype: Any = jnp.float32) -> Checkpoint:
+    """Read and validate ``run_dir/checkpoint.npz``; raise :class:`CheckpointError`."""
+    path = Path(run_dir) / FILENAME
+    stored, (config, vocab, data_sha256) = _load_meta(Path(run_dir))
 
     # The expected structure, shapes and dtypes come from the config, never the file.
     template = jax.eval_shape(lambda: init_state(config, vocab.size, dtype))
