@@ -118,7 +118,7 @@ def _pick(args: argparse.Namespace, *names: str) -> dict[str, Any]:
 
 
 def _numbers(text: str, kind: type, flag: str) -> list[Any]:
-    """``"1,2,3"`` -> ``[1, 2, 3]``, or a :class:`ConfigError` naming ``flag``."""
+    """``"1,2,3"`` -> ``[1, 2, 3]``, or a ``ConfigError`` naming ``flag``."""
     try:
         return [kind(v) for v in text.split(",") if v.strip()]
     except (ValueError, OverflowError):
@@ -126,13 +126,13 @@ def _numbers(text: str, kind: type, flag: str) -> list[Any]:
 
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:
-    """The :class:`TrainConfig` fields given on the command line (options default to None)."""
+    """The ``TrainConfig`` fields given on the command line (options default to None)."""
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
 
 
 def _config(args: argparse.Namespace) -> TrainConfig:
-    """The validated :class:`TrainConfig` of ``args``: the defaults, overridden by the saved
+    """The validated ``TrainConfig`` of ``args``: the defaults, overridden by the saved
     config (``--resume``), by ``--config FILE``, then by the flags given. With ``--resume``
     a given value that differs from the saved one is refused later, by the resume itself."""
     fields: dict[str, Any] = {}
@@ -344,7 +344,7 @@ JOB = [  # train's multi-process job (README "Many machines"): all of the first 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of every command in :data:`COMMANDS`."""
+    """The parser of every command in ``COMMANDS``."""
     p = _Parser(prog="jaxninja", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (handler, about, options) in COMMANDS.items():
@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``jaxninja ARGV``; return the exit status. The output goes through
-    :class:`~jaxninja.training.fileio.SafeStream`: a reader that leaves (``| head``) ends the
+    ``jaxninja.training.fileio.SafeStream``: a reader that leaves (``| head``) ends the
     output, not the work; another failure to write it (``> /dev/full``) is an error."""
     fileio.keep_standard_fds()
     out, err = fileio.SafeStream(sys.stdout, 1), fileio.SafeStream(sys.stderr, 2)

@@ -56,24 +56,28 @@ def init_params(
 ) -> Params:
     """Parameters with the lecture's init scales (the defaults).
 
-    ``W1`` is ``randn`` times :data:`INITS` ``[init]`` of its fan-in (``kaiming``:
+    ``W1`` is ``randn`` times ``INITS`` ``[init]`` of its fan-in (``kaiming``:
     ``(5/3)/sqrt(fan_in)``); ``b1`` and the batch-norm affine are small random numbers, not
     zeros (zeros can hide a wrong backward pass); ``W2 = randn * w2_scale`` and ``b2 = randn *
     b2_scale`` (Part 3's fix of the first loss: ``0.01`` and ``0`` make it ``~log(27) = 3.3``).
 
     Args:
         key: PRNG key; the same key gives the same values whatever the other switches.
-        vocab_size, n_embd, n_hidden, block_size: the shapes below.
+        vocab_size: the number of characters (rows of ``C``, columns of ``W2``).
+        n_embd: the embedding size (columns of ``C``).
+        n_hidden: the hidden layer's width.
+        block_size: the context length (characters before the one predicted).
         dtype: float dtype of every parameter.
         batch_norm: ``False`` leaves out ``bngain``/``bnbias``: a network without batch norm.
-        init: a key of :data:`INITS`.
-        w2_scale, b2_scale: the output layer's scales.
+        init: a key of ``INITS``.
+        w2_scale: the output layer's weight scale (Part 3: small, so the first loss is ~3.3).
+        b2_scale: the output layer's bias scale.
 
     Returns:
         ``C (vocab, n_embd)``, ``W1 (block*n_embd, H)``, ``b1 (H,)``, ``W2 (H, vocab)``,
         ``b2 (vocab,)`` and, with batch norm, ``bngain``/``bnbias (1, H)``.
 
-    Example:
+    Examples:
         >>> import jax
         >>> p = init_params(jax.random.key(42), n_hidden=64)
         >>> {k: v.shape for k, v in p.items()}["W1"], sum(v.size for v in p.values())
@@ -120,10 +124,11 @@ def forward(params: Params, X: Array, bn_stats: BNStats | None = None) -> Array:
     ``{"mean": (1, H), "var": (1, H)}`` (evaluation and sampling, any batch size). Params
     without batch norm ignore ``bn_stats``.
 
-    >>> import jax, jax.numpy as jnp
-    >>> p = init_params(jax.random.key(0))
-    >>> forward(p, jnp.zeros((4, 3), jnp.int32)).shape
-    (4, 27)
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> p = init_params(jax.random.key(0))
+      >>> forward(p, jnp.zeros((4, 3), jnp.int32)).shape
+      (4, 27)
     """
     hprebn = hidden_preactivation(params, X)
     if not has_batch_norm(params):
@@ -146,12 +151,13 @@ def loss_with_stats(
     With ``axis_name`` (inside ``shard_map``) ``X, Y`` are this device's rows: batch norm
     and the mean are global, so every device gets the single-device loss.
 
-    >>> import jax, jax.numpy as jnp
-    >>> p = init_params(jax.random.key(0), n_hidden=8)
-    >>> X, Y = jnp.zeros((4, 3), jnp.int32), jnp.arange(4)
-    >>> (l, stats), g = jax.value_and_grad(loss_with_stats, has_aux=True)(p, X, Y)
-    >>> stats["mean"].shape, sorted(g) == sorted(p)
-    ((1, 8), True)
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> p = init_params(jax.random.key(0), n_hidden=8)
+      >>> X, Y = jnp.zeros((4, 3), jnp.int32), jnp.arange(4)
+      >>> (l, stats), g = jax.value_and_grad(loss_with_stats, has_aux=True)(p, X, Y)
+      >>> stats["mean"].shape, sorted(g) == sorted(p)
+      ((1, 8), True)
     """
     hprebn = hidden_preactivation(params, X)
     if not has_batch_norm(params):
@@ -183,13 +189,14 @@ def _mean_loss(losses: Array, axis_name: Any) -> Array:
 def loss(
     params: Params, X: Array, Y: Array, *, axis_name: Any = None, reference: bool = False
 ) -> Array:
-    """:func:`loss_with_stats` without the statistics; ``jax.grad(loss)`` runs our VJPs.
+    """``loss_with_stats`` without the statistics; ``jax.grad(loss)`` runs our VJPs.
 
-    >>> import jax, jax.numpy as jnp
-    >>> p = init_params(jax.random.key(0))
-    >>> X, Y = jnp.zeros((8, 3), jnp.int32), jnp.arange(8)
-    >>> sorted(jax.grad(loss)(p, X, Y)) == sorted(p)
-    True
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> p = init_params(jax.random.key(0))
+      >>> X, Y = jnp.zeros((8, 3), jnp.int32), jnp.arange(8)
+      >>> sorted(jax.grad(loss)(p, X, Y)) == sorted(p)
+      True
     """
     return loss_with_stats(params, X, Y, axis_name=axis_name, reference=reference)[0]
 

@@ -20,9 +20,10 @@ def tempered_choice(key: jax.Array, logits: jax.Array, temperature: float | jax.
     = \arg\max_i (z_i + T g_i)`, computed on the left for :math:`T \ge 1` and on the right for
     :math:`T < 1`, so neither overflows; ``1e-300`` rounds :math:`T g` to 0: greedy decoding.
 
-    >>> z = jnp.array([[0.0, 2.0, 1.0]])
-    >>> int(tempered_choice(jax.random.key(0), z, 1e-30)[0])  # T -> 0: the argmax
-    1
+    Examples:
+      >>> z = jnp.array([[0.0, 2.0, 1.0]])
+      >>> int(tempered_choice(jax.random.key(0), z, 1e-30)[0])  # T -> 0: the argmax
+      1
     """
     g = jax.random.gumbel(key, logits.shape, logits.dtype)
     if isinstance(temperature, (int, float)):  # beyond the dtype's max it acts as inf anyway
@@ -44,7 +45,7 @@ def sample_ids(
     temperature: float | jax.Array = 1.0,
 ) -> jax.Array:
     """``(num_samples, max_len)`` int32 ids drawn in parallel from the all-``.`` context
-    with :func:`tempered_choice` until ``.`` (id 0; all 0 after it) or ``max_len``. Batch
+    with ``tempered_choice`` until ``.`` (id 0; all 0 after it) or ``max_len``. Batch
     norm uses ``bn_stats`` (eval mode), so rows are independent."""
 
     def step(context: jax.Array, key_t: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -68,7 +69,7 @@ def sample_names(
     temperature: float = 1.0,
 ) -> list[str]:
     """``num_samples`` names (without the final ``.``); ``temperature`` is any positive
-    finite number (``1e-300``: greedy), anything else raises :class:`JaxninjaError`."""
+    finite number (``1e-300``: greedy), anything else raises ``JaxninjaError``."""
     for name, n in (("num_samples", num_samples), ("max_len", max_len)):
         if isinstance(n, bool) or operator.index(n) < 1:
             raise JaxninjaError(f"{name} must be a positive integer, got {n!r}")

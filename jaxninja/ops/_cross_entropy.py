@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
@@ -187,6 +187,38 @@ def _mean_logit(r: _Rows, z: Array, dtype: Any) -> Array:
     return total / jnp.asarray(_num_classes(r), dtype)
 
 
+@overload
+def cross_entropy_reference(
+    logits: Array,
+    labels: Array,
+    axis: Axis = -1,
+    where: Array | None = None,
+    *,
+    ignore_index: int | None = None,
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: str = "none",
+    return_lse: Literal[False] = False,
+) -> Array: ...
+
+
+@overload
+def cross_entropy_reference(
+    logits: Array,
+    labels: Array,
+    axis: Axis = -1,
+    where: Array | None = None,
+    *,
+    ignore_index: int | None = None,
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: str = "none",
+    return_lse: Literal[True],
+) -> LossAndLse: ...
+
+
 def cross_entropy_reference(
     logits: Array,
     labels: Array,
@@ -199,7 +231,7 @@ def cross_entropy_reference(
     z_loss: float = 0.0,
     reduction: str = "none",
     return_lse: bool = False,
-) -> Any:
+) -> Array | LossAndLse:
     r"""Plain-``jnp`` ``cross_entropy`` differentiated by autodiff: the tests' baseline.
 
     Written the obvious way on the whole ``(..., num_classes)`` logits, capped first:
@@ -311,6 +343,38 @@ def _cross_entropy_bwd(opts: LossOptions, residuals, cotangents):
 _cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 
 
+@overload
+def cross_entropy(
+    logits: Array,
+    labels: Array,
+    axis: Axis = -1,
+    where: Array | None = None,
+    *,
+    ignore_index: int | None = None,
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: str = "none",
+    return_lse: Literal[False] = False,
+) -> Array: ...
+
+
+@overload
+def cross_entropy(
+    logits: Array,
+    labels: Array,
+    axis: Axis = -1,
+    where: Array | None = None,
+    *,
+    ignore_index: int | None = None,
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: str = "none",
+    return_lse: Literal[True],
+) -> LossAndLse: ...
+
+
 def cross_entropy(
     logits: Array,
     labels: Array,
@@ -323,7 +387,7 @@ def cross_entropy(
     z_loss: float = 0.0,
     reduction: str = "none",
     return_lse: bool = False,
-) -> Any:
+) -> Array | LossAndLse:
     r"""Softmax cross-entropy with integer labels and a fused VJP; a drop-in for
     ``optax.softmax_cross_entropy_with_integer_labels``.
 

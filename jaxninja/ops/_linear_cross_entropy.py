@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from jaxninja.ops._cross_entropy import (
+    LossAndLse,
     LossOptions,
     cap_slope,
     finish,
@@ -344,6 +345,46 @@ def _blocks(v: int) -> int:
     return max(b for b in range(1, devices + 1) if devices % b == 0 and v % b == 0)
 
 
+@overload
+def linear_cross_entropy(
+    x: Array,
+    w: Array,
+    labels: Array,
+    *,
+    bias: Array | None = None,
+    where: Array | None = None,
+    ignore_index: int | None = None,
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: str = "none",
+    return_lse: Literal[False] = False,
+    w_layout: str = "dv",
+    vocab_axis_name: Any = None,
+    chunk_size: int | None = None,
+) -> Array: ...
+
+
+@overload
+def linear_cross_entropy(
+    x: Array,
+    w: Array,
+    labels: Array,
+    *,
+    bias: Array | None = None,
+    where: Array | None = None,
+    ignore_index: int | None = None,
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: str = "none",
+    return_lse: Literal[True],
+    w_layout: str = "dv",
+    vocab_axis_name: Any = None,
+    chunk_size: int | None = None,
+) -> LossAndLse: ...
+
+
 def linear_cross_entropy(
     x: Array,
     w: Array,
@@ -360,7 +401,7 @@ def linear_cross_entropy(
     w_layout: str = "dv",
     vocab_axis_name: Any = None,
     chunk_size: int | None = None,
-) -> Any:
+) -> Array | LossAndLse:
     r"""``cross_entropy(x @ w + bias, labels, ...)`` without ever building the ``(N, V)``
     logits: the last layer and loss of a language model, fused.
 

@@ -54,7 +54,7 @@ def save(
     data_sha256: str | None = None,
 ) -> Path:
     """Write ``run_dir/checkpoint.npz`` atomically; a failed write raises
-    :class:`~jaxninja.training.fileio.WriteError` (``cannot write PATH: REASON``)."""
+    ``jaxninja.training.fileio.WriteError`` (``cannot write PATH: REASON``)."""
     path = Path(run_dir) / FILENAME
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +93,7 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
 
 
 def _reason(error: BaseException) -> str:
-    """``error``'s message in one line of at most :data:`MAX_REASON` characters (a
+    """``error``'s message in one line of at most ``MAX_REASON`` characters (a
     number in the file may have hundreds of digits), or its type's name."""
     reason = " ".join(str(error).split()) or type(error).__name__
     return reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 3] + "..."
@@ -118,7 +118,7 @@ def _parse_meta(stored: dict[str, np.ndarray]) -> tuple[TrainConfig, Vocab, str 
 
 def load_config(run_dir: str | os.PathLike[str]) -> TrainConfig:
     """The validated config of ``run_dir/checkpoint.npz``, read without touching JAX (so a
-    job's process may call it before it joins the job); raise :class:`CheckpointError`."""
+    job's process may call it before it joins the job); raise ``CheckpointError``."""
     return _load_meta(Path(run_dir))[1][0]
 
 
@@ -137,7 +137,7 @@ def _load_meta(
 
 
 def load(run_dir: str | os.PathLike[str], dtype: Any = jnp.float32) -> Checkpoint:
-    """Read and validate ``run_dir/checkpoint.npz``; raise :class:`CheckpointError`."""
+    """Read and validate ``run_dir/checkpoint.npz``; raise ``CheckpointError``."""
     path = Path(run_dir) / FILENAME
     stored, (config, vocab, data_sha256) = _load_meta(Path(run_dir))
 

@@ -22,7 +22,7 @@ SPLITS = ("train_loss", "val_loss", "test_loss")
 
 
 class RunSummary(NamedTuple):
-    """What :func:`load_run_summary` reads from a finished run directory."""
+    """What ``load_run_summary`` reads from a finished run directory."""
 
     path: Path
     config: dict[str, Any]
@@ -57,7 +57,7 @@ def load_run_summary(run_dir: str | os.PathLike[str]) -> RunSummary:
 def differing_fields(runs: list[RunSummary]) -> list[str]:
     """The config fields whose values are not all equal, in the config's order.
 
-    Example:
+    Examples:
         >>> a = RunSummary(Path("a"), {"lr": 0.1, "seed": 1}, {}, [], np.zeros(0))
         >>> differing_fields([a, a._replace(config={"lr": 0.2, "seed": 1})])
         ['lr']
@@ -87,7 +87,7 @@ def table(runs: list[RunSummary], names: list[str] | None = None) -> list[dict[s
 def to_markdown(rows: list[dict[str, Any]]) -> str:
     """``rows`` as a markdown table (floats to 4 decimals).
 
-    Example:
+    Examples:
         >>> print(to_markdown([{"run": "a", "val_loss": 2.11}]), end="")
         | run | val_loss |
         |---|---:|
@@ -150,7 +150,7 @@ def plot_curves(runs: list[RunSummary], path: Path) -> bool:
 def compare(
     run_dirs: list[str | os.PathLike[str]], out: str | os.PathLike[str] | None = None
 ) -> list[dict[str, Any]]:
-    """Compare finished runs: the table of :func:`table`; with ``out``, also write
+    """Compare finished runs: the table of ``table``; with ``out``, also write
     ``out/compare.md``, ``out/compare.csv`` and ``out/compare.png``.
 
     Raises:
@@ -168,7 +168,7 @@ def compare(
 
 
 def check_own_dir(out: Path, own: set[str]) -> None:
-    """Raise :class:`JaxninjaError` unless ``out`` is new or a directory holding only
+    """Raise ``JaxninjaError`` unless ``out`` is new or a directory holding only
     files named in ``own`` (what the tool writes there: never touch a user's files)."""
     if not (out.exists() or out.is_symlink()):
         return

@@ -50,7 +50,7 @@ def summarize(h: np.ndarray) -> dict[str, Any]:
         ``saturated_fraction`` (of all values), ``dead_units`` (saturated on every example),
         ``mean``, ``std``.
 
-    Example:
+    Examples:
         >>> s = summarize(np.array([[0.99, 0.1], [-0.995, 0.5]]))
         >>> s["saturated_fraction"], s["dead_units"]
         (0.5, 1)

@@ -2,7 +2,7 @@
 
 A run directory holds ``checkpoint.npz``, ``losses.npy`` (every step's loss, NaN where not yet
 run), ``metrics.json``, ``metrics.jsonl`` (with ``eval_every``), ``loss.png`` and the lock of
-:mod:`jaxninja.training.rundir`.
+``jaxninja.training.rundir``.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def train_run(
         devices: split each batch over this many devices (default: all; not part of
             ``cfg``, a resume may change it).
         compiled: compiled chunks shared with runs of the same
-            :func:`~jaxninja.training.train.program_config` (seed and lr become arguments;
+            ``jaxninja.training.train.program_config`` (seed and lr become arguments;
             the numbers equal a run's own chunk up to float32 rounding).
 
     Returns:
@@ -185,7 +185,7 @@ def evaluate_now(run: Run, state: TrainState) -> None:
 
 
 def _stop_if_asked(run: Run, step: int) -> None:
-    """Raise :class:`Interrupted` after a checkpoint if a signal asked to stop."""
+    """Raise ``Interrupted`` after a checkpoint if a signal asked to stop."""
     signum = parallel.largest(run.stop["signum"])  # a job's processes stop after the same chunk
     if signum and step < run.cfg.steps:
         raise Interrupted(

@@ -34,7 +34,7 @@ def environment() -> dict[str, Any]:
     """Where and when a run ran: jax, jaxlib and jaxninja versions, the device, the start
     time (UTC, ISO 8601), for ``metrics.json``.
 
-    Example:
+    Examples:
         >>> sorted(environment())
         ['device', 'jax_version', 'jaxlib_version', 'jaxninja_version', 'platform', 'started']
     """
@@ -144,7 +144,7 @@ def read(out: str | os.PathLike[str], upto: int | None = None) -> list[dict[str,
 def curves(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     """``{"step", "train_loss", "val_loss"}`` arrays of ``records`` (NaN where missing).
 
-    Example:
+    Examples:
         >>> curves([{"step": 5, "train_loss": 2.5, "val_loss": 2.6}])["val_loss"]
         array([2.6])
     """

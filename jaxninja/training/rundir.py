@@ -1,7 +1,7 @@
 """What makes a run directory safe: exclusive, locked, resumable, stopped cleanly, sized.
 
-The tool writes only :data:`FILES`; a directory holding one without a checkpoint is someone
-else's. An ``flock`` on :data:`LOCK` keeps a second process out (however the first one dies).
+The tool writes only ``FILES``; a directory holding one without a checkpoint is someone
+else's. An ``flock`` on ``LOCK`` keeps a second process out (however the first one dies).
 """
 
 from __future__ import annotations
@@ -128,8 +128,8 @@ FINISHING = "training is done; finishing the run first (statistics, metrics, sam
 @contextmanager
 def deferred_stop() -> Iterator[dict[str, Any]]:
     """Turn the first SIGINT/SIGTERM into ``stop["signum"]``, checked between chunks (a chunk
-    is never cut in half) and announced with ``stop["then"]`` (:data:`SAVING`; the end of a
-    run sets :data:`FINISHING`); a second one ends the process at once with ``128 + signum``
+    is never cut in half) and announced with ``stop["then"]`` (``SAVING``; the end of a
+    run sets ``FINISHING``); a second one ends the process at once with ``128 + signum``
     (files being written are removed first; the last checkpoint stays)."""
     stop: dict[str, Any] = {"signum": 0, "then": SAVING}
 
@@ -162,7 +162,7 @@ def deferred_stop() -> Iterator[dict[str, Any]]:
 
 
 def check_finite_end(out: Path, step: int, bn_stats: dict, metrics: dict[str, Any]) -> None:
-    """Raise :class:`RunError` when a finished run's calibrated statistics or any of its
+    """Raise ``RunError`` when a finished run's calibrated statistics or any of its
     metrics (split losses) are non-finite, which a checkpoint or ``metrics.json`` must never
     hold: the parameters stayed finite but diverged (a learning rate too large)."""
     bad = [f"batch-norm {k}" for k, v in bn_stats.items() if not np.isfinite(v).all()]
@@ -177,7 +177,7 @@ def check_finite_end(out: Path, step: int, bn_stats: dict, metrics: dict[str, An
 
 
 def check_memory(cfg: TrainConfig, n_examples: int, vocab_size: int = 27) -> None:
-    """Raise :class:`RunError` when a run's peak memory, roughly (4 bytes per value: state
+    """Raise ``RunError`` when a run's peak memory, roughly (4 bytes per value: state
     with grads and optimizer, a chunk's batches, a step's activations, the evaluation of
     the whole training set), exceeds 80% of this machine's."""
     fan_in = cfg.block_size * cfg.n_embd
@@ -198,7 +198,7 @@ def check_memory(cfg: TrainConfig, n_examples: int, vocab_size: int = 27) -> Non
 def check_same_run(
     out: Path, ckpt: checkpoint.Checkpoint, splits, other_data: bool, cfg: TrainConfig | None = None
 ) -> None:
-    """Raise :class:`RunError` unless ``ckpt`` was trained with ``cfg`` (but ``steps``; if
+    """Raise ``RunError`` unless ``ckpt`` was trained with ``cfg`` (but ``steps``; if
     given), on ``splits``' vocabulary and (unless ``other_data``) on the same data file."""
     if cfg is not None:
         theirs, ours = {**ckpt.config.to_dict(), "steps": 0}, {**cfg.to_dict(), "steps": 0}
@@ -217,7 +217,7 @@ def check_same_run(
 def resume(
     cfg: TrainConfig, out: Path, splits: data.Splits, other_data: bool, log
 ) -> tuple[TrainState, np.ndarray]:
-    """The checkpoint's state, once :func:`check_same_run` passes, and the loss history
+    """The checkpoint's state, once ``check_same_run`` passes, and the loss history
     (NaN where missing: a damaged file costs the history, never the run)."""
     ckpt = checkpoint.load(out)
     check_same_run(out, ckpt, splits, other_data, cfg)

@@ -1,9 +1,9 @@
-"""Sweeps: a grid over any :class:`~jaxninja.training.train.TrainConfig` fields
+"""Sweeps: a grid over any ``jaxninja.training.train.TrainConfig`` fields
 (``jaxninja sweep --grid KEY=V1,V2 ... --out DIR``), each member a real run directory
 under ``DIR`` that ``sample``, ``eval`` and ``compare`` accept, plus a results table
 (``results.csv``, ``results.md``) and one plot of every member's curve (``curves.png``).
 
-Members whose configs differ only in :data:`~jaxninja.training.train.PROGRAM_FREE` fields
+Members whose configs differ only in ``jaxninja.training.train.PROGRAM_FREE`` fields
 (seed, lr, the initialisation) share one compiled program; other fields form groups. A
 group runs either ``vmap``-ed (one program trains all its members at once) or
 ``sequential`` (one member after another, the same compiled chunk reused, seed and lr as
@@ -54,7 +54,7 @@ def parse_grid(specs: Sequence[str]) -> dict[str, list[Any]]:
         ConfigError: no ``=``, an unknown field, a repeated key, an empty list, a value
             that is not of the field's type.
 
-    Example:
+    Examples:
         >>> parse_grid(["n-hidden=64,128", "batch_norm=true,false"])
         {'n_hidden': [64, 128], 'batch_norm': [True, False]}
     """
@@ -99,9 +99,9 @@ def members(cfg: TrainConfig, grid: dict[str, list[Any]]) -> list[Member]:
 
     Raises:
         ConfigError: a member that is not a valid config (naming the member), a repeated
-            member, or more than :data:`MAX_MEMBERS`.
+            member, or more than ``MAX_MEMBERS``.
 
-    Example:
+    Examples:
         >>> [m.name for m in members(TrainConfig(), {"seed": [1, 2], "lr": [0.1]})]
         ['0_seed=1_lr=0.1', '1_seed=2_lr=0.1']
     """
@@ -126,7 +126,7 @@ def members(cfg: TrainConfig, grid: dict[str, list[Any]]) -> list[Member]:
 
 
 def groups(grid_members: list[Member]) -> list[list[Member]]:
-    """The members split by :func:`~jaxninja.training.train.program_config`: each group
+    """The members split by ``jaxninja.training.train.program_config``: each group
     shares one compiled program."""
     by_program: dict[TrainConfig, list[Member]] = {}
     for m in grid_members:
@@ -137,7 +137,7 @@ def groups(grid_members: list[Member]) -> list[list[Member]]:
 def pick_strategy(strategy: str = "auto", platform: str | None = None) -> str:
     """``vmap`` or ``sequential``: ``auto`` is ``sequential`` on CPU, ``vmap`` elsewhere.
 
-    Example:
+    Examples:
         >>> pick_strategy("auto", "cpu"), pick_strategy("auto", "gpu")
         ('sequential', 'vmap')
     """
@@ -162,7 +162,7 @@ def init_states(
 
 def make_sweep_chunk(cfg: TrainConfig, n_steps: int) -> jax.stages.Wrapped:
     """A jitted ``(states, seeds[M], lrs[M], Xtr, Ytr) -> (states, losses[M, n_steps])``:
-    :func:`jaxninja.training.train.make_train_chunk` vmapped over members. ``cfg.seed`` and
+    ``jaxninja.training.train.make_train_chunk`` vmapped over members. ``cfg.seed`` and
     ``cfg.lr`` are unused (each member brings its own); the states are donated."""
     chunk = train.make_train_chunk(cfg, n_steps)
 
@@ -185,11 +185,11 @@ def sweep_run(
     results table and plot.
 
     Args:
-        cfg: the base config; ``grid`` (from :func:`parse_grid`) overrides its fields.
+        cfg: the base config; ``grid`` (from ``parse_grid``) overrides its fields.
         grid: field -> values.
         out: the sweep's directory; it must not exist yet.
         data_path: the word list (default: the bundled names.txt).
-        strategy: ``auto``, ``vmap`` or ``sequential`` (:func:`pick_strategy`).
+        strategy: ``auto``, ``vmap`` or ``sequential`` (``pick_strategy``).
         log: where progress lines go.
 
     Returns:
@@ -241,7 +241,7 @@ def _run_group(
 def _run_sequential(
     group: list[Member], out: Path, data_path: Any, log: Callable[[str], None]
 ) -> job.Timing:
-    """One member after another through :func:`job.train_run`, one compiled chunk shared."""
+    """One member after another through ``job.train_run``, one compiled chunk shared."""
     compiled: dict[int, Any] = {}
     compile_s = 0.0
     run_s = 0.0
@@ -260,7 +260,7 @@ def _run_vmapped(
     group: list[Member], out: Path, data_path: Any, log: Callable[[str], None]
 ) -> job.Timing:
     """All members of ``group`` in one vmapped program; then each member's run directory
-    is finished as :func:`job.train_run` finishes its own."""
+    is finished as ``job.train_run`` finishes its own."""
     t_start = time.perf_counter()
     cfg = train.program_config(group[0].config)
     configs = [m.config for m in group]

@@ -1,8 +1,8 @@
 """Training, batch-norm calibration and evaluation: Exercise 4 as a fused, jitted loop.
 
-One step is ``grads = backend(params, Xb, Yb)`` and an optax update (:data:`OPTIMIZERS`,
-:data:`SCHEDULES`);
-:func:`make_train_chunk` fuses ``n`` steps into one ``lax.scan``. Step ``s`` draws its batch
+One step is ``grads = backend(params, Xb, Yb)`` and an optax update (``OPTIMIZERS``,
+``SCHEDULES``);
+``make_train_chunk`` fuses ``n`` steps into one ``lax.scan``. Step ``s`` draws its batch
 from ``fold_in(key(seed), s)``: a run is a pure function of its config, however chunked
 (so ``--resume`` is exact).
 """
@@ -70,9 +70,9 @@ BACKENDS: dict[str, Backend] = {  # the one table of training backends
 
 
 def check_int(name: str, value: Any, low: int, kind: str = "a positive integer") -> None:
-    """Raise :class:`ConfigError` unless ``value`` is an int in ``low..INT32_MAX``.
+    """Raise ``ConfigError`` unless ``value`` is an int in ``low..INT32_MAX``.
 
-    The one integer check of the tool: :meth:`TrainConfig.validate` and the CLI's argparse
+    The one integer check of the tool: ``TrainConfig.validate`` and the CLI's argparse
     types both call it (steps, schedule boundaries and seeds travel as int32).
 
     Args:
@@ -91,7 +91,7 @@ def check_int(name: str, value: Any, low: int, kind: str = "a positive integer")
 
 
 def check_float(name: str, value: Any, zero: bool = False) -> None:
-    """Raise :class:`ConfigError` unless ``value`` is a finite number that float32 keeps
+    """Raise ``ConfigError`` unless ``value`` is a finite number that float32 keeps
     (neither 0 nor inf): positive, or also exactly 0 with ``zero``.
 
     Raises:
@@ -111,13 +111,13 @@ def check_float(name: str, value: Any, zero: bool = False) -> None:
 
 
 def check_choice(name: str, value: Any, choices: Any) -> None:
-    """Raise :class:`ConfigError` unless ``value`` is one of ``choices`` (a registry)."""
+    """Raise ``ConfigError`` unless ``value`` is one of ``choices`` (a registry)."""
     if not isinstance(value, str) or value not in choices:
         raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
 
 
 def check_keys(what: str, d: dict, fields: Set[str], optional: Set[str] = frozenset()) -> None:
-    """Raise :class:`ConfigError` naming the ``missing`` (not in ``optional``) or ``unknown``
+    """Raise ``ConfigError`` naming the ``missing`` (not in ``optional``) or ``unknown``
     keys of ``d``: the one field check of configs and checkpoint metadata."""
     for problem, names in (("missing", fields - optional - set(d)), ("unknown", set(d) - fields)):
         if names:
@@ -194,7 +194,7 @@ class TrainConfig:
     eval_every: int = 0  # validation loss and diagnostics every N steps (0: at the end only)
 
     def validate(self) -> TrainConfig:
-        """Return self, or raise :class:`ConfigError` naming the bad field.
+        """Return self, or raise ``ConfigError`` naming the bad field.
 
         Raises:
             ConfigError: a field of the wrong type, out of range, or an unknown choice; a
@@ -234,7 +234,7 @@ class TrainConfig:
         """Build and validate a config from (untrusted) JSON data.
 
         Args:
-            d: every field of the config, but those of :data:`ADDED_FIELDS` may be missing
+            d: every field of the config, but those of ``ADDED_FIELDS`` may be missing
                 (they take their defaults: a checkpoint written before they existed).
             what: the kind of data, for the messages (e.g. ``"config file x.toml: "``).
 
@@ -255,11 +255,11 @@ class TrainState(NamedTuple):
 
 
 def make_schedule(cfg: TrainConfig, lr: float | Array | None = None) -> optax.Schedule:
-    """The learning rate of each step: :data:`SCHEDULES` ``[cfg.schedule]`` of ``lr``
+    """The learning rate of each step: ``SCHEDULES`` ``[cfg.schedule]`` of ``lr``
     (default ``cfg.lr``; a traced value in sweeps), times ``min(1, (step + 1) / warmup)``
     with a warmup.
 
-    Example:
+    Examples:
         >>> f = make_schedule(TrainConfig(lr_decay_step=3))
         >>> [round(float(f(s)), 4) for s in (0, 2, 3)]
         [0.1, 0.1, 0.01]
@@ -278,7 +278,7 @@ def make_schedule(cfg: TrainConfig, lr: float | Array | None = None) -> optax.Sc
 def make_optimizer(
     cfg: TrainConfig, lr: float | Array | None = None
 ) -> optax.GradientTransformation:
-    """:data:`OPTIMIZERS` ``[cfg.optimizer]`` on :func:`make_schedule` ``(cfg, lr)``; the
+    """``OPTIMIZERS`` ``[cfg.optimizer]`` on ``make_schedule`` ``(cfg, lr)``; the
     default config is the lecture's: SGD, ``lr`` for steps ``< lr_decay_step`` and
     ``lr * lr_decay`` after."""
     return OPTIMIZERS[cfg.optimizer](make_schedule(cfg, lr))
@@ -312,7 +312,7 @@ def init_state(cfg: TrainConfig, vocab_size: int, dtype: Any = jnp.float32) -> T
 
 
 def program_config(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with the :data:`PROGRAM_FREE` fields set to fixed values: equal for configs
+    """``cfg`` with the ``PROGRAM_FREE`` fields set to fixed values: equal for configs
     that can share one compiled chunk (seed and lr then passed as arguments)."""
     return dataclasses.replace(cfg, **PROGRAM_FREE)
 
@@ -377,7 +377,7 @@ def make_train_chunk(
 
 
 class Chunk(NamedTuple):
-    """What :func:`run_chunks` yields after each chunk."""
+    """What ``run_chunks`` yields after each chunk."""
 
     step: int  # steps done, after this chunk
     state: Any
@@ -404,13 +404,15 @@ def run_chunks(
             time once per length (compile time measured apart).
         state: the state at step ``start``.
         *args: the other arguments of each chunk.
-        start, steps: the first step and the number of steps of the run.
-        chunk_steps, eval_every: where chunks end.
+        start: the first step of the run.
+        steps: the number of steps of the run.
+        chunk_steps: chunks end at multiples of it...
+        eval_every: ...and of this (if not 0).
         compiled: the compiled chunks by length, shared by the calls that pass the same
             dict (the members of a sweep run one after another); default: this call's own.
 
     Yields:
-        A :class:`Chunk` after each chunk.
+        A ``Chunk`` after each chunk.
     """
     compiled = {} if compiled is None else compiled
     every = [k for k in (chunk_steps, eval_every) if k]
@@ -446,20 +448,20 @@ def evaluate(params: model.Params, bn_stats: model.BNStats, X: Array, Y: Array) 
 
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The fields of a config file: a JSON object (``.json``) or a TOML table (``.toml``)
-    whose keys are :class:`TrainConfig`'s field names (any subset: the rest come from
+    whose keys are ``TrainConfig``'s field names (any subset: the rest come from
     elsewhere, e.g. the defaults or the command line).
 
     Args:
         path: the file; its suffix picks the format (JSON unless ``.toml``).
 
     Returns:
-        The fields, not yet validated as a whole (:meth:`TrainConfig.validate` does that).
+        The fields, not yet validated as a whole (``TrainConfig.validate`` does that).
 
     Raises:
         ConfigError: an unreadable file, a syntax error (with its line), not a table, an
             unknown field.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> with tempfile.TemporaryDirectory() as tmp:
         ...     p = pathlib.Path(tmp, "c.toml")
