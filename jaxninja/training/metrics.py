@@ -65,7 +65,8 @@ def step_stats(
     Args:
         cfg: the run's config (backend, optimizer and schedule).
         state: the training state after ``state.step`` updates (not modified).
-        Xb, Yb: a training batch, ``(batch_size, block_size)`` and ``(batch_size,)``.
+        Xb: a training batch's contexts, ``(batch_size, block_size)``.
+        Yb: its targets, ``(batch_size,)``.
         lr: the learning rate (default ``cfg.lr``; traced: one compilation for many).
 
     Returns:
