@@ -51,26 +51,30 @@ def test_the_wheel_holds_no_tests_experiments_or_docs(wheel: Path) -> None:
     assert top == {"jaxninja", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}
 
 
-def _mypy_strict(source: Path, site: Path) -> subprocess.CompletedProcess[str]:
-    """``mypy --strict`` on ``source`` as a user would run it: outside the repo (no project
-    config), the package found where pip put it (PEP 561: typed only with ``py.typed``)."""
-    env = {**os.environ, "PYTHONPATH": str(site)}
-    cmd = [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(source)]
-    cmd += ["--python-executable", sys.executable, "--cache-dir", os.devnull]
-    return subprocess.run(cmd, cwd=site, env=env, capture_output=True, text=True, timeout=600)
+@pytest.fixture(scope="module")
+def mypy_output(installed: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """``mypy --strict`` as a user would run it, once on two files: the user's typed code and
+    a copy with one wrong use of an op's result (the control that the types reach mypy).
+    Outside the repo (no project config), the package found where pip put it (PEP 561:
+    typed only with ``py.typed``)."""
+    work = tmp_path_factory.mktemp("user")
+    (work / "user_code.py").write_text(USER_CODE.read_text())
+    wrong = USER_CODE.read_text() + "\n\nWRONG: int = mean_loss(jnp.zeros(3), jnp.zeros(3))\n"
+    (work / "wrong_user_code.py").write_text(wrong)
+    env = {**os.environ, "PYTHONPATH": str(installed)}
+    cmd = [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "user_code.py"]
+    cmd += ["wrong_user_code.py", "--python-executable", sys.executable]
+    cmd += ["--cache-dir", os.devnull]
+    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    return proc.stdout + proc.stderr
 
 
-def test_a_user_s_typed_code_checks_clean_under_mypy_strict(installed: Path) -> None:
-    proc = _mypy_strict(USER_CODE, installed)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+def test_a_user_s_typed_code_checks_clean_under_mypy_strict(mypy_output: str) -> None:
+    assert "Found 1 error in 1 file (checked 2 source files)" in mypy_output, mypy_output
+    assert "user_code.py:" not in mypy_output.replace("wrong_user_code.py:", ""), mypy_output
 
 
-def test_mypy_sees_our_types_not_any(installed: Path, tmp_path: Path) -> None:
+def test_mypy_sees_our_types_not_any(mypy_output: str) -> None:
     """The control: a wrong use of an op's result is an error, so the types reach mypy."""
-    wrong = tmp_path / "wrong_user_code.py"
-    wrong.write_text(
-        USER_CODE.read_text() + "\n\nWRONG: int = mean_loss(jnp.zeros(3), jnp.zeros(3))\n"
-    )
-    proc = _mypy_strict(wrong, installed)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert 'Incompatible types in assignment (expression has type "Array"' in proc.stdout
+    expected = 'Incompatible types in assignment (expression has type "Array"'
+    assert "wrong_user_code.py:" in mypy_output and expected in mypy_output, mypy_output
