@@ -1,4 +1,5 @@
-"""Shared fixtures: the data file, the lecture's splits, float64 on demand, quick params.
+"""Shared fixtures: the data file, the lecture's splits, float64 on demand, quick params,
+and the training runs that several test modules read (session-scoped, built once per worker).
 
 float64 is never switched on globally: the ``x64`` fixture turns ``jax_enable_x64`` on for
 one test (``with jax.enable_x64(True)``) and restores the previous value afterwards, so
@@ -11,6 +12,7 @@ and on a 2-core machine they can do that next to the (mostly single-threaded) te
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import shutil
@@ -24,12 +26,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import CFG, FAULT, SHA, VOCAB, params_of
+from helpers import (
+    CFG,
+    FAULT,
+    NO_BN,
+    SHA,
+    SMALL,
+    TRAJ_STEPS,
+    TWO_RUNS,
+    VOCAB,
+    host,
+    params_of,
+    run_chunks,
+)
 
 from jaxninja import cli
 from jaxninja.lecture import data, model, ninja
-from jaxninja.training import checkpoint, train
-from jaxninja.training.train import init_state
+from jaxninja.training import checkpoint, job, train
+from jaxninja.training.train import TrainConfig, init_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -269,3 +283,87 @@ def saved(tmp_path: Path, ckpt_state) -> Path:
     state, stats = ckpt_state
     checkpoint.save(tmp_path, CFG, VOCAB, state, stats, data_sha256=SHA)
     return tmp_path
+
+
+# ------------------------------------------------------------------- shared training runs
+# Session-scoped: each is trained at most once per pytest-xdist worker, whichever of the
+# test modules that read it runs first.
+
+
+@pytest.fixture(scope="session")
+def train_xy(splits) -> tuple[jax.Array, jax.Array]:
+    """The training split as device arrays."""
+    X, Y = splits.data["train"]
+    return jnp.asarray(X), jnp.asarray(Y)
+
+
+@pytest.fixture(scope="session")
+def trajectories(train_xy):
+    """300 steps of ``helpers.SMALL`` with each backend, in one chunk:
+    ``{backend: (state, losses, fns)}`` (test_train.py, test_checkpoint.py)."""
+    Xtr, Ytr = train_xy
+    out = {}
+    for backend in train.BACKENDS:
+        cfg = dataclasses.replace(SMALL, backend=backend)
+        fns: dict[int, object] = {}
+        state, losses = run_chunks(cfg, [TRAJ_STEPS], Xtr, Ytr, fns=fns)
+        out[backend] = (state, losses, fns)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained(trajectories, train_xy):
+    """The custom_vjp trajectory continued to 2,100 steps (the same compiled chunk, run
+    7 times): ``(params, calibrated bn_stats, losses)`` (test_train.py, test_sample.py,
+    test_checkpoint.py)."""
+    Xtr, Ytr = train_xy
+    state0, losses0, fns = trajectories["custom_vjp"]
+    state = jax.tree.map(jnp.asarray, state0)
+    losses = [losses0]
+    for _ in range(6):
+        state, chunk_losses = fns[TRAJ_STEPS](state, Xtr, Ytr)
+        losses.append(np.asarray(chunk_losses))
+    assert int(state.step) == 7 * TRAJ_STEPS
+    params = host(state.params)
+    bn_stats = host(train.calibrate_bn(state.params, Xtr))
+    return params, bn_stats, np.concatenate(losses)
+
+
+@pytest.fixture(scope="session")
+def no_bn_run(tmp_path_factory, names_file):
+    """A ``helpers.NO_BN`` run (300 steps without batch norm, evaluated every 100 steps):
+    ``(dir, metrics)`` (test_job.py, test_metrics.py, test_cli.py)."""
+    out = tmp_path_factory.mktemp("nobn") / "run"
+    m = job.train_run(NO_BN, out, names_file, log=lambda line: None, num_samples=0)
+    return out, m
+
+
+@pytest.fixture(scope="session")
+def two_runs(tmp_path_factory, names_file):
+    """Two finished ``helpers.TWO_RUNS`` runs that differ in batch norm and lr:
+    ``[bn, no_bn]`` (test_compare.py, test_diagnose.py)."""
+    root = tmp_path_factory.mktemp("runs")
+    quiet = dict(log=lambda line: None, num_samples=0)
+    job.train_run(TWO_RUNS, root / "bn", names_file, **quiet)
+    no_bn = TrainConfig(**{**TWO_RUNS.to_dict(), "batch_norm": False, "lr": 0.05})
+    job.train_run(no_bn, root / "no_bn", names_file, **quiet)
+    return [root / "bn", root / "no_bn"]
+
+
+@pytest.fixture(scope="session")
+def base_run(words_file, tmp_path_factory) -> Path:
+    """A finished tiny run on ``words_file`` (n_hidden 16, 2 chunks of 1 step; tests copy it
+    with ``run_copy`` before changing anything) (test_reliability.py, test_rundir.py,
+    test_checkpoint.py)."""
+    out = tmp_path_factory.mktemp("base") / "run"
+    cfg = TrainConfig(n_hidden=16, steps=2, chunk_steps=1)
+    job.train_run(cfg, out, words_file, log=lambda s: None, num_samples=0)
+    return out
+
+
+@pytest.fixture
+def run_copy(base_run, tmp_path) -> Path:
+    """A copy of ``base_run`` in this test's ``tmp_path``, free to change."""
+    out = tmp_path / "run"
+    shutil.copytree(base_run, out)
+    return out

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import queue
+import re
 import subprocess
 import sys
 import threading
@@ -14,12 +15,13 @@ import time
 from pathlib import Path
 from types import ModuleType
 
+import jax
 import numpy as np
 import pytest
 
 from jaxninja import cli
 from jaxninja.lecture.data import Vocab, is_control
-from jaxninja.training import checkpoint
+from jaxninja.training import checkpoint, train
 from jaxninja.training.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -220,3 +222,51 @@ def greedy_name(params, bn_stats, vocab, max_len: int = 32) -> str:
 CFG = TrainConfig(n_hidden=8, steps=4, chunk_steps=2)
 VOCAB = Vocab(tuple(".abcd"))
 SHA = hashlib.sha256(b"some data file").hexdigest()
+
+
+# ---------------------------------------------------------------------- short training runs
+
+# The lecture's progress line, f"{i:7d}/{n:7d}: {loss:.4f}".
+PROGRESS = re.compile(r" *(\d+)/ *(\d+): (\d+\.\d{4})")
+# The small model of conftest's ``trajectories`` / ``trained`` (test_train.py, test_sample.py,
+# test_checkpoint.py): a small hidden layer, 300 steps per trajectory.
+TRAJ_STEPS = 300  # steps of the backend / chunking / determinism trajectories
+SMALL = TrainConfig(n_hidden=32, steps=TRAJ_STEPS)
+# conftest's ``no_bn_run``: 300 steps without batch norm, evaluated every 100 steps.
+NO_BN = TrainConfig(n_hidden=16, steps=300, chunk_steps=200, batch_norm=False, eval_every=100)
+# conftest's ``two_runs`` (test_compare.py, test_diagnose.py): tiny runs with metrics.jsonl.
+TWO_RUNS = TrainConfig(n_hidden=8, steps=200, chunk_steps=100, eval_every=100)
+
+
+def host(tree):
+    """A numpy *copy* of a pytree (train chunks donate their input buffers)."""
+    return jax.tree.map(lambda a: np.array(a, copy=True), tree)
+
+
+def run_chunks(cfg: TrainConfig, chunks, Xtr, Ytr, vocab_size: int = 27, fns=None):
+    """Train ``cfg`` from its initial state through chunks of the given sizes.
+
+    Returns ``(state, losses)`` as numpy; ``fns`` caches compiled chunk functions by size.
+    """
+    fns = {} if fns is None else fns
+    state = train.init_state(cfg, vocab_size)
+    losses = []
+    for n in chunks:
+        if n not in fns:
+            fns[n] = train.make_train_chunk(cfg, n)
+        state, chunk_losses = fns[n](state, Xtr, Ytr)
+        losses.append(np.asarray(chunk_losses))
+    return host(state), np.concatenate(losses)
+
+
+def assert_trees_equal(a, b) -> None:
+    """Bitwise equality of two pytrees of arrays, leaf by leaf, with the leaf named."""
+    leaves_a = jax.tree_util.tree_leaves_with_path(a)
+    leaves_b = jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for (path, x), y in zip(leaves_a, leaves_b, strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape, jax.tree_util.keystr(path)
+        assert np.array_equal(x, y), (
+            f"{jax.tree_util.keystr(path)}: max |diff| {np.max(np.abs(x - y))}"
+        )

@@ -1,4 +1,6 @@
-"""Tests for the ``jaxninja`` command (train / sample / eval / check).
+"""Tests for the ``jaxninja`` command (jaxninja.cli: train / sample / eval / check, and
+``--config FILE`` / ``--resume`` building the run's config from the saved one, a file and
+the flags).
 
 The real entry point (``python -m jaxninja``) runs in subprocesses where it matters
 (a training run, the exact stderr of a failing process, ``check``);
@@ -9,6 +11,7 @@ file is an error, never a skip.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -18,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import one_error_line, run_cli
+from helpers import NO_BN, one_error_line, run_cli
+
+from jaxninja.training import checkpoint, metrics
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_STEPS = 2000
@@ -226,3 +231,73 @@ def test_errors_from_a_real_process(tmp_path):
 def test_check_float64(names_file):
     proc = python("-m", "jaxninja", "check", "--dtype", "float64", data=names_file)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------ --config and --resume
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("c.json", '{"n_hidden": 8, "optimizer": "adam", "steps": 3}'),
+        ("c.toml", 'n_hidden = 8\noptimizer = "adam"\nsteps = 3\n'),
+    ],
+)
+def test_config_file(capsys, tmp_path, names_file, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    out = tmp_path / "run"
+    argv = ["train", "--data", names_file, "--out", out, "--config", path, "--samples", "0"]
+    rc, _, err = run_cli(capsys, *argv, "--steps", "4", "--chunk-steps", "2")
+    assert rc == 0, err
+    cfg = checkpoint.load(out).config
+    assert (cfg.n_hidden, cfg.optimizer, cfg.steps) == (8, "adam", 4)  # the flag wins
+
+
+@pytest.mark.parametrize(
+    ("text", "needles"),
+    [
+        ('{"n_hiden": 8}', ["n_hiden", "unknown"]),
+        ('{"n_hidden": "8"}', ["n_hidden", "'8'"]),
+        ('{"n_hidden": 8,}', ["not valid JSON", "line 1"]),
+        ("[1, 2]", ["object"]),
+        ('{"optimizer": "sgdd"}', ["optimizer", "sgdd"]),
+    ],
+)
+def test_bad_config_files_are_one_line(capsys, tmp_path, names_file, text, needles):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    rc, _, err = run_cli(
+        capsys, "train", "--data", names_file, "--out", tmp_path / "r", "--config", path
+    )
+    line = one_error_line(err)
+    assert rc == 2
+    for needle in [str(path), *needles]:
+        assert needle in line, (needle, line)
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_toml_names_the_line(capsys, tmp_path, names_file):
+    path = tmp_path / "bad.toml"
+    path.write_text("n_hidden = 8\nsteps = = 3\n")
+    rc, _, err = run_cli(capsys, "train", "--data", names_file, "--config", path)
+    assert rc == 2 and "line 2" in one_error_line(err) and str(path) in err
+
+
+def test_resume_reads_the_saved_config(no_bn_run, capsys, tmp_path, names_file):
+    """``--resume`` alone continues with the run's own config; a flag that disagrees is
+    refused, naming the field."""
+    out, _ = no_bn_run
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in out.iterdir():
+        if f.is_file():
+            (copy / f.name).write_bytes(f.read_bytes())
+    argv = ["train", "--data", names_file, "--out", copy, "--resume", "--samples", "0"]
+    rc, _, err = run_cli(capsys, *argv, "--optimizer", "adam")
+    assert rc == 2 and "optimizer='sgd' (asked 'adam')" in one_error_line(err)
+    rc, _, err = run_cli(capsys, *argv, "--steps", "400")
+    assert rc == 0, err
+    cfg = checkpoint.load(copy).config
+    assert cfg == dataclasses.replace(NO_BN, steps=400)
+    assert [r["step"] for r in metrics.read(copy)] == [100, 200, 300, 400]

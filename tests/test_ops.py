@@ -341,6 +341,36 @@ def test_labels_shape_mismatch_names_both_shapes(jit):
     assert "(3,)" in str(err.value) and "(4, 5)" in str(err.value)
 
 
+def test_out_of_range_labels_give_nan_not_a_clamped_class():
+    logits = jnp.zeros((4, 5))
+    labels = jnp.array([0, -1, 5, 4])
+    loss = np.asarray(ops.cross_entropy(logits, labels))
+    assert np.isfinite(loss[[0, 3]]).all() and np.isnan(loss[[1, 2]]).all()
+    assert np.isnan(float(ops.cross_entropy(logits, labels).mean()))
+    g = np.asarray(jax.grad(lambda z: ops.cross_entropy(z, labels).sum())(logits))
+    assert np.isfinite(g[[0, 3]]).all() and np.isnan(g[[1, 2]]).all()
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_shape_mismatch_raises_at_trace_time_naming_both_shapes(jit):
+    def ce(z, y):
+        return ops.cross_entropy(z, y)
+
+    def bn(x, g, b):
+        return ops.batch_norm(x, g, b)
+
+    ce, bn = (jax.jit(ce), jax.jit(bn)) if jit else (ce, bn)
+    with pytest.raises(ValueError, match=r"labels shape \(3,\).*logits shape \(4, 5\)"):
+        ce(jnp.zeros((4, 5)), jnp.zeros((3,), jnp.int32))
+    with pytest.raises(ValueError, match=r"gain shape \(1, 7\).*x shape \(4, 5\)"):
+        bn(jnp.ones((4, 5)), jnp.ones((1, 7)), jnp.zeros((1, 5)))
+    with pytest.raises(ValueError, match=r"bias shape \(3,\).*x shape \(4, 5\)"):
+        bn(jnp.ones((4, 5)), jnp.ones((1, 5)), jnp.zeros((3,)))
+    # ... and when only traced, never run: jax.eval_shape raises the same error.
+    with pytest.raises(ValueError, match=r"labels shape \(4, 1\).*logits shape \(4, 5\)"):
+        jax.eval_shape(ops.cross_entropy, jnp.zeros((4, 5)), jnp.zeros((4, 1), jnp.int32))
+
+
 def test_integer_logits_and_float_labels_are_type_errors():
     with pytest.raises(TypeError, match="floating"):
         ops.cross_entropy(np.zeros((4, 5), np.int32), np.zeros(4, np.int32))

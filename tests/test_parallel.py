@@ -1,7 +1,7 @@
 """Data-parallel training and synchronized batch norm on 4 and 8 forced CPU devices.
 
 The device count of a process is fixed when jax starts, so every multi-device check runs
-in a fresh Python process (tests/scripts/multidevice_cases.py) that sets
+in a fresh Python process (tests/scripts/data_parallel_cases.py) that sets
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before importing jax. The processes
 are started together, once per session, and each test reads its part of their output.
 """
@@ -21,7 +21,7 @@ from jaxninja.training import parallel
 from jaxninja.training.train import ConfigError, TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-CASES = Path(__file__).parent / "scripts" / "multidevice_cases.py"
+CASES = Path(__file__).parent / "scripts" / "data_parallel_cases.py"
 TIMEOUT = 300
 
 # Float64 on the same global batch: only the order of additions differs.

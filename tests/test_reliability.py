@@ -1,27 +1,29 @@
-"""Reliability and security: bad input, faults, NaNs and hostile files.
+"""Reliability and security end to end through the CLI (a cross-cutting suite): bad input,
+non-finite losses, faults and hostile files, each checked across the commands it reaches.
 
 Every expected failure must end the CLI with exit status 2 and exactly one stderr line
 ``error: ...`` naming the file or option and the problem; Ctrl-C ends it with 130 after
 a checkpoint; a crash at any moment leaves a loadable checkpoint; and a checkpoint file
-is data, never code. Most CLI calls run in-process through :func:`jaxninja.cli.main`
-(the same code ``python -m jaxninja`` runs, minus the interpreter start); the fault
-tests and a few smoke checks use real subprocesses.
+is data, never code, for every command that reads one. Most CLI calls run in-process through
+:func:`jaxninja.cli.main` (the same code ``python -m jaxninja`` runs, minus the interpreter
+start); the fault tests and a few smoke checks use real subprocesses.
+
+One module's own rules live with that module's tests: the run directory's (lock, ownership,
+resume checks, damaged loss history) in test_rundir.py, checkpoint loading (zip bombs, no
+unpickling) in test_checkpoint.py, the ops' bad inputs in test_ops.py. Signals and processes
+are test_faults.py; every option's boundary values, test_fuzz.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import shutil
 import signal
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import (
@@ -32,19 +34,14 @@ from helpers import (
     one_error_line,
     progress,
     refused,
-    rewrite_npz,
     run_cli,
     set_array,
     with_arrays,
     with_meta,
 )
 
-from jaxninja import ops
 from jaxninja.lecture.data import Vocab
-from jaxninja.training import checkpoint, rundir
-from jaxninja.training.checkpoint import CheckpointError
-from jaxninja.training.job import RunError, train_run
-from jaxninja.training.train import ConfigError, TrainConfig
+from jaxninja.training import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 HELPER = Path(__file__).parent / "scripts" / "train_with_fault.py"
@@ -54,22 +51,6 @@ WORKING = ["--steps", "2", "--n-hidden", "16", "--chunk-steps", "1"]
 
 
 pytestmark = pytest.mark.usefixtures("reuse_compiled_chunks")
-
-
-@pytest.fixture(scope="module")
-def base_run(words_file, tmp_path_factory) -> Path:
-    """A finished tiny run (module-scoped; tests copy it before changing anything)."""
-    out = tmp_path_factory.mktemp("base") / "run"
-    cfg = TrainConfig(n_hidden=16, steps=2, chunk_steps=1)  # = WORKING
-    train_run(cfg, out, words_file, log=lambda s: None, num_samples=0)
-    return out
-
-
-@pytest.fixture
-def run_copy(base_run, tmp_path) -> Path:
-    out = tmp_path / "run"
-    shutil.copytree(base_run, out)
-    return out
 
 
 # ----------------------------------------------------------------- bad data files
@@ -237,33 +218,6 @@ def test_batch_size_1_is_refused(words_file, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_resume_with_another_config_refused(run_copy, words_file, capsys):
-    before = (run_copy / checkpoint.FILENAME).read_bytes()
-    rc, _, err = run_cli(
-        capsys, "train", "--data", words_file, "--out", run_copy, "--resume",
-        "--steps", "2", "--n-hidden", "32", "--chunk-steps", "1",
-    )  # fmt: skip
-    assert rc == 2
-    assert one_error_line(err) == (
-        f"error: {run_copy} holds a run with a different config: n_hidden=16 (asked 32)"
-    )
-    assert (run_copy / checkpoint.FILENAME).read_bytes() == before
-
-
-def test_existing_run_without_resume_or_overwrite_refused(run_copy, words_file, capsys):
-    rc, _, err = run_cli(capsys, "train", "--data", words_file, "--out", run_copy, *TINY)
-    assert rc == 2
-    assert one_error_line(err).startswith(f"error: {run_copy} already holds a run; pass --resume")
-
-
-def test_resume_of_a_missing_run(words_file, tmp_path, capsys):
-    out = tmp_path / "never"
-    rc, _, err = run_cli(capsys, "train", "--data", words_file, "--out", out, *TINY, "--resume")
-    assert rc == 2
-    assert one_error_line(err) == f"error: {out}: nothing to resume (no checkpoint.npz)"
-    assert not out.exists()
-
-
 def test_cli_subprocess_bad_argument(tmp_path):
     p = subprocess.run(
         [sys.executable, "-m", "jaxninja", "train", "--out", str(tmp_path / "o"), "--lr", "nan"],
@@ -275,97 +229,7 @@ def test_cli_subprocess_bad_argument(tmp_path):
     )
 
 
-def _huge_npy(path: Path) -> None:
-    """An .npy header claiming 10**12 floats (4 TB) over a few bytes of data."""
-    with open(path, "wb") as f:
-        header = {"descr": "<f4", "fortran_order": False, "shape": (10**12,)}
-        np.lib.format.write_array_header_1_0(f, header)
-        f.write(b"\0" * 64)
-
-
-DAMAGED_LOSSES = {
-    "garbage": lambda p: p.write_bytes(b"\x93NUMPY garbage"),
-    "empty": lambda p: p.write_bytes(b""),
-    "strings": lambda p: np.save(p, np.array(["nan", "x"])),
-    "structured": lambda p: np.save(p, np.zeros(2, dtype=[("a", "f4"), ("b", "i4")])),
-    "pickled-objects": lambda p: np.save(p, np.array([{"a": 1}], dtype=object)),
-    "huge-header": _huge_npy,
-}
-
-
-@pytest.mark.parametrize("case", sorted(DAMAGED_LOSSES))
-def test_damaged_loss_history_never_blocks_a_resume(case, run_copy, words_file, capsys):
-    """The checkpoint is the truth; the loss history is secondary: a damaged
-    ``losses.npy`` costs the history (one warning line), never the run."""
-    DAMAGED_LOSSES[case](run_copy / "losses.npy")
-    rc, out, err = run_cli(
-        capsys, "train", "--data", words_file, "--out", run_copy, "--resume",
-        "--steps", "3", "--n-hidden", "16", "--chunk-steps", "1", "--samples", "0",
-    )  # fmt: skip
-    assert (rc, err) == (0, ""), err
-    warnings = [line for line in out.splitlines() if line.startswith("warning: ")]
-    assert len(warnings) == 1 and "the loss history restarts here" in warnings[0], out
-    assert int(checkpoint.load(run_copy).state.step) == 3
-    losses = np.load(run_copy / "losses.npy")
-    assert losses.shape == (3,) and np.isnan(losses[:2]).all() and np.isfinite(losses[2])
-
-
-@pytest.mark.parametrize("umask", [0o077, 0o002])
-def test_run_files_follow_the_umask(umask, words_file, tmp_path, capsys):
-    """Every file and directory a run creates has the mode a plain ``open``/``mkdir``
-    would give it under the user's umask (``mkstemp`` alone would make files 0o600)."""
-    out = tmp_path / "a" / "run"
-    old = os.umask(umask)
-    try:
-        rc, _, err = run_cli(
-            capsys, "train", "--data", words_file, "--out", out, *WORKING, "--samples", "0"
-        )
-    finally:
-        os.umask(old)
-    assert (rc, err) == (0, "")
-    made = [out.parent, out, *out.iterdir()]
-    assert {p.name for p in made} >= {
-        "checkpoint.npz",
-        "losses.npy",
-        "metrics.json",
-        ".jaxninja.lock",
-    }
-    for p in made:
-        want = (0o777 if p.is_dir() else 0o666) & ~umask
-        assert p.stat().st_mode & 0o777 == want, (p, oct(p.stat().st_mode))
-
-
-# ------------------------------------------------------------ bad op inputs, NaNs
-
-
-def test_out_of_range_labels_give_nan_not_a_clamped_class():
-    logits = jnp.zeros((4, 5))
-    labels = jnp.array([0, -1, 5, 4])
-    loss = np.asarray(ops.cross_entropy(logits, labels))
-    assert np.isfinite(loss[[0, 3]]).all() and np.isnan(loss[[1, 2]]).all()
-    assert np.isnan(float(ops.cross_entropy(logits, labels).mean()))
-    g = np.asarray(jax.grad(lambda z: ops.cross_entropy(z, labels).sum())(logits))
-    assert np.isfinite(g[[0, 3]]).all() and np.isnan(g[[1, 2]]).all()
-
-
-@pytest.mark.parametrize("jit", [False, True])
-def test_shape_mismatch_raises_at_trace_time_naming_both_shapes(jit):
-    def ce(z, y):
-        return ops.cross_entropy(z, y)
-
-    def bn(x, g, b):
-        return ops.batch_norm(x, g, b)
-
-    ce, bn = (jax.jit(ce), jax.jit(bn)) if jit else (ce, bn)
-    with pytest.raises(ValueError, match=r"labels shape \(3,\).*logits shape \(4, 5\)"):
-        ce(jnp.zeros((4, 5)), jnp.zeros((3,), jnp.int32))
-    with pytest.raises(ValueError, match=r"gain shape \(1, 7\).*x shape \(4, 5\)"):
-        bn(jnp.ones((4, 5)), jnp.ones((1, 7)), jnp.zeros((1, 5)))
-    with pytest.raises(ValueError, match=r"bias shape \(3,\).*x shape \(4, 5\)"):
-        bn(jnp.ones((4, 5)), jnp.ones((1, 5)), jnp.zeros((3,)))
-    # ... and when only traced, never run: jax.eval_shape raises the same error.
-    with pytest.raises(ValueError, match=r"labels shape \(4, 1\).*logits shape \(4, 5\)"):
-        jax.eval_shape(ops.cross_entropy, jnp.zeros((4, 5)), jnp.zeros((4, 1), jnp.int32))
+# -------------------------------------------------------------- non-finite losses
 
 
 def test_non_finite_loss_stops_at_its_chunk_and_keeps_last_good_checkpoint(
@@ -394,29 +258,6 @@ def test_non_finite_loss_stops_at_its_chunk_and_keeps_last_good_checkpoint(
     assert one_error_line(err) == (
         f"error: {out}: training has not finished (step 1 of 6); finish it with --resume first"
     )
-
-
-@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
-def test_non_finite_parameters_never_reach_a_checkpoint(words_file, tmp_path):
-    """lr=3e38 is finite in float32; the first update makes the parameters huge while the
-    loss it reports (of the step's old parameters) is still finite. Only states whose
-    every array is finite are saved (a bug found earlier saved non-finite parameters as
-    the "last good checkpoint", which checkpoint.load then refused)."""
-    out = tmp_path / "r"
-    cfg = TrainConfig(n_hidden=16, steps=3, chunk_steps=1, lr=3e38)
-    with pytest.raises(RunError) as e:
-        train_run(cfg, out, words_file, log=lambda s: None)
-    assert str(e.value).startswith("loss became non-finite at step 1; stopped, the last good")
-    kept = checkpoint.load(out)  # loads: every array in it is finite (load checks)
-    assert int(kept.state.step) == 1
-
-
-def test_learning_rate_beyond_float32_is_refused():
-    with pytest.raises(
-        ConfigError,
-        match=r"lr must be between 1\.18e-38 and 3\.4e\+38 \(float32\), got 1e\+300",
-    ):
-        TrainConfig(lr=1e300).validate()
 
 
 # ------------------------------------------------------------------------- faults
@@ -716,52 +557,7 @@ def test_hostile_checkpoint_refused_everywhere(case, run_copy, words_file, capsy
         assert one_error_line(err) == f"error: {msg}", argv
 
 
-def test_checkpoint_that_would_unpack_huge_is_refused_before_reading(run_copy, monkeypatch):
-    """A zip bomb: the declared uncompressed size is checked before anything is read."""
-    size = sum(i.file_size for i in zipfile.ZipFile(run_copy / checkpoint.FILENAME).infolist())
-    monkeypatch.setattr(checkpoint, "MAX_BYTES", size - 1)
-    with pytest.raises(CheckpointError, match=f"unpacks to {size} bytes, over the"):
-        checkpoint.load(run_copy)
-    monkeypatch.setattr(checkpoint, "MAX_BYTES", size)
-    checkpoint.load(run_copy)
-
-
-class _Payload:
-    """Unpickling this creates the file ``marker``: proof that code ran."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
-@pytest.mark.parametrize("where", ["meta", C, "extra", "raw-pickle"])
-def test_loading_never_unpickles(where, run_copy, tmp_path, capsys):
-    marker = tmp_path / "pwned"
-    # The payload is live: plain pickle.loads would run it.
-    probe = tmp_path / "probe"
-    pickle.loads(pickle.dumps(_Payload(probe)))
-    assert probe.exists()
-
-    path = run_copy / checkpoint.FILENAME
-    evil = np.array([_Payload(marker)], dtype=object)
-    if where == "raw-pickle":
-        path.write_bytes(pickle.dumps(_Payload(marker)))
-    else:
-        arrays = npz_arrays(path)
-        arrays["evil" if where == "extra" else where] = evil
-        rewrite_npz(path, arrays)  # np.savez pickles object arrays
-    with pytest.raises(CheckpointError, match="unreadable checkpoint"):
-        checkpoint.load(run_copy)
-    for argv in (["sample", "--out", run_copy], ["eval", "--out", run_copy]):
-        rc, _, err = run_cli(capsys, *argv)
-        assert rc == 2
-        one_error_line(err)
-    assert not marker.exists()
-
-
-# ------------------------------------------------------ round three: runs, run files, ends
+# -------------------------------------------------------------------- diverging runs
 
 
 def test_a_diverging_run_saves_nothing_non_finite(words_file, tmp_path, capsys):
@@ -780,58 +576,3 @@ def test_a_diverging_run_saves_nothing_non_finite(words_file, tmp_path, capsys):
     assert int(ckpt.state.step) == 20 and ckpt.bn_stats is None
     rc, _, err = run_cli(capsys, *argv, "--resume")  # resuming ends the same way
     assert rc == 2 and one_error_line(err) == line
-
-
-def test_metrics_are_never_written_with_nan(tmp_path):
-    """The last guard: even a NaN that slipped past the checks is not JSON."""
-    with pytest.raises(RunError, match=r"non-finite after training: val_loss\)"):
-        rundir.check_finite_end(tmp_path, 1, {"var": np.ones(2)}, {"val_loss": float("nan")})
-    with pytest.raises(RunError, match=r"batch-norm var \(not > 0\)"):
-        rundir.check_finite_end(tmp_path, 1, {"var": np.zeros(2)}, {"val_loss": 1.0})
-
-
-@pytest.mark.parametrize("name", [*rundir.FILES, rundir.LOCK])
-@pytest.mark.parametrize("flag", ["--overwrite", "--resume", None])
-def test_a_run_file_that_is_a_directory_is_never_touched(name, flag, run_copy, words_file, capsys):
-    (run_copy / name).unlink(missing_ok=True)
-    (run_copy / name).mkdir()
-    (run_copy / name / "mine.txt").write_text("the user's\n")
-    argv = ["train", "--data", words_file, "--out", run_copy, *WORKING, *([flag] if flag else [])]
-    rc, _, err = run_cli(capsys, *argv)
-    assert rc == 2
-    assert one_error_line(err) == (
-        f"error: {run_copy / name} is not a regular file (jaxninja never removes it); move "
-        f"it away or choose another --out"
-    )
-    assert (run_copy / name / "mine.txt").read_text() == "the user's\n"
-
-
-def test_the_lock_is_never_opened_through_a_symlink(words_file, tmp_path, capsys):
-    out, mine = tmp_path / "run", tmp_path / "mine.txt"
-    out.mkdir()
-    mine.write_text("the user's\n")
-    (out / rundir.LOCK).symlink_to(mine)
-    rc, _, err = run_cli(capsys, "train", "--data", words_file, "--out", out, *WORKING)
-    assert rc == 2
-    assert one_error_line(err) == (
-        f"error: {out / rundir.LOCK} is a symbolic link; remove it or choose another --out"
-    )
-    assert mine.read_text() == "the user's\n" and sorted(os.listdir(out)) == [rundir.LOCK]
-
-
-def test_sigterm_in_the_final_phase_says_the_run_finishes(words_file, tmp_path, capsys):
-    """A SIGTERM after the last chunk (here: while the split losses are printed) says
-    what happens: the run finishes its files and exits 0."""
-
-    def log(line: str) -> None:
-        if line.startswith("train "):
-            os.kill(os.getpid(), signal.SIGTERM)  # a real signal, handled by the run
-
-    out = tmp_path / "r"
-    cfg = TrainConfig(n_hidden=16, steps=2, chunk_steps=1)
-    capsys.readouterr()
-    metrics = train_run(cfg, out, words_file, log=log, num_samples=0)
-    err = capsys.readouterr().err
-    assert err == f"SIGTERM: {rundir.FINISHING} (send it again to stop now)\n"
-    assert metrics["steps"] == 2 and (out / "metrics.json").exists()
-    assert checkpoint.load(out).bn_stats is not None

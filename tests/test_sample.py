@@ -1,4 +1,6 @@
-"""Tests for jaxninja.lecture.sample: any positive finite temperature, bad sizes refused."""
+"""Tests for jaxninja.lecture.sample: names sampled from a trained model (conftest's
+``trained``: the vocabulary, ``max_len``, determinism for a key, temperature against the
+model's likelihood), any positive finite temperature, bad sizes refused."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import VOCAB, greedy_name
+from helpers import VOCAB, greedy_name, numpy_logits
 
 from jaxninja.errors import JaxninjaError
 from jaxninja.lecture import sample
@@ -97,3 +99,89 @@ def test_a_huge_hostile_vocabulary_is_refused_quickly_and_briefly() -> None:
     with pytest.raises(ValueError, match="vocabulary has 20000 duplicate entries") as exc:
         Vocab(itos)
     assert len(str(exc.value)) < 100
+
+
+# ------------------------------------------------------------- sampling a trained model
+
+
+N_SAMPLES = 100  # one sample count (and two max_len) for all tests: fewer compilations
+
+
+def test_samples_use_the_vocabulary(trained, splits):
+    params, bn_stats, _ = trained
+    names = sample.sample_names(params, bn_stats, splits.vocab, jax.random.key(0), N_SAMPLES)
+    assert len(names) == N_SAMPLES
+    letters = set(splits.vocab.itos[1:])
+    for name in names:
+        assert "." not in name and set(name) <= letters, name
+    assert sum(map(len, names)) / len(names) > 3  # mostly real names, not empty strings
+
+
+def test_samples_respect_max_len(trained, splits):
+    params, bn_stats, _ = trained
+    names = sample.sample_names(
+        params, bn_stats, splits.vocab, jax.random.key(1), N_SAMPLES, max_len=4
+    )
+    assert max(map(len, names)) == 4  # capped, and the cap is reached
+    assert min(map(len, names)) < 4  # some names end by drawing '.'
+    ids = np.asarray(
+        sample.sample_ids(
+            params,
+            bn_stats,
+            jax.random.key(1),
+            num_samples=N_SAMPLES,
+            block_size=3,
+            max_len=4,
+            temperature=1.0,
+        )
+    )
+    assert ids.shape == (N_SAMPLES, 4)
+    for row in ids:  # everything after a row's '.' is '.'
+        zeros = np.flatnonzero(row == 0)
+        if len(zeros):
+            assert np.all(row[zeros[0] :] == 0)
+    assert [splits.vocab.decode(row).split(".")[0] for row in ids] == names
+
+
+def test_samples_are_deterministic_for_a_key(trained, splits):
+    params, bn_stats, _ = trained
+    a = sample.sample_names(params, bn_stats, splits.vocab, jax.random.key(7), N_SAMPLES)
+    b = sample.sample_names(params, bn_stats, splits.vocab, jax.random.key(7), N_SAMPLES)
+    c = sample.sample_names(params, bn_stats, splits.vocab, jax.random.key(8), N_SAMPLES)
+    assert a == b
+    assert a != c
+
+
+def mean_nll(params, bn_stats, vocab, names: list[str]) -> float:
+    """Mean negative log-likelihood per symbol (the terminating '.' included) at T=1."""
+    total, count = 0.0, 0
+    for name in names:
+        context = [0, 0, 0]
+        for ix in [*vocab.encode(name), 0]:
+            logits = numpy_logits(params, bn_stats, context)
+            total += np.log(np.exp(logits - logits.max()).sum()) + logits.max() - logits[ix]
+            count += 1
+            context = context[1:] + [ix]
+    return total / count
+
+
+def test_temperature(trained, splits):
+    params, bn_stats, vocab = *trained[:2], splits.vocab
+    key = jax.random.key(3)
+
+    def draw(temperature):
+        return sample.sample_names(params, bn_stats, vocab, key, N_SAMPLES, temperature=temperature)
+
+    greedy = greedy_name(params, bn_stats, vocab)
+    assert draw(1e-3) == [greedy] * N_SAMPLES  # T -> 0 is argmax decoding
+    warm, hot = draw(1.0), draw(5.0)
+    assert len(set(warm)) > 0.8 * N_SAMPLES
+    # T = 1 samples the model, so its names cost about the model's loss (~2.4 nats);
+    # T >> 1 flattens the distribution towards uniform (log 27 = 3.3 nats)
+    nll_warm = mean_nll(params, bn_stats, vocab, warm)
+    nll_hot = mean_nll(params, bn_stats, vocab, hot)
+    assert nll_warm < 2.7 and nll_hot > nll_warm + 0.8, (nll_warm, nll_hot)
+    with pytest.raises(ValueError, match="temperature"):
+        sample.sample_names(params, bn_stats, vocab, key, 5, temperature=0.0)
+    with pytest.raises(ValueError, match="num_samples"):
+        sample.sample_names(params, bn_stats, vocab, key, 0)

@@ -1,9 +1,11 @@
-"""Tests for training, evaluation and sampling (jaxninja.training.train, run, checkpoint, sample).
+"""Tests for jaxninja.training.train: TrainConfig and its experiment switches (batch norm
+off, init, output-layer scales, optimizer, schedule, warmup), the fused training chunks
+(backends, determinism, chunking, schedules, running statistics), batch-norm calibration and
+evaluation, and one full run of the lecture's Exercise-4 configuration (200,000 steps).
 
-Short runs of a small model (H=32) on the real names.txt, plus one full run of the
-lecture's Exercise-4 configuration (200,000 steps). Compilation dominates the cost of the
-short runs, so the module builds as few train chunks as it can and shares them through
-module-scoped fixtures.
+The short runs are of a small model (``helpers.SMALL``, H=32) on the real names.txt.
+Compilation dominates their cost, so they share conftest's session-scoped ``trajectories``
+and ``trained`` (test_sample.py and test_checkpoint.py read them too).
 
 The dataset comes from conftest.py's ``names_file`` / ``splits`` fixtures ($JAXNINJA_DATA);
 a missing file is an error, never a skip.
@@ -12,96 +14,29 @@ a missing file is an error, never a skip.
 from __future__ import annotations
 
 import dataclasses
-import json
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import greedy_name, numpy_logits
+from helpers import (
+    NO_BN,
+    PROGRESS,
+    SMALL,
+    TRAJ_STEPS,
+    assert_trees_equal,
+    host,
+    one_error_line,
+    run_chunks,
+    run_cli,
+)
 
-from jaxninja.lecture import model, sample
-from jaxninja.training import checkpoint, job, train
-from jaxninja.training.train import TrainConfig
+from jaxninja.lecture import model
+from jaxninja.training import job, train
+from jaxninja.training.train import ConfigError, TrainConfig
 
-H = 32  # small hidden layer for the short runs
-TRAJ_STEPS = 300  # steps of the backend / chunking / determinism trajectories
-SMALL = TrainConfig(n_hidden=H, steps=TRAJ_STEPS)
-# the lecture's progress line, f"{i:7d}/{n:7d}: {loss:.4f}"
-PROGRESS = re.compile(r" *(\d+)/ *(\d+): (\d+\.\d{4})")
-
-
-@pytest.fixture(scope="module")
-def train_xy(splits) -> tuple[jax.Array, jax.Array]:
-    X, Y = splits.data["train"]
-    return jnp.asarray(X), jnp.asarray(Y)
-
-
-def host(tree):
-    """A numpy *copy* of a pytree (train chunks donate their input buffers)."""
-    return jax.tree.map(lambda a: np.array(a, copy=True), tree)
-
-
-def run_chunks(cfg: TrainConfig, chunks, Xtr, Ytr, vocab_size: int = 27, fns=None):
-    """Train ``cfg`` from its initial state through chunks of the given sizes.
-
-    Returns ``(state, losses)`` as numpy; ``fns`` caches compiled chunk functions by size.
-    """
-    fns = {} if fns is None else fns
-    state = train.init_state(cfg, vocab_size)
-    losses = []
-    for n in chunks:
-        if n not in fns:
-            fns[n] = train.make_train_chunk(cfg, n)
-        state, chunk_losses = fns[n](state, Xtr, Ytr)
-        losses.append(np.asarray(chunk_losses))
-    return host(state), np.concatenate(losses)
-
-
-def assert_trees_equal(a, b) -> None:
-    """Bitwise equality of two pytrees of arrays, leaf by leaf, with the leaf named."""
-    leaves_a = jax.tree_util.tree_leaves_with_path(a)
-    leaves_b = jax.tree.leaves(b)
-    assert len(leaves_a) == len(leaves_b)
-    for (path, x), y in zip(leaves_a, leaves_b, strict=True):
-        x, y = np.asarray(x), np.asarray(y)
-        assert x.dtype == y.dtype and x.shape == y.shape, jax.tree_util.keystr(path)
-        assert np.array_equal(x, y), (
-            f"{jax.tree_util.keystr(path)}: max |diff| {np.max(np.abs(x - y))}"
-        )
-
-
-@pytest.fixture(scope="module")
-def trajectories(train_xy):
-    """300 steps of the small model with each backend, in one chunk:
-    ``{backend: (state, losses, fns)}``."""
-    Xtr, Ytr = train_xy
-    out = {}
-    for backend in train.BACKENDS:
-        cfg = dataclasses.replace(SMALL, backend=backend)
-        fns: dict[int, object] = {}
-        state, losses = run_chunks(cfg, [TRAJ_STEPS], Xtr, Ytr, fns=fns)
-        out[backend] = (state, losses, fns)
-    return out
-
-
-@pytest.fixture(scope="module")
-def trained(trajectories, train_xy):
-    """The custom_vjp trajectory continued to 2,100 steps (the same compiled chunk, run
-    7 times): ``(params, calibrated bn_stats, losses)``."""
-    Xtr, Ytr = train_xy
-    state0, losses0, fns = trajectories["custom_vjp"]
-    state = jax.tree.map(jnp.asarray, state0)
-    losses = [losses0]
-    for _ in range(6):
-        state, chunk_losses = fns[TRAJ_STEPS](state, Xtr, Ytr)
-        losses.append(np.asarray(chunk_losses))
-    assert int(state.step) == 7 * TRAJ_STEPS
-    params = host(state.params)
-    bn_stats = host(train.calibrate_bn(state.params, Xtr))
-    return params, bn_stats, np.concatenate(losses)
+H = SMALL.n_hidden  # the small hidden layer of the short runs
 
 
 # ------------------------------------------------------------------------- training
@@ -149,7 +84,7 @@ def test_same_config_twice_is_bitwise_identical(trajectories, train_xy):
     """A run is a pure function of its config: the same config run again from scratch
     reproduces the trajectory bit for bit (no hidden RNG or state). Freshly *compiled*
     chunks reproduce it too: see test_chunking_independence (3 x 100) and
-    test_resume_equals_uninterrupted (separate train_run calls)."""
+    test_job.py's test_resume_equals_uninterrupted (separate train_run calls)."""
     ref_state, ref_losses, fns = trajectories["custom_vjp"]
     state, losses = run_chunks(SMALL, [TRAJ_STEPS], *train_xy, fns=dict(fns))
     assert_trees_equal(state, ref_state)
@@ -309,150 +244,7 @@ def test_evaluate_matches_numpy(trained, splits):
     np.testing.assert_allclose(one, numpy_eval_loss(params, bn_stats, X[:1], Y[:1]), rtol=1e-5)
 
 
-# ------------------------------------------------------------------------ sampling
-
-
-N_SAMPLES = 100  # one sample count (and two max_len) for all tests: fewer compilations
-
-
-def test_samples_use_the_vocabulary(trained, splits):
-    params, bn_stats, _ = trained
-    names = sample.sample_names(params, bn_stats, splits.vocab, jax.random.key(0), N_SAMPLES)
-    assert len(names) == N_SAMPLES
-    letters = set(splits.vocab.itos[1:])
-    for name in names:
-        assert "." not in name and set(name) <= letters, name
-    assert sum(map(len, names)) / len(names) > 3  # mostly real names, not empty strings
-
-
-def test_samples_respect_max_len(trained, splits):
-    params, bn_stats, _ = trained
-    names = sample.sample_names(
-        params, bn_stats, splits.vocab, jax.random.key(1), N_SAMPLES, max_len=4
-    )
-    assert max(map(len, names)) == 4  # capped, and the cap is reached
-    assert min(map(len, names)) < 4  # some names end by drawing '.'
-    ids = np.asarray(
-        sample.sample_ids(
-            params,
-            bn_stats,
-            jax.random.key(1),
-            num_samples=N_SAMPLES,
-            block_size=3,
-            max_len=4,
-            temperature=1.0,
-        )
-    )
-    assert ids.shape == (N_SAMPLES, 4)
-    for row in ids:  # everything after a row's '.' is '.'
-        zeros = np.flatnonzero(row == 0)
-        if len(zeros):
-            assert np.all(row[zeros[0] :] == 0)
-    assert [splits.vocab.decode(row).split(".")[0] for row in ids] == names
-
-
-def test_samples_are_deterministic_for_a_key(trained, splits):
-    params, bn_stats, _ = trained
-    a = sample.sample_names(params, bn_stats, splits.vocab, jax.random.key(7), N_SAMPLES)
-    b = sample.sample_names(params, bn_stats, splits.vocab, jax.random.key(7), N_SAMPLES)
-    c = sample.sample_names(params, bn_stats, splits.vocab, jax.random.key(8), N_SAMPLES)
-    assert a == b
-    assert a != c
-
-
-def mean_nll(params, bn_stats, vocab, names: list[str]) -> float:
-    """Mean negative log-likelihood per symbol (the terminating '.' included) at T=1."""
-    total, count = 0.0, 0
-    for name in names:
-        context = [0, 0, 0]
-        for ix in [*vocab.encode(name), 0]:
-            logits = numpy_logits(params, bn_stats, context)
-            total += np.log(np.exp(logits - logits.max()).sum()) + logits.max() - logits[ix]
-            count += 1
-            context = context[1:] + [ix]
-    return total / count
-
-
-def test_temperature(trained, splits):
-    params, bn_stats, vocab = *trained[:2], splits.vocab
-    key = jax.random.key(3)
-
-    def draw(temperature):
-        return sample.sample_names(params, bn_stats, vocab, key, N_SAMPLES, temperature=temperature)
-
-    greedy = greedy_name(params, bn_stats, vocab)
-    assert draw(1e-3) == [greedy] * N_SAMPLES  # T -> 0 is argmax decoding
-    warm, hot = draw(1.0), draw(5.0)
-    assert len(set(warm)) > 0.8 * N_SAMPLES
-    # T = 1 samples the model, so its names cost about the model's loss (~2.4 nats);
-    # T >> 1 flattens the distribution towards uniform (log 27 = 3.3 nats)
-    nll_warm = mean_nll(params, bn_stats, vocab, warm)
-    nll_hot = mean_nll(params, bn_stats, vocab, hot)
-    assert nll_warm < 2.7 and nll_hot > nll_warm + 0.8, (nll_warm, nll_hot)
-    with pytest.raises(ValueError, match="temperature"):
-        sample.sample_names(params, bn_stats, vocab, key, 5, temperature=0.0)
-    with pytest.raises(ValueError, match="num_samples"):
-        sample.sample_names(params, bn_stats, vocab, key, 0)
-
-
-# ---------------------------------------------------------------- checkpoints / runs
-
-
-def test_checkpoint_round_trip(tmp_path, trajectories, trained, splits):
-    state = trajectories["manual"][0]
-    cfg = dataclasses.replace(SMALL, backend="manual", running_stats=True, seed=3)
-    _, bn_stats, _ = trained
-    checkpoint.save(tmp_path, cfg, splits.vocab, state, bn_stats)
-    ckpt = checkpoint.load(tmp_path)
-    assert ckpt.config == cfg
-    assert ckpt.vocab == splits.vocab
-    assert_trees_equal(ckpt.state, state)
-    assert_trees_equal(ckpt.bn_stats, bn_stats)
-    assert not list(tmp_path.glob("*.tmp"))  # the temporary file was renamed away
-    # without calibrated statistics (an unfinished run)
-    checkpoint.save(tmp_path, cfg, splits.vocab, state)
-    ckpt = checkpoint.load(tmp_path)
-    assert ckpt.bn_stats is None
-    assert_trees_equal(ckpt.state, state)
-
-
-def test_resume_equals_uninterrupted(tmp_path, names_file):
-    """steps=200 into A, then resume A to 400; straight 400 into B: identical bit for bit
-    (params, optimizer state, step, losses.npy, metrics). The chunk boundaries (100) are
-    the same in both and a multiple of the scan unroll, so the result is exact."""
-    cfg = TrainConfig(n_hidden=H, steps=400, chunk_steps=100)
-    a, b = tmp_path / "a", tmp_path / "b"
-    logs: dict[str, list[str]] = {"a1": [], "a2": [], "b": []}
-    m_a1 = job.train_run(
-        dataclasses.replace(cfg, steps=200), a, names_file, log=logs["a1"].append, num_samples=2
-    )
-    assert m_a1["steps"] == 200 and checkpoint.load(a).bn_stats is not None
-    m_a = job.train_run(cfg, a, names_file, resume=True, log=logs["a2"].append, num_samples=2)
-    m_b = job.train_run(cfg, b, names_file, log=logs["b"].append, num_samples=2)
-
-    ck_a, ck_b = checkpoint.load(a), checkpoint.load(b)
-    assert int(ck_a.state.step) == 400
-    assert ck_a.config == ck_b.config == cfg
-    assert_trees_equal(ck_a.state, ck_b.state)
-    assert_trees_equal(ck_a.bn_stats, ck_b.bn_stats)
-    losses_a, losses_b = np.load(a / "losses.npy"), np.load(b / "losses.npy")
-    assert losses_a.shape == (400,) and np.all(np.isfinite(losses_a))
-    assert np.array_equal(losses_a, losses_b)
-    for k in ("train_loss", "val_loss", "test_loss"):
-        assert m_a[k] == m_b[k]
-    assert m_a["steps_this_run"] == 200 and m_b["steps_this_run"] == 400
-    progress = {
-        k: [PROGRESS.fullmatch(ln).groups() for ln in v if PROGRESS.fullmatch(ln)]
-        for k, v in logs.items()
-    }
-    # (step, total, loss): the resumed run goes on from step 200 with the straight run's losses
-    assert [(s, n) for s, n, _ in progress["b"]] == [(s, "400") for s in ("0", "100", "200", "300")]
-    assert progress["a2"] == progress["b"][2:]
-    assert [(s, loss) for s, _, loss in progress["a1"]] == [
-        (s, loss) for s, _, loss in progress["b"][:2]
-    ]
-    metrics = json.loads((a / "metrics.json").read_text())
-    assert metrics["train_loss"] == m_a["train_loss"]
+# ------------------------------------------------------------------ the lecture's run
 
 
 def test_full_default_training(tmp_path, names_file):
@@ -477,3 +269,112 @@ def test_full_default_training(tmp_path, names_file):
     steps = [int(m.group(1)) for m in map(PROGRESS.fullmatch, lines) if m]
     assert steps == list(range(0, 200_000, 10_000))  # every 10,000 steps
     assert 3.0 < float(lines[0].split(":")[1]) < 4.5  # about 3.78 in the lecture
+
+
+# ------------------------------------------------------------------ experiment switches
+
+
+def test_no_batch_norm_params_and_state():
+    state = train.init_state(NO_BN, 27)
+    assert sorted(state.params) == ["C", "W1", "W2", "b1", "b2"]
+    assert state.bn_running == {}
+    bn = train.init_state(dataclasses.replace(NO_BN, batch_norm=True), 27).params
+    for k in state.params:  # the same key gives the same values, with or without batch norm
+        assert np.array_equal(state.params[k], bn[k]), k
+
+
+def test_manual_backend_refuses_no_batch_norm(capsys, tmp_path, names_file):
+    with pytest.raises(ConfigError, match="manual"):
+        dataclasses.replace(NO_BN, backend="manual").validate()
+    rc, _, err = run_cli(
+        capsys, "train", "--data", names_file, "--out", tmp_path / "r", "--no-batch-norm",
+        "--backend", "manual",
+    )  # fmt: skip
+    assert rc == 2 and "manual" in one_error_line(err)
+    assert not (tmp_path / "r").exists()
+
+
+def test_backends_agree_without_batch_norm(train_xy):
+    """custom_vjp and autodiff train the same network without batch norm."""
+    cfg = dataclasses.replace(NO_BN, steps=50)
+    runs = {}
+    for backend in ("custom_vjp", "autodiff"):
+        c = dataclasses.replace(cfg, backend=backend)
+        runs[backend] = train.make_train_chunk(c, 50)(train.init_state(c, 27), *train_xy)
+    (a, la), (b, lb) = runs["custom_vjp"], runs["autodiff"]
+    np.testing.assert_allclose(la, lb, rtol=1e-5, atol=1e-6)
+    for k in a.params:
+        np.testing.assert_allclose(a.params[k], b.params[k], rtol=1e-5, atol=2e-6, err_msg=k)
+
+
+def test_init_switches_set_the_scales(splits):
+    fan_in = 30
+    randn = train.init_params(TrainConfig(n_hidden=2000, init="randn"), 27)
+    kaiming = train.init_params(TrainConfig(n_hidden=2000), 27)
+    assert abs(float(jnp.std(randn["W1"])) - 1.0) < 0.02
+    assert abs(float(jnp.std(kaiming["W1"])) - (5 / 3) / fan_in**0.5) < 0.01
+    fixed = train.init_params(TrainConfig(n_hidden=200, w2_scale=0.01, b2_scale=0.0), 27)
+    assert np.all(np.asarray(fixed["b2"]) == 0)
+    assert abs(float(jnp.std(fixed["W2"])) - 0.01) < 0.001
+    # Part 3's fix: the first loss is about -log(1/27) = 3.2958
+    X, Y = (jnp.asarray(a[:5000]) for a in splits.data["train"])
+    first = float(model.loss(fixed, X, Y))
+    assert abs(first - np.log(27)) < 0.01, first
+    bad = train.init_params(TrainConfig(n_hidden=200, w2_scale=1.0, b2_scale=1.0), 27)
+    assert float(model.loss(bad, X, Y)) > 10  # Part 3's "27" start: confidently wrong
+
+
+def lrs_of(cfg: TrainConfig, steps) -> list[float]:
+    schedule = train.make_schedule(cfg)
+    return [float(schedule(s)) for s in steps]
+
+
+def test_schedules():
+    np.testing.assert_allclose(
+        lrs_of(TrainConfig(steps=100, schedule="cosine", lr_decay=0.1), [0, 50, 100]),
+        [0.1, 0.055, 0.01],
+        rtol=1e-5,
+    )
+    assert lrs_of(TrainConfig(schedule="constant"), [0, 150_000]) == pytest.approx([0.1, 0.1])
+    warm = TrainConfig(warmup=10, lr_decay_step=20)
+    np.testing.assert_allclose(lrs_of(warm, [0, 4, 9, 19, 20]), [0.01, 0.05, 0.1, 0.1, 0.01])
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_optimizer_switch_is_optax(name):
+    """The chunk's update is optax's optimizer on the schedule, replayed by hand."""
+    cfg = TrainConfig(optimizer=name, lr=1e-3, schedule="constant")
+    params = {"w": jnp.arange(3.0)}
+    grads = {"w": jnp.array([1.0, -2.0, 0.5])}
+    ours = train.make_optimizer(cfg)
+    ref = getattr(optax, name)(1e-3)
+    u1, _ = ours.update(grads, ours.init(params), params)
+    u2, _ = ref.update(grads, ref.init(params), params)
+    np.testing.assert_array_equal(u1["w"], u2["w"])
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"optimizer": "rmsprop"}, "optimizer"),
+        ({"schedule": "linear"}, "schedule"),
+        ({"init": "xavier"}, "init"),
+        ({"w2_scale": -0.1}, "w2_scale"),
+        ({"b2_scale": float("nan")}, "b2_scale"),
+        ({"warmup": -1}, "warmup"),
+        ({"eval_every": 1.5}, "eval_every"),
+        ({"batch_norm": "no"}, "batch_norm"),
+        ({"batch_norm": False, "running_stats": True}, "running_stats"),
+    ],
+)
+def test_bad_switches_name_the_field(change, needle):
+    with pytest.raises(ConfigError, match=needle):
+        dataclasses.replace(TrainConfig(), **change).validate()
+
+
+def test_learning_rate_beyond_float32_is_refused():
+    with pytest.raises(
+        ConfigError,
+        match=r"lr must be between 1\.18e-38 and 3\.4e\+38 \(float32\), got 1e\+300",
+    ):
+        TrainConfig(lr=1e300).validate()

@@ -1,6 +1,7 @@
-"""Multi-device checks, run by tests/test_parallel.py in a fresh process.
+"""Data-parallel checks on forced CPU devices (synchronised batch norm, sharded training),
+run by tests/test_parallel.py in a fresh process.
 
-Usage: ``python tests/scripts/multidevice_cases.py CASE N_DEVICES``. The number of CPU devices
+Usage: ``python tests/scripts/data_parallel_cases.py CASE N_DEVICES``. The number of CPU devices
 must be fixed before jax is imported, so this script sets ``XLA_FLAGS`` itself and then imports
 jax. It prints one JSON object (the largest differences it measured) on its last line;
 the test decides what is close enough.
