@@ -1,6 +1,6 @@
-"""jaxninja bench: smoke tests of the benchmarks' plumbing and bench.json. No timing is
-asserted anywhere (timings on a shared machine are noise); only structure, finiteness and
-the refusal of an output that cannot be written."""
+"""Tests for jaxninja.bench (``jaxninja bench``): smoke tests of the benchmarks' plumbing and
+bench.json. No timing is asserted anywhere (timings on a shared machine are noise); only structure,
+finiteness and the refusal of an output that cannot be written."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""``jaxninja check``: the table, its verdicts and exit status, and ``--solution FILE``."""
+"""Tests for jaxninja.lecture.check (``jaxninja check``): the table, its verdicts and exit
+status, and ``--solution FILE``."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""check_vjp: the settings matrix passes right rules, names the failing setting of a wrong
-one, runs one setting per pytest id, and refuses bad calls with a clear error.
+"""Tests for jaxninja.testing.check_vjp (jaxninja/testing/_matrix.py): the settings matrix passes
+right rules, names the failing setting of a wrong one, runs one setting per pytest id, and refuses
+bad calls with a clear error.
 
 The zoo of wrong rules (one per bug class, each caught) is tests/test_check_vjp_zoo.py.
 """

@@ -1,5 +1,6 @@
-"""The zoo (tests/vjp_zoo.py): check_vjp catches every wrong rule in the setting it is
-modelled for, where a natural assert_vjp_matches call passes it; right rules pass.
+"""Tests for jaxninja.testing.check_vjp against the zoo (tests/vjp_zoo.py): it catches every wrong
+rule in the setting it is modelled for, where a natural assert_vjp_matches call passes it; right
+rules pass.
 
 Each wrong rule runs its one setting (one compilation); the catch with all the defaults,
 rule by rule, is measured by experiments/check_vjp_catch_rates.py (docs/testing.md). The

@@ -1,5 +1,6 @@
-"""The package's shape rules that no linter checks: no function longer than 60 lines of code
-(docstring, comments and blank lines not counted). ruff checks complexity (C901 <= 10)."""
+"""The package's shape rules that no linter checks (a cross-cutting suite): no function longer than
+60 lines of code (docstring, comments and blank lines not counted). ruff checks complexity (C901 <=
+10)."""
 
 from __future__ import annotations
 

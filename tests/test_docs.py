@@ -1,5 +1,5 @@
-"""The docs site builds in strict mode: a broken link, a missing page in the nav or a
-docstring mkdocstrings cannot render fails the build (its ``>>>`` examples run in
+"""The docs site builds in strict mode (a cross-cutting suite): a broken link, a missing page in the
+nav or a docstring mkdocstrings cannot render fails the build (its ``>>>`` examples run in
 ``tests/test_doctests.py``)."""
 
 from __future__ import annotations

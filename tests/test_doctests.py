@@ -1,4 +1,5 @@
-"""Every example in every jaxninja docstring runs and gives what it says.
+"""Every example in every jaxninja docstring runs and gives what it says (a cross-cutting
+suite over every module and the docs' Markdown).
 
 One test per module (``doctest.testmod`` on each module that ``pkgutil.walk_packages``
 finds in the package, subpackages included), plus a check that the public modules have

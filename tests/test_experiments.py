@@ -1,5 +1,5 @@
-"""The experiment scripts run top to bottom and print what they promise (the lecture's
-exercises are notebooks now: tests/test_notebooks.py).
+"""The experiment scripts run top to bottom and print what they promise (a cross-cutting
+suite; the lecture's exercises are notebooks now: tests/test_notebooks.py).
 
 Each script runs in its own Python process (see conftest.start_experiments: they start
 as soon as these tests are collected), with JAXNINJA_DATA pointing at names.txt.

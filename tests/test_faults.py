@@ -1,4 +1,6 @@
-"""Faults injected into real ``python -m jaxninja train`` processes.
+"""Faults injected into real ``python -m jaxninja train`` processes (a cross-cutting suite:
+signals, processes, full disks and broken streams, across the run directory, checkpoints and
+the CLI's output).
 
 * SIGTERM (what ``kill``, Slurm, ``timeout`` and ``docker stop`` send) mid-run: a
   checkpoint at a chunk boundary, a message, exit 143, and ``--resume`` ends with the

@@ -1,5 +1,5 @@
-"""Table-driven fuzz of the ``jaxninja`` command: every option of every command, with
-boundary and hostile values and every kind of path.
+"""Table-driven fuzz of the ``jaxninja`` command (a cross-cutting suite): every option of every
+command, with boundary and hostile values and every kind of path.
 
 Each case is one in-process call of :func:`jaxninja.cli.main` (the code ``python -m
 jaxninja`` runs) with a tiny, valid base command line plus ONE fuzzed ``--option=value``

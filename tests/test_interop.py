@@ -1,4 +1,5 @@
-"""The stax interop example runs: training, a vmapped ensemble, donation, our custom VJPs."""
+"""The interop examples run (a cross-cutting suite: jaxninja.ops inside stax, flax nnx and
+equinox models): training, a vmapped ensemble, donation, our custom VJPs."""
 
 from __future__ import annotations
 

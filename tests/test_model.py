@@ -1,4 +1,5 @@
-"""The network: init shapes and scales, forward modes, the loss and its gradients."""
+"""Tests for jaxninja.lecture.model, the network: init shapes and scales, forward modes, the
+loss and its gradients."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Multi-process data-parallel training: real ``jaxninja train`` processes on 127.0.0.1.
+"""Multi-process data-parallel training: real ``jaxninja train`` processes on 127.0.0.1 (a
+cross-cutting suite: the CLI, jaxninja.training.parallel, job and rundir across processes).
 
 Every job is started the way a cluster launcher would start it: one ``python -m jaxninja
 train`` per process with ``--coordinator 127.0.0.1:PORT --num-processes N --process-id I``

@@ -1,4 +1,5 @@
-"""The four exercises: manual gradients against jax.grad, and the check report."""
+"""Tests for jaxninja.lecture.ninja, the four exercises: manual gradients against jax.grad,
+and the check report."""
 
 from __future__ import annotations
 

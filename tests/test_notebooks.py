@@ -1,6 +1,7 @@
-"""The lecture's notebooks: generated from experiments/lecture.py and in sync with it, and
-executed top to bottom: solved, with the blanks, with the blanks filled (right, and one
-deliberately wrong). The four runs share a JAX compilation cache and run two at a time."""
+"""The lecture's notebooks (a cross-cutting suite over jaxninja.lecture): generated from
+experiments/lecture.py and in sync with it, and executed top to bottom: solved, with the blanks,
+with the blanks filled (right, and one deliberately wrong). The four runs share a JAX compilation
+cache and run two at a time."""
 
 from __future__ import annotations
 

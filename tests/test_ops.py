@@ -1,4 +1,5 @@
-"""The custom-VJP ops against autodiff of their plain-jnp references.
+"""Tests for jaxninja.ops: the custom-VJP ops against autodiff of their plain-jnp references,
+and their bad inputs.
 
 We check our VJPs the way we tell users to check theirs: with
 :func:`jaxninja.testing.assert_vjp_matches` (hand-written VJP vs autodiff of the plain-jnp

@@ -1,5 +1,6 @@
-"""The wheel a user installs: what it holds (names.txt, py.typed, the license; no tests or
-experiments), and a user's typed code checked by ``mypy --strict`` against it."""
+"""The wheel a user installs (a cross-cutting suite): what it holds (names.txt, py.typed, the
+license; no tests or experiments), and a user's typed code checked by ``mypy --strict``
+against it."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Data-parallel training and synchronized batch norm on 4 and 8 forced CPU devices.
+"""Tests for jaxninja.training.parallel: data-parallel training and synchronized batch norm
+on 4 and 8 forced CPU devices.
 
 The device count of a process is fixed when jax starts, so every multi-device check runs
 in a fresh Python process (tests/scripts/data_parallel_cases.py) that sets

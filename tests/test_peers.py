@@ -1,4 +1,5 @@
-"""Differential tests against the peers a user would switch from.
+"""Differential tests against the peers a user would switch from (a cross-cutting suite:
+jaxninja.ops against optax, flax and unfused references).
 
 * ``cross_entropy`` vs ``optax.softmax_cross_entropy_with_integer_labels``: values and
   gradients (row masks, per-logit masks, tuple axes), and optax's own test class for

@@ -1,4 +1,5 @@
-"""Property-based tests of the custom-VJP ops at random shapes, scales and dtypes.
+"""Property-based tests of the custom-VJP ops at random shapes, scales and dtypes (a
+cross-cutting suite over jaxninja.ops; the ops' example-based tests are test_ops.py).
 
 * forward: finite wherever the math is finite (logits up to +-1e4, batch variances from
   1e-8 to 1e8), in float32, float64 and (cross-entropy) bfloat16, and close to a float64

@@ -1,5 +1,5 @@
-"""jaxninja.training.sweep: grids over config fields; members equal separate runs, vmapped or
-one after another, and are real run directories."""
+"""Tests for jaxninja.training.sweep: grids over config fields; members equal separate runs, vmapped
+or one after another, and are real run directories."""
 
 from __future__ import annotations
 
