@@ -114,11 +114,37 @@ def reuse_compiled_chunks() -> Iterator[None]:
         yield
 
 
+CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+_MADE_CACHE = pytest.StashKey[str]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One JAX persistent compilation cache for the whole session: the pytest-xdist workers
+    and every subprocess a test starts inherit it through the environment, so a program one
+    process compiled is loaded, not compiled again, by the next (compiling is most of this
+    suite's time). The
+    process that makes the directory removes it at the end; a cache the user set is kept."""
+    if os.environ.get(CACHE_ENV):  # an xdist worker (the controller made it), or the user's
+        return
+    cache = tempfile.mkdtemp(prefix="jaxninja-tests-jax-cache-")
+    config.stash[_MADE_CACHE] = cache
+    os.environ[CACHE_ENV] = cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # tiny programs too
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    cache = config.stash.get(_MADE_CACHE, None)
+    if cache is not None:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def compile_cache(tmp_path_factory) -> Path:
-    """A JAX persistent compilation cache shared by the fault tests' subprocesses, so each
-    chunk shape is compiled about once per session."""
-    return tmp_path_factory.mktemp("jax-cache")
+def compile_cache() -> Path:
+    """The session's JAX persistent compilation cache (see ``pytest_configure``), for tests
+    that give a subprocess an environment of their own."""
+    return Path(os.environ[CACHE_ENV])
 
 
 @pytest.fixture(scope="session")
