@@ -89,16 +89,11 @@ def progress(line: str) -> bool:
 
 class Proc:
     """``python PREFIX ARGS`` (by default ``python -m jaxninja ARGS``) with its stdout and
-    stderr lines collected by threads; subprocesses share the compilation cache ``cache``."""
+    stderr lines collected by threads (the session's compilation cache comes with the
+    environment: tests/conftest.py)."""
 
-    def __init__(self, args, cache: Path, cwd: Path = REPO, prefix=("-m", "jaxninja")):
-        env = {
-            **os.environ,
-            "PYTHONUNBUFFERED": "1",
-            "JAX_COMPILATION_CACHE_DIR": str(cache),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-        }
+    def __init__(self, args, cwd: Path = REPO, prefix=("-m", "jaxninja")):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         cmd = [sys.executable, *map(str, prefix), *map(str, args)]
         self.p = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd

@@ -16,8 +16,8 @@ the CLI's output).
   ``ENOSPC`` from the file system calls): one-line error, exit 2, the previous
   checkpoint intact, and ``--resume`` (with space again) matches the uninterrupted run.
 
-The subprocesses share a persistent compilation cache, so each chunk shape is compiled
-about once; the reference run is in-process.
+The subprocesses share the session's persistent compilation cache (tests/conftest.py), so
+each chunk shape is compiled about once; the reference run is in-process.
 """
 
 from __future__ import annotations
@@ -49,10 +49,10 @@ pytestmark = pytest.mark.usefixtures("reuse_compiled_chunks")
 
 
 def test_sigterm_saves_exits_143_and_resume_is_bit_exact(
-    words_file, tmp_path, compile_cache, fault_reference, capsys
+    words_file, tmp_path, fault_reference, capsys
 ):
     out = tmp_path / "run"
-    proc = Proc(["train", "--data", words_file, "--out", out, *FAULT], compile_cache)
+    proc = Proc(["train", "--data", words_file, "--out", out, *FAULT])
     proc.wait_for("out", progress)
     proc.p.send_signal(signal.SIGTERM)
     rc, _, err = proc.finish()
@@ -70,9 +70,9 @@ def test_sigterm_saves_exits_143_and_resume_is_bit_exact(
     assert_same_run(out, fault_reference)
 
 
-def test_second_sigint_stops_during_a_long_chunk(words_file, tmp_path, compile_cache):
+def test_second_sigint_stops_during_a_long_chunk(words_file, tmp_path):
     out = tmp_path / "run"
-    proc = Proc(["train", "--data", words_file, "--out", out, *LONG], compile_cache)
+    proc = Proc(["train", "--data", words_file, "--out", out, *LONG])
     proc.wait_for("out", lambda line: line.startswith("run directory:"))
     deadline = time.monotonic() + 60
     while not (out / ".jaxninja.lock").exists():  # the run has claimed its directory
@@ -90,11 +90,9 @@ def test_second_sigint_stops_during_a_long_chunk(words_file, tmp_path, compile_c
     assert "0/ 300000" not in stdout
 
 
-def test_second_process_on_a_run_in_use_is_refused(
-    words_file, tmp_path, compile_cache, fault_reference, capsys
-):
+def test_second_process_on_a_run_in_use_is_refused(words_file, tmp_path, fault_reference, capsys):
     out = tmp_path / "run"
-    first = Proc(["train", "--data", words_file, "--out", out, *FAULT], compile_cache)
+    first = Proc(["train", "--data", words_file, "--out", out, *FAULT])
     first.wait_for("out", lambda line: line.strip().startswith("100/"))  # 1 checkpoint
     # The second process is this one (it gets there in milliseconds, while the first
     # still runs); --overwrite must not delete the files of the run holding the lock.
@@ -110,11 +108,9 @@ def test_second_process_on_a_run_in_use_is_refused(
     assert_same_run(out, fault_reference)
 
 
-def test_two_default_runs_started_at_once_get_two_directories(words_file, tmp_path, compile_cache):
+def test_two_default_runs_started_at_once_get_two_directories(words_file, tmp_path):
     tiny = ["--steps", "2", "--chunk-steps", "1", "--n-hidden", "4", "--samples", "0"]
-    procs = [
-        Proc(["train", "--data", words_file, *tiny], compile_cache, cwd=tmp_path) for _ in range(2)
-    ]
+    procs = [Proc(["train", "--data", words_file, *tiny], cwd=tmp_path) for _ in range(2)]
     results = [p.finish() for p in procs]
     assert [rc for rc, _, _ in results] == [0, 0], results
     dirs = [out.splitlines()[0].removeprefix("run directory: ") for _, out, _ in results]
@@ -148,13 +144,13 @@ def _fill(directory: Path) -> Path:
 
 
 def test_full_disk_mid_run_keeps_the_previous_checkpoint(
-    words_file, tmp_path, compile_cache, fault_reference, capsys, monkeypatch
+    words_file, tmp_path, fault_reference, capsys, monkeypatch
 ):
     disk = tmp_path / "disk"
     out = disk / "run"
     if _mount_tmpfs(disk, "1m"):
         try:
-            proc = Proc(["train", "--data", words_file, "--out", out, *FAULT], compile_cache)
+            proc = Proc(["train", "--data", words_file, "--out", out, *FAULT])
             proc.wait_for("out", lambda line: line.strip().startswith("100/"))  # 1 saved
             filler = _fill(disk)
             rc, _, err = proc.finish()
@@ -226,20 +222,19 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-def _popen(args, cache: Path, env=(), prefix=(sys.executable,), **how) -> subprocess.Popen:
+def _popen(args, env=(), prefix=(sys.executable,), **how) -> subprocess.Popen:
     """``PREFIX -m jaxninja ARGS`` (``PREFIX -c ...`` for a ``-c`` script; ``PREFIX``: this
     Python) with the session's compilation cache; ``how`` as for ``Popen``."""
-    full_env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache), **dict(env)}
-    full_env |= {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    full_env = {**os.environ, **dict(env)}
     module = [] if args[0] == "-c" else ["-m", "jaxninja"]
     cmd = [*prefix, *module, *map(str, args)]
     return subprocess.Popen(cmd, env=full_env, text=True, **how)
 
 
-def test_a_reader_that_leaves_ends_the_output_not_the_run(words_file, tmp_path, compile_cache):
+def test_a_reader_that_leaves_ends_the_output_not_the_run(words_file, tmp_path):
     """``jaxninja train | head -1``: the run goes on to its end, silently, exit 0."""
     out = tmp_path / "run"
-    p = _popen(["train", "--data", words_file, "--out", out, *TINY], compile_cache,
+    p = _popen(["train", "--data", words_file, "--out", out, *TINY],
                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     assert p.stdout is not None and p.stdout.readline().startswith("run directory:")
     p.stdout.close()  # before the first progress line: every later write meets EPIPE
@@ -249,13 +244,13 @@ def test_a_reader_that_leaves_ends_the_output_not_the_run(words_file, tmp_path, 
     assert "train_loss" in json.loads((out / "metrics.json").read_text())
 
 
-def test_a_full_stdout_is_one_error_line(words_file, tmp_path, compile_cache):
+def test_a_full_stdout_is_one_error_line(words_file, tmp_path):
     """``jaxninja train > /dev/full``: the run is complete, and the lost output an error.
     /dev/full is Linux's (CI's OS): its absence is a failure, never a skip."""
     assert os.path.exists("/dev/full"), "this test needs Linux's /dev/full"
     out = tmp_path / "run"
     with open("/dev/full", "w") as full:
-        p = _popen(["train", "--data", words_file, "--out", out, *TINY], compile_cache,
+        p = _popen(["train", "--data", words_file, "--out", out, *TINY],
                    stdout=full, stderr=subprocess.PIPE)  # fmt: skip
         _, err = p.communicate(timeout=120)
     assert p.returncode == 2
@@ -265,20 +260,20 @@ def test_a_full_stdout_is_one_error_line(words_file, tmp_path, compile_cache):
     assert int(checkpoint.load(out).state.step) == 2 and (out / "metrics.json").exists()
 
 
-def test_an_ascii_stdout_and_non_ascii_names(words_file, tmp_path, compile_cache):
+def test_an_ascii_stdout_and_non_ascii_names(words_file, tmp_path):
     """``PYTHONIOENCODING=ascii`` with names, a run directory and an error holding
     non-ASCII characters and ESC: escaped, never a traceback."""
     words = tmp_path / "noms.txt"  # 27 symbols, as words_file: its compiled chunks serve
     words.write_text(words_file.read_text().translate(str.maketrans("qxz", "é名ک")))
     out = tmp_path / "rün\x1b[31m"
-    p = _popen(["train", "--data", words, "--out", out, *TINY, "--samples", "3"], compile_cache,
+    p = _popen(["train", "--data", words, "--out", out, *TINY, "--samples", "3"],
                env={"PYTHONIOENCODING": "ascii"}, stdout=subprocess.PIPE,
                stderr=subprocess.PIPE)  # fmt: skip
     stdout, err = p.communicate(timeout=120)
     assert (p.returncode, err) == (0, ""), err
     assert stdout.startswith("run directory: " + ascii(str(out))[1:-1] + "\n"), stdout
     assert stdout.isascii() and "\x1b" not in stdout and len(stdout.splitlines()) == 10
-    p = _popen(["eval", "--out", out], compile_cache, env={"PYTHONIOENCODING": "ascii"},
+    p = _popen(["eval", "--out", out], env={"PYTHONIOENCODING": "ascii"},
                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     _, err = p.communicate(timeout=120)
     line = one_error_line(err)  # the run's vocabulary is its own data file's
@@ -287,13 +282,13 @@ def test_an_ascii_stdout_and_non_ascii_names(words_file, tmp_path, compile_cache
     )
 
 
-def test_closed_standard_descriptors_are_never_reused(words_file, tmp_path, compile_cache):
+def test_closed_standard_descriptors_are_never_reused(words_file, tmp_path):
     """Started with fds 0-2 closed: what is written to fd 2 (C++ logs) never reaches a
     file of the run (the lock would be the first file opened)."""
     out = tmp_path / "run"
     argv = ["-c", LOGS_TO_FD_2, "train", "--data", words_file, "--out", out, *TINY]
     closing = ["sh", "-c", 'exec "$@" 0<&- 1>&- 2>&-', "sh", sys.executable]  # exec: no fork
-    p = _popen(argv, compile_cache, prefix=closing)
+    p = _popen(argv, prefix=closing)
     assert p.wait(120) == 0
     assert (out / rundir.LOCK).read_bytes() == b""
     assert int(checkpoint.load(out).state.step) == 2

@@ -60,15 +60,22 @@ class Job:
     ``i`` also gets the options ``own[i]``."""
 
     def __init__(
-        self, tmp: Path, out: str, processes: int, devices: int, steps: int, *more, own=None
+        self,
+        tmp: Path,
+        out: str,
+        processes: int,
+        devices: int,
+        steps: int,
+        *more,
+        own=None,
+        killed: bool = False,
     ):
         self.out, self.processes, self.started = tmp / out, processes, time.monotonic()
         self.never = [tmp / f"{out}-process{i}-never" for i in range(1, processes)]
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
         env["JAXNINJA_DATA"] = str(tmp.parent / "names.txt")
-        # the resumes run programs the first phase compiled: reuse them (CPU time)
-        env["JAX_COMPILATION_CACHE_DIR"] = str(tmp.parent / "jax-cache")
-        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+        if killed:  # the session's compilation cache (conftest) must get no half-written entry
+            env.pop("JAX_COMPILATION_CACHE_DIR", None)
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         port = _free_port()
@@ -178,11 +185,11 @@ def jobs(tmp_path_factory, names_file):
             f"differ{flag}": start(f"differ{flag}", 2, 1, STEPS, own={1: [flag, value]})
             for flag, value in DIFFER.items()
         }
-        duplicate_0 = start("duplicate-0", 2, 1, STEPS, own={1: ["--process-id", "0"]})
-        duplicate_1 = start("duplicate-1", 3, 1, STEPS, own={2: ["--process-id", "1"]})
-        killed = start("killed", 2, 1, 100 * STEPS)
-        hung = start("hung", 2, 1, 100 * STEPS)
-        stopped = start("sigterm", 2, 1, 100 * STEPS)
+        duplicate_0 = start("duplicate-0", 2, 1, STEPS, own={1: ["--process-id", "0"]}, killed=True)
+        duplicate_1 = start("duplicate-1", 3, 1, STEPS, own={2: ["--process-id", "1"]}, killed=True)
+        killed = start("killed", 2, 1, 100 * STEPS, killed=True)
+        hung = start("hung", 2, 1, 100 * STEPS, killed=True)
+        stopped = start("sigterm", 2, 1, 100 * STEPS, killed=True)
         # first: their ends are timed (the killed, hung and stopped jobs run on meanwhile)
         res = {"duplicate-0": _first_to_end(duplicate_0), "duplicate-1": _first_to_end(duplicate_1)}
         res |= _signal_process_1(

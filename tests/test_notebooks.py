@@ -116,9 +116,6 @@ def rows(text: str) -> list[re.Match]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, monkeypatch_module) -> dict[str, str]:
     """``{variant: stdout}`` of the four executions (each asserted free of errors)."""
-    cache = tmp_path_factory.mktemp("jax-cache")
-    monkeypatch_module.setenv("JAX_COMPILATION_CACHE_DIR", str(cache))
-    monkeypatch_module.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     monkeypatch_module.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     monkeypatch_module.delenv("JAXNINJA_FULL_TRAINING", raising=False)
     source = build.read_source()

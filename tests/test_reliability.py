@@ -263,17 +263,17 @@ def test_non_finite_loss_stops_at_its_chunk_and_keeps_last_good_checkpoint(
 # ------------------------------------------------------------------------- faults
 
 
-def _helper(mode: str, arg: str, words_file: Path, out: Path, cache: Path) -> Proc:
+def _helper(mode: str, arg: str, words_file: Path, out: Path) -> Proc:
     """``jaxninja train`` with ``tests/scripts/train_with_fault.py MODE ARG``'s fault injected."""
     args = ["train", "--data", words_file, "--out", out, *FAULT]
-    return Proc(args, cache, prefix=(HELPER, mode, arg, "--"))
+    return Proc(args, prefix=(HELPER, mode, arg, "--"))
 
 
 def test_sigkill_mid_checkpoint_write_keeps_previous_checkpoint(
-    words_file, tmp_path, capsys, fault_reference, compile_cache
+    words_file, tmp_path, capsys, fault_reference
 ):
     out = tmp_path / "r"
-    proc = _helper("stall-save", "3", words_file, out, compile_cache)  # step 300's write stalls
+    proc = _helper("stall-save", "3", words_file, out)  # step 300's write stalls
     try:
         proc.wait_for("out", lambda line: line.strip() == "STALLED")
         partial = list(out.glob(".checkpoint.*.tmp"))
@@ -297,10 +297,10 @@ def test_sigkill_mid_checkpoint_write_keeps_previous_checkpoint(
 
 
 def test_sigint_saves_a_checkpoint_exits_130_and_resume_matches(
-    words_file, tmp_path, capsys, fault_reference, compile_cache
+    words_file, tmp_path, capsys, fault_reference
 ):
     out = tmp_path / "r"
-    proc = _helper("slow-save", "0.15", words_file, out, compile_cache)  # 40 chunks: >= 6 s
+    proc = _helper("slow-save", "0.15", words_file, out)  # 40 chunks: >= 6 s
     proc.wait_for("out", progress)
     proc.p.send_signal(signal.SIGINT)
     rc, _, stderr = proc.finish(60)
