@@ -318,7 +318,7 @@ def saved(tmp_path: Path, ckpt_state) -> Path:
 
 @pytest.fixture(scope="session")
 def train_xy(splits) -> tuple[jax.Array, jax.Array]:
-    """The training split as device arrays."""
+    """The training split as device arrays (test_train.py, test_sweep.py)."""
     X, Y = splits.data["train"]
     return jnp.asarray(X), jnp.asarray(Y)
 

@@ -19,12 +19,6 @@ H, STEPS = 32, 300
 SMALL = TrainConfig(n_hidden=H, steps=STEPS, chunk_steps=STEPS, lr_decay_step=200)
 
 
-@pytest.fixture(scope="module")
-def train_xy(splits):
-    X, Y = splits.data["train"]
-    return jnp.asarray(X), jnp.asarray(Y)
-
-
 @pytest.mark.parametrize("backend", ["custom_vjp", "manual"])
 def test_vmapped_sweep_equals_separate_runs(train_xy, backend):
     """3 members (different seeds and lrs) trained in one vmapped program end where each
