@@ -24,6 +24,7 @@ import optax
 
 from jaxninja import ops
 from jaxninja.lecture import data
+from jaxninja.limits import check_int
 from jaxninja.training import fileio, sweep, train
 from jaxninja.training.train import BACKENDS, ConfigError, TrainConfig
 
@@ -48,6 +49,7 @@ class Workload(NamedTuple):
 
 DEFAULT_SETTINGS = ((200, 32), (1024, 256))
 DEFAULT_MEMBERS = (1, 8, 32)
+MAX_REPEATS, MAX_STEPS, MAX_MEMBERS = 1000, 100_000, 1024  # bounds on time: more is a typo
 TOOL = "jaxninja bench"  # what a results file says it is: the only --out a bench replaces
 TORCH = {  # the PyTorch baselines -> their names in the summary
     "lecture_loop": "lecture loop",
@@ -122,9 +124,9 @@ def loadavg() -> list[float] | None:
 
 
 def start_run(repeats: int, out: str | os.PathLike[str] | None, log: Log) -> tuple[dict, dict]:
-    """Check ``repeats`` and ``out`` before any work: the results ``out`` holds, the machine."""
-    if repeats < 1:
-        raise ConfigError(f"repeats must be >= 1, got {repeats}")
+    """Check ``repeats`` (``1..MAX_REPEATS``) and ``out`` before any work: the results
+    ``out`` holds, the machine."""
+    check_int("repeats", repeats, 1, MAX_REPEATS)
     previous = fileio.check_results_file(out, TOOL) if out else {}
     machine: dict[str, Any] = {
         "cpu_count": os.cpu_count(),
@@ -369,12 +371,18 @@ def run_bench(
     its result. ``steps`` (JAX steps per timed chunk) defaults to about 0.2 s of work per
     chunk: 5,000 for the default setting, fewer as ``H * B`` grows; ``quick`` divides the
     defaults by 10 and uses 2 repeats (a smoke test, not a measurement). The backends and
-    PyTorch baselines of a setting are timed in the same rounds."""
-    if not settings or not set(backends) <= set(BACKENDS) or any(m < 1 for m in members):
+    PyTorch baselines of a setting are timed in the same rounds. ``steps`` and
+    ``torch_steps`` are at most ``MAX_STEPS``, ``members`` (sweep sizes) ``1..MAX_MEMBERS``."""
+    if not settings or not set(backends) <= set(BACKENDS):
         raise ConfigError(
-            f"need settings, backends from {', '.join(BACKENDS)} and sweep sizes >= 1; "
-            f"got {list(settings)}, {list(backends)}, {list(members)}"
+            f"need settings and backends from {', '.join(BACKENDS)}; "
+            f"got {list(settings)}, {list(backends)}"
         )
+    for name, n in (("steps", steps), ("torch_steps", torch_steps)):
+        if n is not None:
+            check_int(name, n, 1, MAX_STEPS)
+    for m in members:
+        check_int("members", m, 1, MAX_MEMBERS)
     previous, machine = start_run(repeats, out, log)
     scale = 10 if quick else 1  # quick: a tenth of the steps, at most 2 repeats
     repeats = min(repeats, 2) if quick else repeats

@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import dataclasses
 import errno
-import math
 import os
 import sys
 import time
@@ -22,6 +21,7 @@ import jax
 from jaxninja import bench
 from jaxninja.errors import JaxninjaError
 from jaxninja.lecture import check, model, sample
+from jaxninja.limits import check_int
 from jaxninja.training import (
     checkpoint,
     compare,
@@ -33,18 +33,9 @@ from jaxninja.training import (
     sweep,
     train,
 )
-from jaxninja.training.train import (
-    BACKENDS,
-    FLOAT32_TINY,
-    INT32_MAX,
-    OPTIMIZERS,
-    SCHEDULES,
-    ConfigError,
-    TrainConfig,
-)
+from jaxninja.training.train import BACKENDS, OPTIMIZERS, SCHEDULES, ConfigError, TrainConfig
 
 USAGE_ERROR = 2
-MAX_NAMES, MAX_LEN = 100_000, 1_000  # sample -n x --max-len: at most 1e8 ids; more is a typo
 REQUIRED = ...  # an option's default: none, it must be given
 OFF = object()  # an option's kind: ``--no-FIELD`` sets a default-on config field to False
 GRID = object()  # an option's kind: repeatable text (``--grid``)
@@ -58,29 +49,21 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(USAGE_ERROR)
 
 
-def _number(kind: type, low: float, high: float = math.inf, what: str = "") -> Callable[[str], Any]:
-    """An argparse ``type``: a finite ``kind`` in ``low..high`` (a bound on time and memory);
-    ``what`` it must be, for the error message (default: "an integer in low..high")."""
-    what = what or f"an integer in {low}..{high}"
+def _parse(kind: type, what: str) -> Callable[[str], Any]:
+    """An argparse ``type``: text to a ``kind``, or an error saying it is not ``what``. The
+    ranges are checked by the function that takes the number (``jaxninja.limits``)."""
 
     def parse(s: str) -> Any:
         try:
-            v = kind(s)
+            return kind(s)
         except (ValueError, OverflowError):
             raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
-        if not (math.isfinite(v) and low <= v <= high):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {s!r}")
-        return v
 
     return parse
 
 
-_positive_int = _number(int, 1, what="a positive integer")
-_non_negative_int = _number(int, 0, what="an integer >= 0")
-_seed = _number(int, 0, INT32_MAX)
-_lr = _number(float, FLOAT32_TINY, what=f"a finite number >= {FLOAT32_TINY:.3g} (float32)")
-_scale = _number(float, 0.0, what="a finite number >= 0")
-_temperature = _number(float, math.ulp(0.0), what="a positive finite number")  # v > 0
+_int = _parse(int, "an integer")
+_float = _parse(float, "a number")
 
 
 def _add_options(p: Any, options: Sequence[tuple[str, Any, Any, str]]) -> None:
@@ -163,6 +146,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
+    check_int("--seed", args.seed, 0)  # a number of the CLI's own: sample_names takes a key
     ckpt = job.load_run(args.out)
     assert ckpt.bn_stats is not None  # load_run raises for a run without them
     key = jax.random.key(args.seed)
@@ -220,11 +204,12 @@ def _bench(args: argparse.Namespace) -> int:
     if args.ops:
         bench.run_ops_bench(quick=args.quick, repeats=args.repeats, out=args.out or None)
         return 0
-    members = _numbers(args.members, int, "--members")
-    if any(not 1 <= m <= 1024 for m in members):
-        raise ConfigError(f"--members: sizes must be in 1..1024, got {args.members!r}")
     how = _pick(args, "repeats", "steps", "torch_steps", "quick")
-    how.update(members=members, use_torch=not args.no_torch, data_path=args.data)
+    how.update(
+        members=_numbers(args.members, int, "--members"),
+        use_torch=not args.no_torch,
+        data_path=args.data,
+    )
     bench.run_bench(bench.parse_settings(args.settings), out=args.out or None, **how)
     return 0
 
@@ -235,29 +220,29 @@ DATA = ("--data", str, None, "text file, one word per line (default: bundled nam
 CONFIG = [  # the TrainConfig options train and sweep share; None: not given (see _config)
     DATA,
     ("--config", str, None, "JSON or TOML file of config fields (flags override it)"),
-    ("--steps", _positive_int, None, f"training steps (default: {_D.steps})"),
-    ("--batch-size", _positive_int, None, f"batch size (default: {_D.batch_size})"),
-    ("--n-embd", _positive_int, None, f"embedding size (default: {_D.n_embd})"),
-    ("--n-hidden", _positive_int, None, f"hidden units (default: {_D.n_hidden})"),
-    ("--block-size", _positive_int, None, f"context (default: {_D.block_size})"),
-    ("--lr-decay-step", _non_negative_int, None,
+    ("--steps", _int, None, f"training steps (default: {_D.steps})"),
+    ("--batch-size", _int, None, f"batch size (default: {_D.batch_size})"),
+    ("--n-embd", _int, None, f"embedding size (default: {_D.n_embd})"),
+    ("--n-hidden", _int, None, f"hidden units (default: {_D.n_hidden})"),
+    ("--block-size", _int, None, f"context (default: {_D.block_size})"),
+    ("--lr-decay-step", _int, None,
      f"step schedule: lr x lr_decay from this step (default: {_D.lr_decay_step})"),
-    ("--lr-decay", _lr, None,
+    ("--lr-decay", _float, None,
      f"step: the factor; cosine: the final lr over the first (default: {_D.lr_decay})"),
     ("--schedule", tuple(SCHEDULES), None, f"learning-rate schedule (default: {_D.schedule})"),
-    ("--warmup", _non_negative_int, None, "linear learning-rate warmup over this many steps"),
+    ("--warmup", _int, None, "linear learning-rate warmup over this many steps"),
     ("--optimizer", tuple(OPTIMIZERS), None, f"optax optimizer (default: {_D.optimizer})"),
     ("--no-batch-norm", OFF, None, "the network without batch norm (Part 3's, before it)"),
     ("--init", tuple(model.INITS), None,
      f"W1's scale: kaiming (5/3)/sqrt(fan_in) or randn 1 (default: {_D.init})"),
-    ("--w2-scale", _scale, None, f"W2 = randn x this (default: {_D.w2_scale}; Part 3: 0.01)"),
-    ("--b2-scale", _scale, None, f"b2 = randn x this (default: {_D.b2_scale}; Part 3: 0)"),
+    ("--w2-scale", _float, None, f"W2 = randn x this (default: {_D.w2_scale}; Part 3: 0.01)"),
+    ("--b2-scale", _float, None, f"b2 = randn x this (default: {_D.b2_scale}; Part 3: 0)"),
     ("--backend", tuple(BACKENDS), None,
      "; ".join(f"{name}: {b.about}" for name, b in BACKENDS.items())
      + f" (default: {_D.backend})"),
-    ("--chunk-steps", _positive_int, None,
+    ("--chunk-steps", _int, None,
      f"steps per compiled chunk: progress line and checkpoint (default: {_D.chunk_steps})"),
-    ("--eval-every", _non_negative_int, None,
+    ("--eval-every", _int, None,
      "every N steps: validation loss, lr, gradient norm and update:data ratios into "
      "DIR/metrics.jsonl (default: 0, none)"),
 ]
@@ -266,23 +251,23 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, list]] = {
     "train": (_train, "train the Exercise-4 MLP on a word list", [
         *CONFIG,
         ("--out", str, None, "run directory (default: runs/<timestamp>-<pid>)"),
-        ("--lr", _lr, None, f"learning rate (default: {_D.lr})"),
-        ("--seed", _seed, None, f"init and batch-order seed (default: {_D.seed})"),
+        ("--lr", _float, None, f"learning rate (default: {_D.lr})"),
+        ("--seed", _int, None, f"init and batch-order seed (default: {_D.seed})"),
         ("--running-stats", bool, None,
          "also track batch-norm running averages and report their losses"),
-        ("--devices", _positive_int, None, "split batches over this many devices (default: all)"),
+        ("--devices", _int, None, "split batches over this many devices (default: all)"),
         ("--resume", bool, None,
          "continue the run in --out with its saved config (flags given must agree)"),
         ("--overwrite", bool, None, "replace what is in --out"),
         ("--other-data", bool, None, "resume although --data is not the run's training file"),
-        ("--samples", _number(int, 0, MAX_NAMES), 10, "names printed at end"),
+        ("--samples", _int, 10, "names printed at end"),
     ]),
     "sample": (_sample, "sample names from a trained run", [
         ("--out", str, REQUIRED, "run directory"),
-        ("-n --num", _number(int, 1, MAX_NAMES), 20, "how many names"),
-        ("--seed", _seed, 0, "sampling seed"),
-        ("--temperature", _temperature, 1.0, "softmax temperature (tiny: exact greedy decoding)"),
-        ("--max-len", _number(int, 1, MAX_LEN), 32, "longest name"),
+        ("-n --num", _int, 20, "how many names"),
+        ("--seed", _int, 0, "sampling seed"),
+        ("--temperature", _float, 1.0, "softmax temperature (tiny: exact greedy decoding)"),
+        ("--max-len", _int, 32, "longest name"),
     ]),
     "eval": (_eval, "train/val/test loss of a trained run", [
         ("--out", str, REQUIRED, "run directory"),
@@ -291,8 +276,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, list]] = {
     ]),
     "check": (_check, "the lecture's gradient-check table (Exercises 1-4)", [
         ("--dtype", ("float32", "float64"), "float32", "dtype"),
-        ("--n-hidden", _number(int, 1, 100_000), 64, "hidden units"),
-        ("--seed", _seed, 42, "init and batch seed"),
+        ("--n-hidden", _int, 64, "hidden units"),
+        ("--seed", _int, 42, "init and batch seed"),
         DATA,
         ("--solution", str, None, "grade the functions this Python file defines instead "
          "(any of " + ", ".join(check.FUNCTIONS) + ", as in jaxninja.lecture.ninja)"),
@@ -302,18 +287,18 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, list]] = {
          "against optax/flax and autodiff instead of the training step"),
         ("--quick", bool, None, "tiny run: a smoke test, no measurement"),
         ("--out", str, "bench.json", "JSON results file ('' for none)"),
-        ("--repeats", _number(int, 1, 1000), 5, "timed chunks per row"),
+        ("--repeats", _int, 5, "timed chunks per row"),
         ("--settings", str, "200x32,1024x256", "HxB list (hidden x batch)"),
-        ("--steps", _number(int, 1, 100_000), None, "JAX steps per timed chunk"),
-        ("--torch-steps", _number(int, 1, 100_000), None, "PyTorch steps per repeat"),
+        ("--steps", _int, None, "JAX steps per timed chunk"),
+        ("--torch-steps", _int, None, "PyTorch steps per repeat"),
         ("--members", str, "1,8,32", "sweep sizes M ('' for none)"),
         ("--no-torch", bool, None, "skip the PyTorch rows"),
         DATA,
     ]),
     "sweep": (_sweep, "train a grid over any config fields; each member a run directory", [
         *CONFIG,
-        ("--lr", _lr, None, f"learning rate (default: {_D.lr})"),
-        ("--seed", _seed, None, f"init and batch-order seed (default: {_D.seed})"),
+        ("--lr", _float, None, f"learning rate (default: {_D.lr})"),
+        ("--seed", _int, None, f"init and batch-order seed (default: {_D.seed})"),
         ("--grid", GRID, None, "KEY=V1,V2,...: a config field and its values (repeatable; "
          "e.g. --grid n_hidden=64,128 --grid seed=1,2)"),
         ("--strategy", sweep.STRATEGIES, "auto",
@@ -335,9 +320,9 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, list]] = {
 }
 JOB = [  # train's multi-process job (README "Many machines"): all of the first three, or none
     ("--coordinator", str, None, "address of process 0 (HOST:PORT)"),
-    ("--num-processes", _positive_int, None, "processes in the job"),
-    ("--process-id", _non_negative_int, None, "this process: 0..N-1"),
-    ("--heartbeat-timeout", _positive_int, parallel.HEARTBEAT_TIMEOUT,
+    ("--num-processes", _int, None, "processes in the job"),
+    ("--process-id", _int, None, "this process: 0..N-1"),
+    ("--heartbeat-timeout", _int, parallel.HEARTBEAT_TIMEOUT,
      "seconds after which a silent process ends the job"),
 ]
 # fmt: on

@@ -1,5 +1,6 @@
-"""The one error type of the tool's expected failures: ``jaxninja.cli.main`` prints it as one
-``error: ...`` line and exits 2. It is a ``ValueError``, as JAX raises for bad arguments."""
+"""The error type of the tool's expected failures, ``JaxninjaError``: ``jaxninja.cli.main``
+prints it as one ``error: ...`` line and exits 2. It is a ``ValueError``, as JAX raises for
+bad arguments; ``ConfigError``, a bad setting, is one."""
 
 from collections.abc import Collection
 
@@ -9,6 +10,11 @@ class JaxninjaError(ValueError):
 
     def __str__(self) -> str:  # a path or a word may hold ESC & co.: never sent raw to a terminal
         return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in super().__str__())
+
+
+class ConfigError(JaxninjaError):
+    """A setting that cannot run: a config field, an argument or an option of the wrong
+    kind or out of range (``jaxninja.limits``); the message names it and the value."""
 
 
 def listing(names: Collection[str], as_list: bool = False) -> str:

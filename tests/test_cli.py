@@ -149,15 +149,25 @@ def test_eval_prints_the_metrics_losses(trained_run, capsys, names_file):
 @pytest.mark.parametrize(
     ("args", "needles"),
     [
-        (["--steps", "-1"], ["--steps", "-1"]),
-        (["--steps", "0"], ["--steps", "0"]),
-        (["--batch-size", "1"], ["batch_size", "1"]),
+        (["--steps", "-1"], ["steps must be an integer in 1..", "got -1"]),
+        (["--steps", "0"], ["steps must be an integer in 1..", "got 0"]),
+        (["--steps", "ten"], ["argument --steps", "expected an integer", "'ten'"]),
+        (["--batch-size", "1"], ["batch_size", "got 1"]),
         (["--backend", "tensorflow"], ["--backend", "tensorflow"]),
-        (["--lr", "nan"], ["--lr", "nan"]),
-        (["--lr", "-1"], ["--lr", "-1"]),
-        (["--lr", "inf"], ["--lr", "inf"]),
+        (["--lr", "nan"], ["lr must be", "got nan"]),
+        (["--lr", "-1"], ["lr must be", "got -1.0"]),
+        (["--lr", "inf"], ["lr must be", "got inf"]),
     ],
-    ids=["steps=-1", "steps=0", "batch-size=1", "backend", "lr=nan", "lr=-1", "lr=inf"],
+    ids=[
+        "steps=-1",
+        "steps=0",
+        "steps=ten",
+        "batch-size=1",
+        "backend",
+        "lr=nan",
+        "lr=-1",
+        "lr=inf",
+    ],
 )
 def test_bad_train_arguments(capsys, tmp_path, names_file, args, needles):
     out = tmp_path / "run"
@@ -217,9 +227,9 @@ def test_sample_and_eval_need_a_checkpoint(capsys, tmp_path, command):
 def test_errors_from_a_real_process(tmp_path):
     """The process itself: exit 2 and one stderr line, nothing else (no traceback, no
     JAX warning), both for an argparse error and for one raised after JAX is loaded."""
-    proc = python("-m", "jaxninja", "train", "--steps", "0")
+    proc = python("-m", "jaxninja", "train", "--steps", "ten")
     assert proc.stdout == ""
-    assert_usage_error(proc.returncode, proc.stderr, "--steps")
+    assert_usage_error(proc.returncode, proc.stderr, "--steps", "'ten'")
     missing = tmp_path / "nope.txt"
     proc = python("-m", "jaxninja", "train", "--data", str(missing), "--out", str(tmp_path / "r"))
     assert_usage_error(proc.returncode, proc.stderr, str(missing))

@@ -165,34 +165,36 @@ def test_cli_subprocess_bad_data_file(tmp_path):
 
 # ----------------------------------------------------------------- bad arguments
 
-LR = "a finite number >= 1.18e-38 (float32)"  # what --lr must be
-BAD_ARGS = {
-    "steps-0": (["--steps", "0"], "argument --steps: must be a positive integer, got '0'"),
-    "steps-neg": (["--steps", "-5"], "argument --steps: must be a positive integer, got '-5'"),
-    "steps-text": (["--steps", "ten"], "argument --steps: expected a positive integer, got 'ten'"),
-    "n-hidden-0": (["--n-hidden", "0"], "argument --n-hidden: must be a positive integer, got '0'"),
-    "n-embd-neg": (["--n-embd", "-3"], "argument --n-embd: must be a positive integer, got '-3'"),
-    "block-size-0": (
-        ["--block-size", "0"],
-        "argument --block-size: must be a positive integer, got '0'",
+LR = "a number between 1.18e-38 and 3.4e+38 (float32)"  # what lr must be
+POSITIVE = "an integer in 1..2147483647"
+BAD_ARGS = {  # the flag names a non-number; the config field a number out of range
+    "steps-0": (["--steps", "0"], f"steps must be {POSITIVE}, got 0"),
+    "steps-neg": (["--steps", "-5"], f"steps must be {POSITIVE}, got -5"),
+    "steps-text": (
+        ["--steps", "ten"],
+        "jaxninja train: argument --steps: expected an integer, got 'ten'",
     ),
-    "chunk-steps-0": (
-        ["--chunk-steps", "0"],
-        "argument --chunk-steps: must be a positive integer, got '0'",
+    "steps-float": (
+        ["--steps", "1.5"],
+        "jaxninja train: argument --steps: expected an integer, got '1.5'",
     ),
+    "n-hidden-0": (["--n-hidden", "0"], f"n_hidden must be {POSITIVE}, got 0"),
+    "n-embd-neg": (["--n-embd", "-3"], f"n_embd must be {POSITIVE}, got -3"),
+    "block-size-0": (["--block-size", "0"], f"block_size must be {POSITIVE}, got 0"),
+    "chunk-steps-0": (["--chunk-steps", "0"], f"chunk_steps must be {POSITIVE}, got 0"),
+    "steps-2**31": (["--steps", str(2**31)], f"steps must be {POSITIVE}, got 2147483648"),
     "batch-size-0": (
         ["--batch-size", "0"],
-        "argument --batch-size: must be a positive integer, got '0'",
+        "batch_size must be an integer in 2..2147483647 (batch norm divides by n-1), got 0",
     ),
-    "lr-nan": (["--lr", "nan"], "argument --lr: must be " + LR + ", got 'nan'"),
-    "lr-neg": (["--lr", "-0.1"], "argument --lr: must be " + LR + ", got '-0.1'"),
-    "lr-zero": (["--lr", "0"], "argument --lr: must be " + LR + ", got '0'"),
-    "lr-inf": (["--lr", "inf"], "argument --lr: must be " + LR + ", got 'inf'"),
-    "lr-text": (["--lr", "fast"], "argument --lr: expected " + LR + ", got 'fast'"),
-    "seed-neg": (
-        ["--seed", "-1"],
-        "argument --seed: must be an integer in 0..2147483647, got '-1'",
-    ),
+    "lr-nan": (["--lr", "nan"], f"lr must be {LR}, got nan"),
+    "lr-neg": (["--lr", "-0.1"], f"lr must be {LR}, got -0.1"),
+    "lr-zero": (["--lr", "0"], f"lr must be {LR}, got 0.0"),
+    "lr-inf": (["--lr", "inf"], f"lr must be {LR}, got inf"),
+    "lr-text": (["--lr", "fast"], "jaxninja train: argument --lr: expected a number, got 'fast'"),
+    "seed-neg": (["--seed", "-1"], "seed must be an integer in 0..2147483647, got -1"),
+    "samples-neg": (["--samples", "-1"], "num_samples must be an integer in 0..100000, got -1"),
+    "devices-0": (["--devices", "0"], f"devices must be {POSITIVE}, got 0"),
 }
 
 
@@ -202,7 +204,7 @@ def test_bad_arguments_exit_2_one_line(case, words_file, tmp_path, capsys):
     out = tmp_path / "out"
     rc, _, err = run_cli(capsys, "train", "--data", words_file, "--out", out, *TINY, *extra)
     assert rc == 2
-    assert one_error_line(err) == f"error: jaxninja train: {problem}"
+    assert one_error_line(err) == f"error: {problem}"
     assert not out.exists()
 
 
@@ -213,7 +215,7 @@ def test_batch_size_1_is_refused(words_file, tmp_path, capsys):
     )
     assert rc == 2
     assert one_error_line(err) == (
-        "error: batch_size must be at least 2 (batch norm divides by n-1), got 1"
+        "error: batch_size must be an integer in 2..2147483647 (batch norm divides by n-1), got 1"
     )
     assert not out.exists()
 
@@ -224,9 +226,7 @@ def test_cli_subprocess_bad_argument(tmp_path):
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
     )  # fmt: skip
     assert p.returncode == 2
-    assert one_error_line(p.stderr) == (
-        f"error: jaxninja train: argument --lr: must be {LR}, got 'nan'"
-    )
+    assert one_error_line(p.stderr) == (f"error: lr must be {LR}, got nan")
 
 
 # -------------------------------------------------------------- non-finite losses
@@ -393,10 +393,10 @@ def _method_99(b: bytes) -> bytes:
 
 C = "state.params['C']"
 HOSTILE = {
-    "config-lr-400-digits": (_config(lr=10**400), "bad metadata (int too large to convert"),
+    "config-lr-400-digits": (_config(lr=10**400), f"bad metadata (lr must be {LR}, got 1000000000"),
     "config-n-hidden-400-digits": (
         _config(n_hidden=10**400),
-        "bad metadata (n_hidden must be at most 2147483647, got 1000000000",
+        "bad metadata (n_hidden must be an integer in 1..2147483647, got 1000000000",
     ),
     "deflate-corrupt": (
         _rezip(zipfile.ZIP_DEFLATED, _corrupt_member),
@@ -437,15 +437,15 @@ HOSTILE = {
     ),
     "config-negative-n-hidden": (
         _config(n_hidden=-16),
-        "bad metadata (n_hidden must be a positive integer, got -16)",
+        f"bad metadata (n_hidden must be {POSITIVE}, got -16)",
     ),
     "config-n-hidden-string": (
         _config(n_hidden="16"),
-        "bad metadata (n_hidden must be a positive integer, got '16')",
+        f"bad metadata (n_hidden must be {POSITIVE}, got '16')",
     ),
     "config-lr-string": (
         _config(lr="0.1"),
-        "bad metadata (lr must be a positive finite number, got '0.1')",
+        f"bad metadata (lr must be {LR}, got '0.1')",
     ),
     "config-running-stats-string": (
         _config(running_stats="yes"),

@@ -5,6 +5,7 @@ model's likelihood), any positive finite temperature, bad sizes refused."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import jax
@@ -76,11 +77,19 @@ def test_bad_temperatures_are_refused(tiny_model, t) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kw", "name"), [({"num_samples": 0}, "num_samples"), ({"max_len": 0}, "max_len")]
+    ("kw", "message"),
+    [
+        ({"num_samples": 0}, "num_samples must be an integer in 1..100000, got 0"),
+        ({"num_samples": 100_001}, "num_samples must be an integer in 1..100000, got 100001"),
+        ({"num_samples": 2.0}, "num_samples must be an integer in 1..100000, got 2.0"),
+        ({"max_len": 0}, "max_len must be an integer in 1..1000, got 0"),
+        ({"max_len": 1001}, "max_len must be an integer in 1..1000, got 1001"),
+    ],
 )
-def test_bad_sizes_are_refused(tiny_model, kw, name) -> None:
+def test_bad_sizes_are_refused(tiny_model, kw, message) -> None:
+    """The caps (``MAX_SAMPLES``, ``MAX_LEN``) bound the ids drawn; refused before any work."""
     params, stats = tiny_model
-    with pytest.raises(JaxninjaError, match=f"{name} must be a positive integer"):
+    with pytest.raises(JaxninjaError, match=re.escape(message)):
         sample.sample_names(params, stats, VOCAB, jax.random.key(0), **{"num_samples": 2, **kw})
 
 

@@ -375,6 +375,6 @@ def test_bad_switches_name_the_field(change, needle):
 def test_learning_rate_beyond_float32_is_refused():
     with pytest.raises(
         ConfigError,
-        match=r"lr must be between 1\.18e-38 and 3\.4e\+38 \(float32\), got 1e\+300",
+        match=r"lr must be a number between 1\.18e-38 and 3\.4e\+38 \(float32\), got 1e\+300",
     ):
         TrainConfig(lr=1e300).validate()

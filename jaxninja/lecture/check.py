@@ -28,6 +28,7 @@ from jaxninja.errors import JaxninjaError
 from jaxninja.lecture import model, ninja
 from jaxninja.lecture.data import load_splits
 from jaxninja.lecture.ninja import MISSING, RIGHT, WRONG, Grade, Tolerance, grade
+from jaxninja.limits import check_int
 
 SECTION_EX1 = "Exercise 1: manual backprop through the atomized forward pass vs jax.grad"
 SECTION_FUSED = "Exercises 2-3: fused backward rules vs jax.grad"
@@ -37,6 +38,7 @@ FUNCTIONS = ("backward_atomized", "cross_entropy_backward", "batch_norm_backward
 """The functions a solution file may define, with :mod:`~jaxninja.lecture.ninja`'s
 signatures and return structures."""
 BUILTIN = "jaxninja.lecture.ninja"
+MAX_HIDDEN = 100_000  # run_check's n_hidden: more is a typo
 
 _autodiff = jax.jit(jax.grad(model.loss))  # one wrapper, so that repeated checks reuse it
 
@@ -322,8 +324,8 @@ def run_check(
 
     Args:
         dtype: ``"float32"`` or ``"float64"`` (turns on ``jax_enable_x64`` for this call).
-        n_hidden: hidden units.
-        seed: seeds the parameters and the batch.
+        n_hidden: hidden units, ``1..MAX_HIDDEN`` (a bound on time and memory).
+        seed: seeds the parameters and the batch, ``0..jaxninja.limits.INT32_MAX``.
         batch_size: rows drawn with replacement, at least 2 (Bessel's correction).
         data: the word list (default: see ``jaxninja.lecture.data.resolve_data_path``).
         solution: the functions to grade (default: the package's own, all four).
@@ -332,7 +334,8 @@ def run_check(
         A ``CheckReport``; ``print(report.format())`` is ``jaxninja check``'s table.
 
     Raises:
-        ValueError: a bad ``dtype`` or ``batch_size``.
+        ValueError: a bad ``dtype``.
+        ConfigError: a number of the wrong kind or out of range, naming it.
         CheckError: a solution's function raised, or returned another structure.
 
     Examples:
@@ -350,8 +353,9 @@ def run_check(
     name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
     if name not in ninja.TOLERANCES:
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-    if batch_size < 2:
-        raise ValueError(f"batch_size must be at least 2 (Bessel's correction), got {batch_size}")
+    check_int("n_hidden", n_hidden, 1, MAX_HIDDEN)
+    check_int("seed", seed, 0)
+    check_int("batch_size", batch_size, 2, why=" (Bessel's correction)")
     solution = solution or Solution({f: getattr(ninja, f) for f in FUNCTIONS})
     vocab_size, Xn, Yn = training_batch(data, seed, batch_size)
     with jax.enable_x64(name == "float64"):

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from jaxninja.errors import JaxninjaError
+from jaxninja.limits import check_int
 
 NAMES_SHA256 = "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d"
 # names.txt is 228 kB; a file over 1 GiB is a mistake (or /dev/zero), not a word list.
@@ -218,8 +219,7 @@ def build_dataset(words: Sequence[str], vocab: Vocab, block_size: int = 3) -> Ex
     """
     if isinstance(words, str):
         raise TypeError("build_dataset expects a list of words, not a single string")
-    if operator.index(block_size) < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    check_int("block_size", block_size)
     if any("." in w for w in words):
         raise ValueError(f"words must not contain {_DOT}")
     X, Y = [], []

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import functools
-import math
-import operator
 
 import jax
 import jax.numpy as jnp
 
-from jaxninja.errors import JaxninjaError
 from jaxninja.lecture import model
 from jaxninja.lecture.data import Vocab
+from jaxninja.limits import check_int, check_positive
+
+MAX_SAMPLES = 100_000  # sample_names: at most 1e8 ids in all; more is a typo
+MAX_LEN = 1_000
 
 
 def tempered_choice(key: jax.Array, logits: jax.Array, temperature: float | jax.Array) -> jax.Array:
@@ -68,18 +69,32 @@ def sample_names(
     max_len: int = 32,
     temperature: float = 1.0,
 ) -> list[str]:
-    """``num_samples`` names (without the final ``.``); ``temperature`` is any positive
-    finite number (``1e-300``: greedy), anything else raises ``JaxninjaError``."""
-    for name, n in (("num_samples", num_samples), ("max_len", max_len)):
-        if isinstance(n, bool) or operator.index(n) < 1:
-            raise JaxninjaError(f"{name} must be a positive integer, got {n!r}")
-    t = temperature
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0):
-        raise JaxninjaError(f"temperature must be a positive finite number, got {t!r}")
-    n = int(num_samples)
-    length = int(max_len)
+    """``num_samples`` names (without the final ``.``), each at most ``max_len`` characters.
+
+    Args:
+        params: the trained parameters.
+        bn_stats: the batch-norm statistics (eval mode).
+        vocab: the vocabulary that decodes the ids.
+        key: the sampling key.
+        num_samples: how many names, ``1..MAX_SAMPLES`` (a bound on time and memory: the
+            ids drawn are ``num_samples x max_len``).
+        max_len: the longest name, ``1..MAX_LEN``.
+        temperature: any positive finite number (``1e-300``: greedy decoding).
+
+    Raises:
+        ConfigError: a number of the wrong kind or out of range, naming it.
+    """
+    check_int("num_samples", num_samples, 1, MAX_SAMPLES)
+    check_int("max_len", max_len, 1, MAX_LEN)
+    check_positive("temperature", temperature)
     block_size = params["W1"].shape[0] // params["C"].shape[1]
     ids = sample_ids(
-        params, bn_stats, key, num_samples=n, block_size=block_size, max_len=length, temperature=t
+        params,
+        bn_stats,
+        key,
+        num_samples=num_samples,
+        block_size=block_size,
+        max_len=max_len,
+        temperature=temperature,
     )
     return [vocab.decode(int(i) for i in row).split(".")[0] for row in jax.device_get(ids)]

@@ -24,6 +24,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxninja.lecture import data, sample
+from jaxninja.limits import check_int
 from jaxninja.training import checkpoint, fileio, parallel, rundir, train
 from jaxninja.training import metrics as metrics_lib
 from jaxninja.training.rundir import Interrupted, RunError
@@ -84,7 +85,8 @@ def train_run(
         overwrite: replace what is in ``out``.
         other_data: resume although ``data_path`` is not the run's training file.
         log: where progress lines go.
-        num_samples: names logged at the end.
+        num_samples: names logged at the end, ``0..jaxninja.lecture.sample.MAX_SAMPLES``
+            (checked before training, not after it).
         devices: split each batch over this many devices (default: all; not part of
             ``cfg``, a resume may change it).
         compiled: compiled chunks shared with runs of the same
@@ -99,6 +101,7 @@ def train_run(
     """
     t_start = time.perf_counter()
     cfg.validate()
+    check_int("num_samples", num_samples, 0, sample.MAX_SAMPLES)
     environment = metrics_lib.environment()
     flags = dict(resume=resume, overwrite=overwrite, other_data=other_data, devices=devices)
     parallel.check_same_options(parallel.job_options(cfg, **flags))

@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxninja.errors import JaxninjaError
 from jaxninja.lecture import model
+from jaxninja.limits import check_int
 from jaxninja.training import fileio, train
 from jaxninja.training.train import AXIS, ConfigError, TrainConfig
 
@@ -44,7 +45,10 @@ _notices: list[int] = []  # the write end of the pipe to this process's stderr g
 def data_mesh(cfg: TrainConfig, devices: int | None = None) -> Mesh | None:
     """The 1-D mesh of ``devices`` devices for ``cfg`` (default: all; one for ``manual``, which
     has no cross-device rule; a job of several processes trains on all), ``None`` for one.
-    ``jaxninja.training.train.ConfigError`` for a count ``cfg`` cannot use."""
+    ``jaxninja.errors.ConfigError`` for ``devices`` not in ``1..INT32_MAX`` or a count
+    ``cfg`` cannot use."""
+    if devices is not None:
+        check_int("devices", devices)
     available, processes = jax.device_count(), jax.process_count()
     data_parallel = train.BACKENDS[cfg.backend].data_parallel
     if processes > 1 and devices not in (None, available):
@@ -55,8 +59,6 @@ def data_mesh(cfg: TrainConfig, devices: int | None = None) -> Mesh | None:
     if devices is None and not data_parallel and processes == 1:
         return None
     n = available if devices is None else devices
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ConfigError(f"devices must be a positive integer, got {devices!r}")
     if n > available:
         raise ConfigError(
             f"--devices {n} asks for more devices than the {available} there are (on CPU: set "
@@ -116,10 +118,17 @@ def initialize(
     ``process_id``, or none: then join a launcher's job (``launched_job``) or run alone.
     CPU collectives use gloo; C++'s stderr goes through ``filter_stderr``.
 
+    Raises:
+        ConfigError: a number out of range: ``num_processes`` or ``heartbeat_timeout`` < 1,
+            ``process_id`` outside ``0..num_processes - 1`` (named by their flags).
+        JaxninjaError: some of the three but not all, a bad ``coordinator``, or a job that
+            cannot be joined.
+
     Examples:
       >>> initialize(environ={})  # no flags, no launcher: one process
       1
     """
+    check_int("--heartbeat-timeout", heartbeat_timeout)
     given = {"--coordinator": coordinator, "--num-processes": num_processes}
     missing = [flag for flag, v in (given | {"--process-id": process_id}).items() if v is None]
     if len(missing) == 3 and not launched_job(environ):
@@ -134,8 +143,9 @@ def initialize(
         raise JaxninjaError(
             f"--coordinator must be HOST:PORT with a port in 1..65535, got {coordinator!r}"
         )
-    if num_processes is not None and not 0 <= process_id < num_processes:  # type: ignore[operator]
-        raise JaxninjaError(f"--process-id must be in 0..{num_processes - 1}, got {process_id}")
+    if num_processes is not None:
+        check_int("--num-processes", num_processes)
+        check_int("--process-id", process_id, 0, num_processes - 1)
     if coordinator is not None and process_id == 0:
         _check_port_free(coordinator, int(port))
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import stat
 import time
@@ -33,18 +32,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxninja import ops
-from jaxninja.errors import JaxninjaError, listing
+from jaxninja.errors import ConfigError as ConfigError  # its home before jaxninja.errors
+from jaxninja.errors import listing
 from jaxninja.lecture import model, ninja
+from jaxninja.limits import check_float32, check_int
 
 Array = jax.Array
-FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)
-FLOAT32_TINY = float(jnp.finfo(jnp.float32).tiny)  # smaller becomes 0 or denormal
-INT32_MAX = 2**31 - 1
 AXIS = "data"  # the mesh axis a data-parallel batch is split over
-
-
-class ConfigError(JaxninjaError):
-    """A training configuration that cannot run; the message names the field."""
 
 
 def _manual(params: model.Params, X: Array, Y: Array, axis_name: Any = None):
@@ -67,47 +61,6 @@ BACKENDS: dict[str, Backend] = {  # the one table of training backends
         partial(_autodiff, reference=True), True, True, "jax.grad of the plain-jnp references"
     ),
 }
-
-
-def check_int(name: str, value: Any, low: int, kind: str = "a positive integer") -> None:
-    """Raise ``ConfigError`` unless ``value`` is an int in ``low..INT32_MAX``.
-
-    The one integer check of the tool: ``TrainConfig.validate`` and the CLI's argparse
-    types both call it (steps, schedule boundaries and seeds travel as int32).
-
-    Args:
-        name: the field or flag, for the message.
-        value: the value to check (``True`` is refused although it is an int).
-        low: the smallest allowed value.
-        kind: what it must be, for the message.
-
-    Raises:
-        ConfigError: naming ``name`` and the value.
-    """
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{name} must be {kind}, got {value!r}")
-    if value > INT32_MAX:
-        raise ConfigError(f"{name} must be at most {INT32_MAX}, got {value!r}")
-
-
-def check_float(name: str, value: Any, zero: bool = False) -> None:
-    """Raise ``ConfigError`` unless ``value`` is a finite number that float32 keeps
-    (neither 0 nor inf): positive, or also exactly 0 with ``zero``.
-
-    Raises:
-        ConfigError: naming ``name`` and the value.
-    """
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if zero and number and value == 0:
-        return
-    kind = "a non-negative" if zero else "a positive"
-    if not number or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} must be {kind} finite number, got {value!r}")
-    if not FLOAT32_TINY <= value <= FLOAT32_MAX:  # float32 would make it 0 or inf
-        raise ConfigError(
-            f"{name} must be between {FLOAT32_TINY:.3g} and {FLOAT32_MAX:.3g} (float32), "
-            f"got {value!r}"
-        )
 
 
 def check_choice(name: str, value: Any, choices: Any) -> None:
@@ -202,15 +155,15 @@ class TrainConfig:
                 without batch norm).
         """
         for name in ("n_embd", "n_hidden", "block_size", "steps", "chunk_steps"):
-            check_int(name, getattr(self, name), 1)
-        check_int("batch_size", self.batch_size, 2, "at least 2 (batch norm divides by n-1)")
+            check_int(name, getattr(self, name))
+        check_int("batch_size", self.batch_size, 2, why=" (batch norm divides by n-1)")
         for name in ("lr_decay_step", "seed", "warmup", "eval_every"):
-            check_int(name, getattr(self, name), 0, "a non-negative integer")
+            check_int(name, getattr(self, name), 0)
         for name in ("lr", "lr_decay"):
-            check_float(name, getattr(self, name))
-        check_float("lr * lr_decay", self.lr * self.lr_decay)
+            check_float32(name, getattr(self, name))
+        check_float32("lr * lr_decay", self.lr * self.lr_decay)
         for name in ("w2_scale", "b2_scale"):
-            check_float(name, getattr(self, name), zero=True)
+            check_float32(name, getattr(self, name), zero=True)
         for name in ("running_stats", "batch_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
