@@ -2,6 +2,8 @@
 
 An expected failure (bad arguments, data or checkpoint; a run directory in use) exits 2 with one
 ``error: ...`` line on stderr; Ctrl-C or SIGTERM in training save a checkpoint, exit 130 / 143.
+Numbers are parsed here (``int``, ``float``) and checked once, by the function that takes them
+(``jaxninja.limits``'s rules).
 """
 
 from __future__ import annotations
@@ -47,23 +49,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"error: {self.prog}: {message}\n")
         sys.exit(USAGE_ERROR)
-
-
-def _parse(kind: type, what: str) -> Callable[[str], Any]:
-    """An argparse ``type``: text to a ``kind``, or an error saying it is not ``what``. The
-    ranges are checked by the function that takes the number (``jaxninja.limits``)."""
-
-    def parse(s: str) -> Any:
-        try:
-            return kind(s)
-        except (ValueError, OverflowError):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
-
-    return parse
-
-
-_int = _parse(int, "an integer")
-_float = _parse(float, "a number")
 
 
 def _add_options(p: Any, options: Sequence[tuple[str, Any, Any, str]]) -> None:
@@ -220,29 +205,29 @@ DATA = ("--data", str, None, "text file, one word per line (default: bundled nam
 CONFIG = [  # the TrainConfig options train and sweep share; None: not given (see _config)
     DATA,
     ("--config", str, None, "JSON or TOML file of config fields (flags override it)"),
-    ("--steps", _int, None, f"training steps (default: {_D.steps})"),
-    ("--batch-size", _int, None, f"batch size (default: {_D.batch_size})"),
-    ("--n-embd", _int, None, f"embedding size (default: {_D.n_embd})"),
-    ("--n-hidden", _int, None, f"hidden units (default: {_D.n_hidden})"),
-    ("--block-size", _int, None, f"context (default: {_D.block_size})"),
-    ("--lr-decay-step", _int, None,
+    ("--steps", int, None, f"training steps (default: {_D.steps})"),
+    ("--batch-size", int, None, f"batch size (default: {_D.batch_size})"),
+    ("--n-embd", int, None, f"embedding size (default: {_D.n_embd})"),
+    ("--n-hidden", int, None, f"hidden units (default: {_D.n_hidden})"),
+    ("--block-size", int, None, f"context (default: {_D.block_size})"),
+    ("--lr-decay-step", int, None,
      f"step schedule: lr x lr_decay from this step (default: {_D.lr_decay_step})"),
-    ("--lr-decay", _float, None,
+    ("--lr-decay", float, None,
      f"step: the factor; cosine: the final lr over the first (default: {_D.lr_decay})"),
     ("--schedule", tuple(SCHEDULES), None, f"learning-rate schedule (default: {_D.schedule})"),
-    ("--warmup", _int, None, "linear learning-rate warmup over this many steps"),
+    ("--warmup", int, None, "linear learning-rate warmup over this many steps"),
     ("--optimizer", tuple(OPTIMIZERS), None, f"optax optimizer (default: {_D.optimizer})"),
     ("--no-batch-norm", OFF, None, "the network without batch norm (Part 3's, before it)"),
     ("--init", tuple(model.INITS), None,
      f"W1's scale: kaiming (5/3)/sqrt(fan_in) or randn 1 (default: {_D.init})"),
-    ("--w2-scale", _float, None, f"W2 = randn x this (default: {_D.w2_scale}; Part 3: 0.01)"),
-    ("--b2-scale", _float, None, f"b2 = randn x this (default: {_D.b2_scale}; Part 3: 0)"),
+    ("--w2-scale", float, None, f"W2 = randn x this (default: {_D.w2_scale}; Part 3: 0.01)"),
+    ("--b2-scale", float, None, f"b2 = randn x this (default: {_D.b2_scale}; Part 3: 0)"),
     ("--backend", tuple(BACKENDS), None,
      "; ".join(f"{name}: {b.about}" for name, b in BACKENDS.items())
      + f" (default: {_D.backend})"),
-    ("--chunk-steps", _int, None,
+    ("--chunk-steps", int, None,
      f"steps per compiled chunk: progress line and checkpoint (default: {_D.chunk_steps})"),
-    ("--eval-every", _int, None,
+    ("--eval-every", int, None,
      "every N steps: validation loss, lr, gradient norm and update:data ratios into "
      "DIR/metrics.jsonl (default: 0, none)"),
 ]
@@ -251,23 +236,23 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, list]] = {
     "train": (_train, "train the Exercise-4 MLP on a word list", [
         *CONFIG,
         ("--out", str, None, "run directory (default: runs/<timestamp>-<pid>)"),
-        ("--lr", _float, None, f"learning rate (default: {_D.lr})"),
-        ("--seed", _int, None, f"init and batch-order seed (default: {_D.seed})"),
+        ("--lr", float, None, f"learning rate (default: {_D.lr})"),
+        ("--seed", int, None, f"init and batch-order seed (default: {_D.seed})"),
         ("--running-stats", bool, None,
          "also track batch-norm running averages and report their losses"),
-        ("--devices", _int, None, "split batches over this many devices (default: all)"),
+        ("--devices", int, None, "split batches over this many devices (default: all)"),
         ("--resume", bool, None,
          "continue the run in --out with its saved config (flags given must agree)"),
         ("--overwrite", bool, None, "replace what is in --out"),
         ("--other-data", bool, None, "resume although --data is not the run's training file"),
-        ("--samples", _int, 10, "names printed at end"),
+        ("--samples", int, 10, "names printed at end"),
     ]),
     "sample": (_sample, "sample names from a trained run", [
         ("--out", str, REQUIRED, "run directory"),
-        ("-n --num", _int, 20, "how many names"),
-        ("--seed", _int, 0, "sampling seed"),
-        ("--temperature", _float, 1.0, "softmax temperature (tiny: exact greedy decoding)"),
-        ("--max-len", _int, 32, "longest name"),
+        ("-n --num", int, 20, "how many names"),
+        ("--seed", int, 0, "sampling seed"),
+        ("--temperature", float, 1.0, "softmax temperature (tiny: exact greedy decoding)"),
+        ("--max-len", int, 32, "longest name"),
     ]),
     "eval": (_eval, "train/val/test loss of a trained run", [
         ("--out", str, REQUIRED, "run directory"),
@@ -276,8 +261,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, list]] = {
     ]),
     "check": (_check, "the lecture's gradient-check table (Exercises 1-4)", [
         ("--dtype", ("float32", "float64"), "float32", "dtype"),
-        ("--n-hidden", _int, 64, "hidden units"),
-        ("--seed", _int, 42, "init and batch seed"),
+        ("--n-hidden", int, 64, "hidden units"),
+        ("--seed", int, 42, "init and batch seed"),
         DATA,
         ("--solution", str, None, "grade the functions this Python file defines instead "
          "(any of " + ", ".join(check.FUNCTIONS) + ", as in jaxninja.lecture.ninja)"),
@@ -287,18 +272,18 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, list]] = {
          "against optax/flax and autodiff instead of the training step"),
         ("--quick", bool, None, "tiny run: a smoke test, no measurement"),
         ("--out", str, "bench.json", "JSON results file ('' for none)"),
-        ("--repeats", _int, 5, "timed chunks per row"),
+        ("--repeats", int, 5, "timed chunks per row"),
         ("--settings", str, "200x32,1024x256", "HxB list (hidden x batch)"),
-        ("--steps", _int, None, "JAX steps per timed chunk"),
-        ("--torch-steps", _int, None, "PyTorch steps per repeat"),
+        ("--steps", int, None, "JAX steps per timed chunk"),
+        ("--torch-steps", int, None, "PyTorch steps per repeat"),
         ("--members", str, "1,8,32", "sweep sizes M ('' for none)"),
         ("--no-torch", bool, None, "skip the PyTorch rows"),
         DATA,
     ]),
     "sweep": (_sweep, "train a grid over any config fields; each member a run directory", [
         *CONFIG,
-        ("--lr", _float, None, f"learning rate (default: {_D.lr})"),
-        ("--seed", _int, None, f"init and batch-order seed (default: {_D.seed})"),
+        ("--lr", float, None, f"learning rate (default: {_D.lr})"),
+        ("--seed", int, None, f"init and batch-order seed (default: {_D.seed})"),
         ("--grid", GRID, None, "KEY=V1,V2,...: a config field and its values (repeatable; "
          "e.g. --grid n_hidden=64,128 --grid seed=1,2)"),
         ("--strategy", sweep.STRATEGIES, "auto",
@@ -320,9 +305,9 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, list]] = {
 }
 JOB = [  # train's multi-process job (README "Many machines"): all of the first three, or none
     ("--coordinator", str, None, "address of process 0 (HOST:PORT)"),
-    ("--num-processes", _int, None, "processes in the job"),
-    ("--process-id", _int, None, "this process: 0..N-1"),
-    ("--heartbeat-timeout", _int, parallel.HEARTBEAT_TIMEOUT,
+    ("--num-processes", int, None, "processes in the job"),
+    ("--process-id", int, None, "this process: 0..N-1"),
+    ("--heartbeat-timeout", int, parallel.HEARTBEAT_TIMEOUT,
      "seconds after which a silent process ends the job"),
 ]
 # fmt: on

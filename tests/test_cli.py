@@ -151,7 +151,7 @@ def test_eval_prints_the_metrics_losses(trained_run, capsys, names_file):
     [
         (["--steps", "-1"], ["steps must be an integer in 1..", "got -1"]),
         (["--steps", "0"], ["steps must be an integer in 1..", "got 0"]),
-        (["--steps", "ten"], ["argument --steps", "expected an integer", "'ten'"]),
+        (["--steps", "ten"], ["argument --steps", "invalid int value", "'ten'"]),
         (["--batch-size", "1"], ["batch_size", "got 1"]),
         (["--backend", "tensorflow"], ["--backend", "tensorflow"]),
         (["--lr", "nan"], ["lr must be", "got nan"]),

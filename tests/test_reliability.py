@@ -172,11 +172,11 @@ BAD_ARGS = {  # the flag names a non-number; the config field a number out of ra
     "steps-neg": (["--steps", "-5"], f"steps must be {POSITIVE}, got -5"),
     "steps-text": (
         ["--steps", "ten"],
-        "jaxninja train: argument --steps: expected an integer, got 'ten'",
+        "jaxninja train: argument --steps: invalid int value: 'ten'",
     ),
     "steps-float": (
         ["--steps", "1.5"],
-        "jaxninja train: argument --steps: expected an integer, got '1.5'",
+        "jaxninja train: argument --steps: invalid int value: '1.5'",
     ),
     "n-hidden-0": (["--n-hidden", "0"], f"n_hidden must be {POSITIVE}, got 0"),
     "n-embd-neg": (["--n-embd", "-3"], f"n_embd must be {POSITIVE}, got -3"),
@@ -191,7 +191,7 @@ BAD_ARGS = {  # the flag names a non-number; the config field a number out of ra
     "lr-neg": (["--lr", "-0.1"], f"lr must be {LR}, got -0.1"),
     "lr-zero": (["--lr", "0"], f"lr must be {LR}, got 0.0"),
     "lr-inf": (["--lr", "inf"], f"lr must be {LR}, got inf"),
-    "lr-text": (["--lr", "fast"], "jaxninja train: argument --lr: expected a number, got 'fast'"),
+    "lr-text": (["--lr", "fast"], "jaxninja train: argument --lr: invalid float value: 'fast'"),
     "seed-neg": (["--seed", "-1"], "seed must be an integer in 0..2147483647, got -1"),
     "samples-neg": (["--samples", "-1"], "num_samples must be an integer in 0..100000, got -1"),
     "devices-0": (["--devices", "0"], f"devices must be {POSITIVE}, got 0"),
