@@ -115,6 +115,7 @@ def reuse_compiled_chunks() -> Iterator[None]:
 
 
 CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+CACHE_READ_WARNING = "Error reading persistent compilation cache entry"  # JAX's words
 _MADE_CACHE = pytest.StashKey[str]()
 
 
@@ -122,23 +123,27 @@ def pytest_configure(config: pytest.Config) -> None:
     """One JAX persistent compilation cache for the whole session: the pytest-xdist workers
     and every subprocess a test starts inherit it through the environment, so a program one
     process compiled is loaded, not compiled again, by the next (compiling is most of this
-    suite's time). A size limit turns on JAX's file lock around each entry (``filelock``),
-    so no process reads an entry another one is still writing. A process a test kills on
-    purpose must not write here (a half-written entry would stay): see test_multiprocess.
-    The process that makes the directory removes it at the end; a cache the user set is
-    kept."""
+    suite's time).
+
+    JAX writes an entry in place, so a process may read one that another is still writing:
+    it then warns and compiles the program itself. The warning is silenced in subprocesses
+    (it would be a stray stderr line for tests that count them); in this process pytest
+    records it. A process a test kills on purpose must not write here (a half-written
+    entry would stay): see test_multiprocess. JAX's own lock (a size limit, with
+    ``filelock``) is not used: it rescans the whole directory at every write, which cost
+    more system time than the cache saves. The process that makes the directory removes
+    it at the end; a cache the user set is kept."""
     if os.environ.get(CACHE_ENV):  # an xdist worker (the controller made it), or the user's
         return
     cache = tempfile.mkdtemp(prefix="jaxninja-tests-jax-cache-")
     config.stash[_MADE_CACHE] = cache
-    max_size = 8 * 2**30  # never reached; a limit turns on the lock
     os.environ[CACHE_ENV] = cache
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # tiny programs too
-    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(max_size)
+    quiet = f"ignore:{CACHE_READ_WARNING}:UserWarning"
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), quiet]))
     # this process imported JAX before the environment said so
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_compilation_cache_max_size", max_size)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
