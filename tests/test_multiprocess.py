@@ -32,9 +32,6 @@ from jaxninja.errors import JaxninjaError
 from jaxninja.training import checkpoint, parallel
 from jaxninja.training.train import TrainConfig
 
-# one worker builds this module's fixture (--dist loadgroup): never twice
-pytestmark = pytest.mark.xdist_group("multiprocess")
-
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 240  # per phase; a hang fails the test instead of stalling CI
 STEPS, HALF, CHUNK = 200, 100, 50

@@ -15,9 +15,6 @@ from helpers import load_experiment
 
 from jaxninja.lecture import model, ninja
 
-# one worker builds this module's fixture (--dist loadgroup): never twice
-pytestmark = pytest.mark.xdist_group("notebooks")
-
 build = load_experiment("build_notebooks")
 
 # One line per blank, in the order the blanks appear in the exercise notebook: written here,
