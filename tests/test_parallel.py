@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import jax
 import pytest
 
+from jaxninja.errors import JaxninjaError
 from jaxninja.training import parallel
 from jaxninja.training.train import ConfigError, TrainConfig
 
@@ -156,3 +158,21 @@ def test_more_devices_than_available_is_config_error():
         parallel.data_mesh(TrainConfig(), jax.device_count() + 1)
     with pytest.raises(ConfigError, match=r"devices must be an integer in 1\.\.2147483647, got 0"):
         parallel.data_mesh(TrainConfig(), 0)
+
+
+def test_a_second_process_0_on_this_machine_is_refused_before_either_binds_the_port():
+    """Two ``--process-id 0`` started at the same moment: the TCP port is still free for
+    both (JAX binds it later, and gRPC would let both share it), so the first one's claim
+    on the port must be what refuses the second (a CI run saw both pass and wait)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    coordinator = f"127.0.0.1:{port}"
+    parallel._check_port_free(coordinator, port)  # the first process 0
+    try:
+        with pytest.raises(JaxninjaError, match="another process started with --process-id 0"):
+            parallel._check_port_free(coordinator, port)  # the second, same machine
+    finally:
+        parallel._release_claims()
+    parallel._check_port_free(coordinator, port)  # released: free again
+    parallel._release_claims()

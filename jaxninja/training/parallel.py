@@ -160,6 +160,7 @@ def initialize(
             heartbeat_timeout_seconds=heartbeat_timeout,  # shutdown: JAX's 300 s
         )
     except Exception as e:  # JAX raises several types; the message is what matters
+        _release_claims()  # no job: the port is free again for this process and others
         raise JaxninjaError(f"cannot join the job at {where}: {_first_line(e)}") from None
     tell_guard(JOINED)
     return jax.process_count()
@@ -407,10 +408,50 @@ def filter_stderr(
     return message
 
 
+_CLAIMS: list[socket.socket] = []  # this process 0's claim on its port, held until it exits
+
+
 def _check_port_free(coordinator: str, port: int) -> None:
     """Raise ``JaxninjaError`` when process 0 cannot serve the job on ``port`` (JAX's
     coordinator listens on every address), before JAX tries and logs from C++: in use by
-    another program, by another job, or by this one's other ``--process-id 0``."""
+    another program, by another job, or by this one's other ``--process-id 0``.
+
+    The TCP probe alone leaves a gap before JAX binds the port, and gRPC's ``SO_REUSEPORT``
+    lets two coordinators share it, each then waiting for processes that never come: two
+    ``--process-id 0`` started at the same moment both passed it (seen in CI). So on Linux
+    process 0 first takes an abstract Unix socket named after the port, held while it lives
+    (no file; the kernel frees it when the process ends): the second one finds it taken."""
+    problem = _port_claimed(port) or _port_in_use(port)
+    if problem:
+        _release_claims()
+        raise JaxninjaError(
+            f"--coordinator {coordinator}: process 0 cannot listen on port {port} "
+            f"({problem}: another program, or another process started with "
+            f"--process-id 0, holds it); choose another port"
+        )
+
+
+def _port_claimed(port: int) -> str | None:
+    """Take this machine's claim on ``port`` (Linux); the reason when another process has it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        claim.bind(f"\0jaxninja-coordinator-port-{port}")
+    except OSError as e:
+        claim.close()
+        return e.strerror or str(e)
+    _CLAIMS.append(claim)
+    return None
+
+
+def _release_claims() -> None:
+    while _CLAIMS:
+        _CLAIMS.pop().close()
+
+
+def _port_in_use(port: int) -> str | None:
+    """Bind ``port`` on every address as a server would; the reason when that fails."""
     for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "")):
         try:
             probe = socket.socket(family, socket.SOCK_STREAM)
@@ -423,9 +464,6 @@ def _check_port_free(coordinator: str, port: int) -> None:
             try:
                 probe.bind((host, port))
             except OSError as e:
-                raise JaxninjaError(
-                    f"--coordinator {coordinator}: process 0 cannot listen on port {port} "
-                    f"({e.strerror or e}: another program, or another process started with "
-                    f"--process-id 0, holds it); choose another port"
-                ) from None
-        return
+                return e.strerror or str(e)
+        return None
+    return None
