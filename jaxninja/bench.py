@@ -49,7 +49,10 @@ class Workload(NamedTuple):
 
 DEFAULT_SETTINGS = ((200, 32), (1024, 256))
 DEFAULT_MEMBERS = (1, 8, 32)
-MAX_REPEATS, MAX_STEPS, MAX_MEMBERS = 1000, 100_000, 1024  # bounds on time: more is a typo
+# bounds on time: more is a typo
+MAX_REPEATS = 1000
+MAX_STEPS = 100_000
+MAX_MEMBERS = 1024
 TOOL = "jaxninja bench"  # what a results file says it is: the only --out a bench replaces
 TORCH = {  # the PyTorch baselines -> their names in the summary
     "lecture_loop": "lecture loop",
